@@ -1,0 +1,145 @@
+"""SSD-SGD's math on tensors: the window schedule, the launch snapshot, the GLU landing.
+
+No communication happens here. The optimizer (real ranks) and the simulator (N workers in one
+process) both drive these functions, so the algorithm is written once.
+
+Notation (see SPEC): ``w`` local weights, ``W`` global weights of the last landed sync, ``s``
+snapshot of ``w`` at launch, ``D`` mean over ranks of ``s - W``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+COMPENSATIONS = ("glu", "overwrite")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When SSD-SGD averages, launches and lands.
+
+    Steps ``t < warmup_steps`` are synchronous SGD. After that, step ``t`` has window position
+    ``j = t - warmup_steps``; a window ends (and its allreduce is launched) when
+    ``(j + 1) % sync_every == 0``, and lands ``delay`` steps later.
+    """
+
+    sync_every: int = 5
+    delay: int = 5
+    warmup_steps: int = 500
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sync_every, int) or self.sync_every < 1:
+            raise ValueError(f"sync_every must be an integer >= 1, got {self.sync_every!r}")
+        if not isinstance(self.delay, int) or not 0 <= self.delay <= self.sync_every:
+            raise ValueError(
+                f"delay must be an integer in [0, sync_every={self.sync_every}], got {self.delay!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+
+    def in_warmup(self, step: int) -> bool:
+        return step < self.warmup_steps
+
+    def launches_at(self, step: int) -> bool:
+        """True when a window ends at ``step`` and its allreduce starts."""
+        j = step - self.warmup_steps
+        return j >= 0 and (j + 1) % self.sync_every == 0
+
+    def lands_at(self, step: int) -> bool:
+        """True when the window launched ``delay`` steps earlier lands at ``step`` (before any
+        launch at the same step). With ``delay == 0`` a window lands right after its launch,
+        which callers handle; this returns False then."""
+        return self.delay > 0 and self.launches_at(step - self.delay)
+
+
+def validate_glu(glu_beta: float, compensation: str) -> None:
+    """Raise ``ValueError`` for a ``glu_beta`` outside [0, 1] or an unknown compensation."""
+    if not isinstance(glu_beta, (int, float)) or not 0.0 <= glu_beta <= 1.0 or math.isnan(glu_beta):
+        raise ValueError(f"glu_beta must be a number in [0, 1], got {glu_beta!r}")
+    if compensation not in COMPENSATIONS:
+        raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {compensation!r}")
+
+
+class FlatSpace:
+    """Contiguous storage shaped like a list of tensors: one flat buffer per (device, dtype).
+
+    ``buffers`` are what a collective moves in one call; ``views[i]`` aliases the slice that
+    mirrors ``like[i]``, so element-wise work on model tensors needs no packing copies.
+    """
+
+    def __init__(self, like: Sequence[Tensor]) -> None:
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, t in enumerate(like):
+            groups.setdefault((t.device, t.dtype), []).append(i)
+        self.buffers: list[Tensor] = []
+        self.views: list[Tensor] = [torch.empty(0)] * len(like)
+        for (device, dtype), members in groups.items():
+            flat = torch.zeros(sum(like[i].numel() for i in members), device=device, dtype=dtype)
+            offset = 0
+            for i in members:
+                n = like[i].numel()
+                self.views[i] = flat[offset:offset + n].view_as(like[i])
+                offset += n
+            self.buffers.append(flat)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+    def copy_from_(self, tensors: Sequence[Tensor]) -> None:
+        _foreach_copy_(self.views, tensors)
+
+    def is_finite(self) -> bool:
+        return all(bool(torch.isfinite(b).all()) for b in self.buffers)
+
+
+def _foreach_copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    with torch.no_grad():
+        torch._foreach_copy_(list(dst), list(src))
+
+
+def launch_window(local: Sequence[Tensor], global_: FlatSpace, snapshot: FlatSpace,
+                  delta: FlatSpace) -> None:
+    """Window end: ``s = w`` and ``delta = s - W`` (what the allreduce will average)."""
+    snapshot.copy_from_(local)
+    for s, w_global, d in zip(snapshot.buffers, global_.buffers, delta.buffers):
+        torch.sub(s, w_global, out=d)
+
+
+def apply_global_update_(global_: FlatSpace, delta: FlatSpace) -> None:
+    """Landing, shared part: ``W += D`` (the same on every rank)."""
+    with torch.no_grad():
+        for w_global, d in zip(global_.buffers, delta.buffers):
+            w_global.add_(d)
+
+
+def compensate_local_(local_params: Sequence[Tensor], local_buffers: Sequence[Tensor],
+                      global_: FlatSpace, snapshot: FlatSpace, delta: FlatSpace, *,
+                      glu_beta: float, elapsed: int, sync_every: int,
+                      compensation: str = "glu") -> None:
+    """Landing, per-rank part, after ``apply_global_update_``.
+
+    Parameters become ``W + glu_beta * (w - s) + (1 - glu_beta) * elapsed/k * D`` (GLU: keep this
+    rank's own progress since the launch and add the estimated progress all ranks made together
+    over the ``elapsed`` steps the allreduce was in flight); with ``compensation="overwrite"`` (an
+    ablation baseline) they become ``W``. Buffers (BatchNorm running statistics) take ``W``.
+    ``local_params`` then ``local_buffers`` are ordered as the flat spaces are.
+    """
+    n = len(local_params)
+    params = list(local_params)
+    with torch.no_grad():
+        if params:
+            if compensation == "overwrite":
+                torch._foreach_copy_(params, global_.views[:n])
+            else:
+                torch._foreach_sub_(params, snapshot.views[:n])  # w - s: own progress
+                torch._foreach_mul_(params, glu_beta)
+                torch._foreach_add_(params, global_.views[:n])
+                scale = (1.0 - glu_beta) * elapsed / sync_every
+                if scale != 0.0:
+                    torch._foreach_add_(params, delta.views[:n], alpha=scale)
+        if local_buffers:
+            torch._foreach_copy_(list(local_buffers), global_.views[n:])

@@ -1,0 +1,118 @@
+"""The one small interface every communication backend implements.
+
+Naming follows Horovod: a trailing ``_`` works in place, ``_async`` returns a handle that
+``poll`` tests and ``synchronize`` waits on.
+"""
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+
+class ReduceOp(enum.Enum):
+    AVERAGE = "average"
+    SUM = "sum"
+    ADASUM = "adasum"
+
+
+class Handle:
+    """An in-flight allreduce. Backends subclass it to carry what their wait needs."""
+
+
+class Communicator(ABC):
+    """Collectives over the ranks of one job (or one process set of it)."""
+
+    name: str = "base"
+
+    @property
+    @abstractmethod
+    def rank(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def size(self) -> int: ...
+
+    @abstractmethod
+    def allreduce_async_(self, tensors: Sequence[Tensor], name: str,
+                         op: ReduceOp = ReduceOp.AVERAGE, prescale_factor: float = 1.0,
+                         postscale_factor: float = 1.0) -> Handle:
+        """Start reducing ``tensors`` in place across ranks; every rank passes tensors of the same
+        shapes, dtypes and order, under the same ``name``. AVERAGE divides by ``size``."""
+
+    @abstractmethod
+    def poll(self, handle: Handle) -> bool:
+        """True when the allreduce behind ``handle`` has finished (never blocks)."""
+
+    @abstractmethod
+    def synchronize(self, handle: Handle) -> None:
+        """Wait until ``handle`` has finished and its result is in the tensors it was given."""
+
+    @abstractmethod
+    def broadcast_(self, tensors: Sequence[Tensor], root_rank: int, name: str) -> None:
+        """Overwrite ``tensors`` on every rank with root's values (blocking)."""
+
+    @abstractmethod
+    def allgather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order (blocking)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rank={self.rank}, size={self.size})"
+
+
+def payload_bytes(tensors: Sequence[Tensor]) -> int:
+    """Bytes an allreduce of ``tensors`` carries per rank (its input, not the wire traffic)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def group_by_device_dtype(tensors: Sequence[Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped so each group can be flattened into one buffer."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return list(groups.values())
+
+
+class FlattenedHandle(Handle):
+    """A reduction running on flat buffers that are copied back into the caller's tensors."""
+
+    def __init__(self, tensors: Sequence[Tensor], groups: list[list[int]],
+                 flats: list[Tensor], scale: float) -> None:
+        self.tensors, self.groups, self.flats, self.scale = list(tensors), groups, flats, scale
+
+    def finish(self) -> None:
+        """Scale the reduced buffers and copy them back (a no-op copy for a single tensor)."""
+        with torch.no_grad():
+            for flat, members in zip(self.flats, self.groups):
+                if self.scale != 1.0:
+                    flat.mul_(self.scale)
+                if len(members) == 1 and flat is self.tensors[members[0]]:
+                    continue
+                offset = 0
+                for i in members:
+                    t = self.tensors[i]
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
+
+
+def flatten_groups(tensors: Sequence[Tensor]) -> tuple[list[list[int]], list[Tensor]]:
+    """One contiguous buffer per (device, dtype) group; a lone contiguous tensor is used as is."""
+    groups = group_by_device_dtype(tensors)
+    flats = []
+    for members in groups:
+        if len(members) == 1 and tensors[members[0]].is_contiguous():
+            flats.append(tensors[members[0]])
+        else:
+            flats.append(torch.cat([tensors[i].reshape(-1) for i in members]))
+    return groups, flats
+
+
+def sum_scale(op: ReduceOp, size: int, prescale_factor: float, postscale_factor: float) -> tuple[float, float]:
+    """(factor before a SUM reduction, factor after it) that realise ``op`` with pre/postscale."""
+    if op is ReduceOp.ADASUM:
+        raise ValueError("op=Adasum is only available with the Horovod backend")
+    post = postscale_factor / size if op is ReduceOp.AVERAGE else postscale_factor
+    return prescale_factor, post

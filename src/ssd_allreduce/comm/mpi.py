@@ -1,0 +1,78 @@
+"""mpi4py backend: ``Iallreduce`` on CPU tensors' memory, for CPU clusters without Horovod.
+
+MPI implementations usually progress a non-blocking collective only inside MPI calls, so the
+optimizer polls (``MPI_Test``) once per local step while a window is in flight.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .base import Communicator, FlattenedHandle, Handle, ReduceOp, flatten_groups, sum_scale
+
+
+class _MPIHandle(FlattenedHandle):
+    def __init__(self, requests: list[Any], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.requests = requests
+
+
+class MPICommunicator(Communicator):
+    """Collectives on an mpi4py communicator (``MPI.COMM_WORLD`` unless given)."""
+
+    name = "mpi"
+
+    def __init__(self, comm: Optional[Any] = None) -> None:
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+
+    @property
+    def rank(self) -> int:
+        return self.comm.Get_rank()
+
+    @property
+    def size(self) -> int:
+        return self.comm.Get_size()
+
+    @staticmethod
+    def _numpy(t: Tensor) -> Any:
+        if t.device.type != "cpu":
+            raise ValueError(f"the mpi backend reduces CPU tensors only, got one on {t.device}: "
+                             "use backend='horovod' (NCCL) or backend='torch' for GPU training")
+        if t.dtype in (torch.bfloat16,):
+            raise ValueError("the mpi backend cannot reduce bfloat16 tensors: use float32 or float16")
+        return t.numpy()
+
+    def allreduce_async_(self, tensors: Sequence[Tensor], name: str,
+                         op: ReduceOp = ReduceOp.AVERAGE, prescale_factor: float = 1.0,
+                         postscale_factor: float = 1.0) -> Handle:
+        pre, post = sum_scale(op, self.size, prescale_factor, postscale_factor)
+        groups, flats = flatten_groups(tensors)
+        requests = []
+        for flat in flats:
+            if pre != 1.0:
+                flat.mul_(pre)
+            requests.append(self.comm.Iallreduce(self._MPI.IN_PLACE, self._numpy(flat), op=self._MPI.SUM))
+        return _MPIHandle(requests, tensors=tensors, groups=groups, flats=flats, scale=post)
+
+    def poll(self, handle: Handle) -> bool:
+        assert isinstance(handle, _MPIHandle)
+        return bool(self._MPI.Request.Testall(handle.requests))
+
+    def synchronize(self, handle: Handle) -> None:
+        assert isinstance(handle, _MPIHandle)
+        self._MPI.Request.Waitall(handle.requests)
+        handle.finish()
+
+    def broadcast_(self, tensors: Sequence[Tensor], root_rank: int, name: str) -> None:
+        for t in tensors:
+            if not t.is_contiguous():
+                raise ValueError(f"broadcast_ needs contiguous tensors ({name})")
+            self.comm.Bcast(self._numpy(t), root=root_rank)
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        return self.comm.allgather(obj)

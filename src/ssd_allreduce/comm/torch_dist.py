@@ -1,0 +1,91 @@
+"""torch.distributed backend (Gloo on CPUs, NCCL on GPUs) for jobs launched without Horovod.
+
+On CUDA the packing and the collective are issued from a side stream, so the compute stream
+only waits for them when the result is needed, and then on the device, not on the host.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .base import Communicator, FlattenedHandle, Handle, ReduceOp, flatten_groups, sum_scale
+
+
+class _TorchHandle(FlattenedHandle):
+    def __init__(self, works: list[Any], stream: Optional["torch.cuda.Stream"], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.works, self.stream = works, stream
+
+
+class TorchDistCommunicator(Communicator):
+    """Collectives through an initialised ``torch.distributed`` process group."""
+
+    name = "torch"
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call "
+                               "dist.init_process_group() (torchrun sets its environment) first")
+        self.group = group
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def _side_stream(self, device: torch.device) -> Optional["torch.cuda.Stream"]:
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device=device)
+        return self._streams[device]
+
+    def allreduce_async_(self, tensors: Sequence[Tensor], name: str,
+                         op: ReduceOp = ReduceOp.AVERAGE, prescale_factor: float = 1.0,
+                         postscale_factor: float = 1.0) -> Handle:
+        pre, post = sum_scale(op, self.size, prescale_factor, postscale_factor)
+        stream = self._side_stream(tensors[0].device) if tensors else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(tensors[0].device))
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            groups, flats = flatten_groups(tensors)
+            works = []
+            for flat in flats:
+                if pre != 1.0:
+                    flat.mul_(pre)
+                works.append(dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+        return _TorchHandle(works, stream, tensors=tensors, groups=groups, flats=flats, scale=post)
+
+    def poll(self, handle: Handle) -> bool:
+        assert isinstance(handle, _TorchHandle)
+        return all(w.is_completed() for w in handle.works)
+
+    def synchronize(self, handle: Handle) -> None:
+        assert isinstance(handle, _TorchHandle)
+        for w in handle.works:
+            w.wait()  # on CUDA this orders the current stream after the collective
+        if handle.stream is not None:
+            current = torch.cuda.current_stream(handle.stream.device)
+            current.wait_stream(handle.stream)
+            for flat in handle.flats:
+                flat.record_stream(current)
+        handle.finish()
+
+    def broadcast_(self, tensors: Sequence[Tensor], root_rank: int, name: str) -> None:
+        for t in tensors:
+            src = root_rank if self.group is None else dist.get_global_rank(self.group, root_rank)
+            dist.broadcast(t, src=src, group=self.group)
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+

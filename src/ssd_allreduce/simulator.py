@@ -1,0 +1,211 @@
+"""N SSD-SGD workers in one process: the tests' oracle and a tool to study convergence at scale.
+
+It drives the same functions of ``algorithm`` as the real optimizer, with exact means in place of
+allreduces, so a multi-rank run must match it to float tolerance. Study convergence with::
+
+    python -m ssd_allreduce.simulator --workers 64 --sync-every 8 --delay 8 --glu-beta 0.5 \\
+        --shards label-skew --epochs 20
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .algorithm import (FlatSpace, Schedule, apply_global_update_, compensate_local_, launch_window,
+                        validate_glu)
+
+Batch = tuple[Tensor, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def ordered_tensors(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """(trainable parameters, floating-point buffers), each sorted by name, as the optimizer
+    orders them when given ``named_parameters`` and ``named_buffers``."""
+    params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
+    buffers = [b for _, b in sorted(model.named_buffers()) if b.is_floating_point()]
+    return params, buffers
+
+
+class Simulator:
+    """``num_workers`` copies of ``model`` (identical start, like a broadcast), each with its own
+    optimizer from ``make_optimizer``, trained with SSD-SGD's schedule and landing."""
+
+    def __init__(self, model: nn.Module,
+                 make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+                 num_workers: int, *, sync_every: int, delay: int, warmup_steps: int,
+                 glu_beta: float, compensation: str = "glu") -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.schedule = Schedule(sync_every, delay, warmup_steps)
+        validate_glu(glu_beta, compensation)
+        self.glu_beta, self.compensation = glu_beta, compensation
+        self.models = [copy.deepcopy(model) for _ in range(num_workers)]
+        self.optimizers = [make_optimizer(m.parameters()) for m in self.models]
+        self.tensors = [ordered_tensors(m) for m in self.models]
+        self.step_index = 0
+        self.global_: Optional[FlatSpace] = None
+        self.delta: Optional[FlatSpace] = None
+        self.snapshots: list[FlatSpace] = []
+        self.launched_at: Optional[int] = None
+        self.windows_landed = 0
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.models)
+
+    def _local(self, i: int) -> list[Tensor]:
+        params, buffers = self.tensors[i]
+        return params + buffers
+
+    def step(self, batches: Sequence[Batch], loss_fn: LossFn) -> list[float]:
+        """One step of every worker on its own batch; returns the workers' losses."""
+        if len(batches) != self.num_workers:
+            raise ValueError(f"need one batch per worker ({self.num_workers}), got {len(batches)}")
+        losses = []
+        for model, opt, (x, y) in zip(self.models, self.optimizers, batches):
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            losses.append(float(loss.detach()))
+        t, sched = self.step_index, self.schedule
+        if sched.in_warmup(t):
+            self._average_gradients()
+        elif self.global_ is None:
+            self._enter_delay_stage()
+        for opt in self.optimizers:
+            opt.step()
+        if not sched.in_warmup(t):
+            if sched.lands_at(t):
+                self._land(sched.delay)
+            if sched.launches_at(t):
+                self._launch(t)
+                if sched.delay == 0:
+                    self._land(0)
+        self.step_index += 1
+        return losses
+
+    def finish(self) -> None:
+        """Land the window in flight now, as ``DistributedOptimizer.finish()`` does."""
+        if self.launched_at is not None:
+            self._land(self.step_index - 1 - self.launched_at)
+
+    def _average_gradients(self) -> None:
+        grads = [[p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                 for params, _ in self.tensors]
+        with torch.no_grad():
+            for j in range(len(grads[0])):
+                mean = torch.stack([g[j] for g in grads]).sum(0) / self.num_workers
+                for params, _ in self.tensors:
+                    params[j].grad = mean.clone()
+
+    def _enter_delay_stage(self) -> None:
+        local0 = self._local(0)
+        self.global_ = FlatSpace(local0)
+        self.global_.copy_from_(local0)
+        self.delta = FlatSpace(local0)
+        self.snapshots = [FlatSpace(local0) for _ in self.models]
+        with torch.no_grad():
+            for i in range(self.num_workers):
+                torch._foreach_copy_(self._local(i), self.global_.views)
+
+    def _launch(self, t: int) -> None:
+        assert self.global_ is not None and self.delta is not None
+        own = FlatSpace(self._local(0))
+        total = [torch.zeros_like(b) for b in self.delta.buffers]
+        for i in range(self.num_workers):
+            launch_window(self._local(i), self.global_, self.snapshots[i], own)
+            for acc, d in zip(total, own.buffers):
+                acc.add_(d)
+        for d, acc in zip(self.delta.buffers, total):
+            d.copy_(acc / self.num_workers)
+        self.launched_at = t
+
+    def _land(self, elapsed: int) -> None:
+        if self.launched_at is None:
+            return
+        assert self.global_ is not None and self.delta is not None
+        apply_global_update_(self.global_, self.delta)
+        for i, (params, buffers) in enumerate(self.tensors):
+            compensate_local_(params, buffers, self.global_, self.snapshots[i], self.delta,
+                              glu_beta=self.glu_beta, elapsed=elapsed,
+                              sync_every=self.schedule.sync_every, compensation=self.compensation)
+        self.launched_at = None
+        self.windows_landed += 1
+
+    def global_model(self) -> nn.Module:
+        """A copy of the model holding ``W`` (worker 0's weights during warm-up)."""
+        model = copy.deepcopy(self.models[0])
+        if self.global_ is not None:
+            params, buffers = ordered_tensors(model)
+            with torch.no_grad():
+                torch._foreach_copy_(params + buffers, self.global_.views)
+        return model
+
+
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(x).argmax(1) == y).float().mean())
+    model.train()
+    return acc
+
+
+def study(workers: int, sync_every: int, delay: int, warmup_steps: int, glu_beta: float,
+          compensation: str, shards: str, epochs: int, batch_size: int, lr: float,
+          model_name: str = "mlp", seed: int = 0) -> dict[str, float]:
+    """Train on the bundled digits with ``workers`` simulated ranks; accuracy of the global model."""
+    from .data import load_digits_split, shard_indices
+    from .models import build_model
+
+    data = load_digits_split(seed=seed)
+    torch.manual_seed(seed)
+    model = build_model(model_name, data.num_classes, data.in_channels, data.image_size)
+    sim = Simulator(model, lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=1e-4),
+                    workers, sync_every=sync_every, delay=delay, warmup_steps=warmup_steps,
+                    glu_beta=glu_beta, compensation=compensation)
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(epochs):
+        shard = [shard_indices(data.train_y, workers, w, epoch, seed, mode=shards) for w in range(workers)]
+        steps = len(shard[0]) // batch_size
+        for s in range(steps):
+            batch = [(data.train_x[idx[s * batch_size:(s + 1) * batch_size]],
+                      data.train_y[idx[s * batch_size:(s + 1) * batch_size]]) for idx in shard]
+            sim.step(batch, loss_fn)
+    sim.finish()
+    return {"accuracy": _accuracy(sim.global_model(), data.test_x, data.test_y),
+            "steps": sim.step_index, "windows": sim.windows_landed}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.simulator", description=__doc__.split("\n")[0])
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--sync-every", type=int, default=8)
+    ap.add_argument("--delay", type=int, default=None, help="default: sync-every")
+    ap.add_argument("--warmup-steps", type=int, default=20)
+    ap.add_argument("--glu-beta", type=float, default=0.5)
+    ap.add_argument("--compensation", choices=("glu", "overwrite"), default="glu")
+    ap.add_argument("--shards", choices=("shuffle", "label-skew"), default="shuffle")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=16, help="per worker")
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--model", default="mlp")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--baseline", action="store_true", help="also run synchronous SGD (k=1, d=0)")
+    a = ap.parse_args(argv)
+    common = dict(workers=a.workers, warmup_steps=a.warmup_steps, shards=a.shards, epochs=a.epochs,
+                  batch_size=a.batch_size, lr=a.lr, model_name=a.model, seed=a.seed)
+    result = study(sync_every=a.sync_every, delay=a.sync_every if a.delay is None else a.delay,
+                   glu_beta=a.glu_beta, compensation=a.compensation, **common)
+    if a.baseline:
+        result["ssgd_accuracy"] = study(sync_every=1, delay=0, glu_beta=1.0, compensation="glu",
+                                        **common)["accuracy"]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

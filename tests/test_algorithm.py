@@ -1,0 +1,142 @@
+"""SSD-SGD's math in one process: schedule, landing formula, simulator against plain SGD."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ssd_allreduce.algorithm import (FlatSpace, Schedule, apply_global_update_, compensate_local_,
+                                     launch_window, validate_glu)
+from ssd_allreduce.simulator import Simulator
+
+
+def test_schedule_positions():
+    s = Schedule(sync_every=4, delay=2, warmup_steps=3)
+    assert [t for t in range(20) if s.in_warmup(t)] == [0, 1, 2]
+    assert [t for t in range(20) if s.launches_at(t)] == [6, 10, 14, 18]
+    assert [t for t in range(20) if s.lands_at(t)] == [8, 12, 16]
+    full = Schedule(sync_every=3, delay=3, warmup_steps=0)
+    assert [t for t in range(10) if full.launches_at(t)] == [2, 5, 8]
+    assert [t for t in range(10) if full.lands_at(t)] == [5, 8]   # then the next launch, same step
+    assert not any(Schedule(2, 0, 0).lands_at(t) for t in range(10))
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(sync_every=0, delay=0, warmup_steps=0), "sync_every must be an integer >= 1, got 0"),
+    (dict(sync_every=4, delay=5, warmup_steps=0), "delay must be an integer in [0, sync_every=4], got 5"),
+    (dict(sync_every=4, delay=-1, warmup_steps=0), "got -1"),
+    (dict(sync_every=4, delay=2, warmup_steps=-3), "warmup_steps must be an integer >= 0, got -3"),
+    (dict(sync_every=2.5, delay=1, warmup_steps=0), "got 2.5"),
+])
+def test_schedule_rejects_bad_values(kwargs, fragment):
+    with pytest.raises(ValueError) as err:
+        Schedule(**kwargs)
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("beta, compensation, fragment", [
+    (1.5, "glu", "glu_beta must be a number in [0, 1], got 1.5"),
+    (-0.1, "glu", "got -0.1"), (math.nan, "glu", "got nan"),
+    (0.5, "average", "compensation must be one of ('glu', 'overwrite'), got 'average'"),
+])
+def test_glu_rejects_bad_values(beta, compensation, fragment):
+    with pytest.raises(ValueError) as err:
+        validate_glu(beta, compensation)
+    assert fragment in str(err.value)
+
+
+def test_flat_space_views_alias_one_buffer_per_dtype():
+    like = [torch.zeros(2, 3), torch.zeros(4, dtype=torch.float64), torch.zeros(5)]
+    space = FlatSpace(like)
+    assert [b.numel() for b in space.buffers] == [11, 4]
+    space.copy_from_([torch.full((2, 3), 1.0), torch.full((4,), 2.0, dtype=torch.float64), torch.arange(5.0)])
+    assert space.buffers[0].tolist() == [1.0] * 6 + [0, 1, 2, 3, 4]
+    assert space.views[1].dtype == torch.float64 and space.views[1].tolist() == [2.0] * 4
+    assert space.nbytes == 11 * 4 + 4 * 8
+
+
+@pytest.mark.parametrize("beta, elapsed", [(0.5, 3), (1.0, 2), (0.0, 4), (0.25, 0)])
+def test_landing_matches_the_glu_formula(beta, elapsed):
+    g = torch.Generator().manual_seed(1)
+    shapes = [(3, 2), (5,)]
+    k = 4
+    w = [torch.randn(s, generator=g) for s in shapes]
+    buf = [torch.randn(7, generator=g)]
+    W, s, D = (FlatSpace(w + buf) for _ in range(3))
+    for space in (W, s, D):
+        space.copy_from_([torch.randn(x.shape, generator=g) for x in w + buf])
+    W0, s0, D0 = ([v.clone() for v in space.views] for space in (W, s, D))
+    w0 = [x.clone() for x in w]
+    apply_global_update_(W, D)
+    compensate_local_(w, buf, W, s, D, glu_beta=beta, elapsed=elapsed, sync_every=k)
+    for i in range(2):
+        expected = W0[i] + D0[i] + beta * (w0[i] - s0[i]) + (1 - beta) * elapsed / k * D0[i]
+        torch.testing.assert_close(w[i], expected)
+        torch.testing.assert_close(W.views[i], W0[i] + D0[i])
+    torch.testing.assert_close(buf[0], W0[2] + D0[2])    # buffers take the averaged value
+
+
+def test_overwrite_landing_replaces_local_weights():
+    w = [torch.randn(4)]
+    W, s, D = FlatSpace(w), FlatSpace(w), FlatSpace(w)
+    W.copy_from_([torch.ones(4)]), D.copy_from_([torch.full((4,), 0.5)])
+    apply_global_update_(W, D)
+    compensate_local_(w, [], W, s, D, glu_beta=0.5, elapsed=2, sync_every=2, compensation="overwrite")
+    assert w[0].tolist() == [1.5] * 4
+
+
+def test_launch_takes_snapshot_and_delta():
+    w = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+    W, s, D = FlatSpace(w), FlatSpace(w), FlatSpace(w)
+    W.copy_from_([torch.tensor([0.5, 0.5]), torch.tensor([1.0])])
+    launch_window(w, W, s, D)
+    assert s.buffers[0].tolist() == [1.0, 2.0, 3.0] and D.buffers[0].tolist() == [0.5, 1.5, 2.0]
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _batches(step: int, workers: int):
+    g = torch.Generator().manual_seed(step)
+    return [(torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g)) for _ in range(workers)]
+
+
+def test_simulator_with_sync_every_1_is_large_batch_sgd():
+    """k = 1, d = 0 averages the weights after every local step: with SGD that is synchronous SGD
+    on the union of the workers' batches (the gradient of the mean loss)."""
+    sgd = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3)  # noqa: E731
+    sim = Simulator(_mlp(), sgd, 3, sync_every=1, delay=0, warmup_steps=0, glu_beta=0.5)
+    ref = _mlp()
+    ref_opt = sgd(ref.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(15):
+        batches = _batches(step, 3)
+        sim.step(batches, loss_fn)
+        ref_opt.zero_grad()
+        (sum(loss_fn(ref(x), y) for x, y in batches) / 3).backward()
+        ref_opt.step()
+    for worker in sim.models:
+        for a, b in zip(worker.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_simulator_warmup_is_large_batch_sgd_and_then_diverges_locally():
+    sgd = lambda p: torch.optim.SGD(p, lr=0.1)  # noqa: E731
+    sim = Simulator(_mlp(), sgd, 2, sync_every=4, delay=2, warmup_steps=5, glu_beta=0.5)
+    ref = _mlp()
+    ref_opt = sgd(ref.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(5):
+        batches = _batches(step, 2)
+        sim.step(batches, loss_fn)
+        ref_opt.zero_grad()
+        (sum(loss_fn(ref(x), y) for x, y in batches) / 2).backward()
+        ref_opt.step()
+    for a, b in zip(sim.models[1].parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+    sim.step(_batches(5, 2), loss_fn)
+    assert not torch.equal(sim.models[0][0].weight, sim.models[1][0].weight)

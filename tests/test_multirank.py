@@ -1,0 +1,162 @@
+"""Real ranks (horovodrun/Gloo, torchrun/Gloo, mpirun) against the single-process simulator."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import WORKERS, horovodrun, mpirun, run_ranks, torchrun
+from ssd_allreduce.netns import ShapedNetwork, namespaces_available
+from ssd_allreduce.simulator import Simulator
+
+sys.path.insert(0, str(WORKERS))
+import problem  # noqa: E402
+
+pytestmark = pytest.mark.multirank
+WORKER = str(WORKERS / "ssd_ranks.py")
+STEPS = 12
+N_PARAMS = len(list(problem.make_model().parameters()))
+
+
+def load(out: Path, size: int) -> list[dict]:
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(size)]
+
+
+def parse(spec: str) -> tuple[int, int, float, int]:
+    k, d, beta, warmup = spec.split(",")
+    return int(k), int(d), float(beta), int(warmup)
+
+
+def assert_matches_simulator(ranks: list[dict], spec: str, steps: int = STEPS) -> None:
+    torch.set_num_threads(1)
+    k, d, beta, warmup = parse(spec)
+    sim = Simulator(problem.make_model(), problem.make_sgd, len(ranks), sync_every=k, delay=d,
+                    warmup_steps=warmup, glu_beta=beta)
+    for step in range(steps):
+        sim.step([problem.batch(r, step) for r in range(len(ranks))], problem.loss_fn)
+        for r, rec in enumerate(ranks):
+            torch.testing.assert_close(rec["configs"][spec]["after_step"][step],
+                                       problem.model_tensors(sim.models[r]), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{spec} rank {r} step {step}: {m}")
+
+
+def assert_global_weights_identical(ranks: list[dict], spec: str) -> None:
+    histories = [rec["configs"][spec]["global_weights"] for rec in ranks]
+    assert histories[0], f"{spec}: no window landed"
+    for r, history in enumerate(histories[1:], start=1):
+        assert len(history) == len(histories[0])
+        for landing, (mine, ref) in enumerate(zip(history, histories[0])):
+            assert all(torch.equal(a, b) for a, b in zip(mine, ref)), \
+                f"{spec}: W differs between rank 0 and rank {r} after landing {landing}"
+
+
+HOROVOD_CONFIGS = ["2,1,0.5,3", "3,3,1.0,2", "4,0,0.25,1", "4,4,0.0,0", "3,2,0.5,0", "1,0,0.5,0"]
+
+
+@pytest.fixture(scope="module")
+def horovod_ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("horovod")
+    run_ranks(horovodrun(2, WORKER, "--backend", "horovod", "--out", str(out), "--steps", str(STEPS),
+                         "--configs", ";".join(HOROVOD_CONFIGS), "--horovod-baseline"))
+    return load(out, 2)
+
+
+@pytest.mark.parametrize("spec", HOROVOD_CONFIGS)
+def test_horovod_matches_simulator(horovod_ranks, spec):
+    assert_matches_simulator(horovod_ranks, spec)
+    assert_global_weights_identical(horovod_ranks, spec)
+
+
+def test_sync_every_1_equals_horovod_distributed_optimizer(horovod_ranks):
+    for rec in horovod_ranks:
+        for step in range(STEPS):
+            torch.testing.assert_close(rec["configs"]["1,0,0.5,0"]["after_step"][step][:N_PARAMS],
+                                       rec["horovod_baseline"][step][:N_PARAMS], rtol=1e-5, atol=1e-6)
+
+
+def test_warmup_steps_equal_synchronous_sgd(horovod_ranks):
+    warmup = parse("2,1,0.5,3")[3]
+    for rec in horovod_ranks:
+        for step in range(warmup):
+            ssd = rec["configs"]["2,1,0.5,3"]["after_step"][step][:N_PARAMS]
+            assert all(torch.equal(a, b) for a, b in zip(ssd, rec["horovod_baseline"][step][:N_PARAMS]))
+        after = rec["configs"]["2,1,0.5,3"]["after_step"][warmup + 1][:N_PARAMS]
+        assert not all(torch.equal(a, b) for a, b in zip(after, rec["horovod_baseline"][warmup + 1]))
+
+
+def test_bytes_per_step_are_one_kth_of_the_baseline(horovod_ranks):
+    model = problem.make_model()
+    grad_bytes = sum(p.numel() * 4 for p in model.parameters())
+    state_bytes = sum(t.numel() * 4 for t in problem.model_tensors(model))
+    for spec in HOROVOD_CONFIGS:
+        k, _, _, warmup = parse(spec)
+        stats = horovod_ranks[0]["configs"][spec]["stats"]
+        windows = (STEPS - warmup) // k
+        assert stats["warmup_allreduces"] == warmup and stats["windows_launched"] == windows
+        assert stats["bytes_allreduced"] == warmup * grad_bytes + windows * state_bytes
+        # one window of k steps sends params + BatchNorm statistics once; the baseline sends the
+        # gradients every step
+        per_step = (stats["bytes_allreduced"] - warmup * grad_bytes) / (windows * k)
+        assert per_step / grad_bytes == pytest.approx((state_bytes / grad_bytes) / k)
+        assert per_step / grad_bytes <= (1 / k) * 1.01
+
+
+def test_torch_distributed_backend_matches_simulator(tmp_path):
+    specs = ["2,1,0.5,3", "3,3,0.25,0"]
+    run_ranks(torchrun(2, WORKER, "--backend", "torch", "--out", str(tmp_path), "--configs", ";".join(specs)))
+    ranks = load(tmp_path, 2)
+    for spec in specs:
+        assert_matches_simulator(ranks, spec)
+        assert_global_weights_identical(ranks, spec)
+
+
+def test_mpi4py_backend_matches_simulator(tmp_path):
+    spec = "3,2,0.5,2"
+    run_ranks(mpirun(2, WORKER, "--backend", "mpi", "--out", str(tmp_path), "--configs", spec))
+    ranks = load(tmp_path, 2)
+    assert_matches_simulator(ranks, spec)
+    assert_global_weights_identical(ranks, spec)
+
+
+def test_horovod_on_an_mpi4py_sub_communicator(tmp_path):
+    spec = "2,2,0.5,1"
+    out = run_ranks(mpirun(3, WORKER, "--backend", "horovod", "--subset", "2", "--out", str(tmp_path),
+                           "--configs", spec))
+    assert "not a member of the sub-communicator; idle" in out
+    ranks = load(tmp_path, 2)
+    assert all(rec["size"] == 2 for rec in ranks) and not (tmp_path / "rank2.pt").exists()
+    assert_matches_simulator(ranks, spec)
+
+
+def test_allreduce_is_in_flight_during_local_steps(tmp_path):
+    spec = "4,4,0.5,0"
+    cmd = horovodrun(2, WORKER, "--backend", "horovod", "--out", str(tmp_path), "--configs", spec,
+                     "--big", "4000000", "--steps", "12")
+    ok, why = namespaces_available()
+    if ok:  # a 16 MB delta over a 1 Gbit/s link takes far longer than a local step
+        with ShapedNetwork("1gbit") as net:
+            run_ranks(net.prefix() + cmd)
+    else:
+        print(f"unshaped loopback ({why})")
+        run_ranks(cmd)
+    for rec in load(tmp_path, 2):
+        stats = rec["configs"][spec]["stats"]
+        assert stats["windows_landed"] == 3
+        assert stats["polls_pending"] >= 1, stats
+
+
+def test_resume_from_state_dict_continues_exactly(tmp_path):
+    spec = "3,2,0.5,2"   # windows launch at steps 4, 7, 10, 13 and land 2 steps later
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    full.mkdir(), resumed.mkdir()
+    run_ranks(horovodrun(2, WORKER, "--backend", "horovod", "--out", str(full), "--configs", spec,
+                         "--steps", "14", "--save-at", "7"))
+    run_ranks(horovodrun(2, WORKER, "--backend", "horovod", "--out", str(resumed), "--configs", spec,
+                         "--steps", "14", "--resume-from", str(full)))
+    ckpt = torch.load(full / "ckpt_rank0.pt", weights_only=False)
+    assert ckpt["optimizer"]["ssd_sgd"]["window"]["launched_at"] == 7  # saved with a window in flight
+    for a, b in zip(load(full, 2), load(resumed, 2)):
+        assert all(torch.equal(x, y) for x, y in zip(a["configs"][spec]["final"], b["configs"][spec]["final"]))
+        assert a["configs"][spec]["stats"]["windows_landed"] == b["configs"][spec]["stats"]["windows_landed"]

@@ -1,0 +1,238 @@
+"""The drop-in wrapper in one process (a one-rank fake communicator): API, protocol, errors."""
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import ssd_allreduce
+from fakes import LocalCommunicator
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def _wrap(model, comm=None, **kw):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    kw.setdefault("sync_every", 2)
+    kw.setdefault("warmup_steps", 1)
+    return ssd_allreduce.DistributedOptimizer(
+        opt, named_parameters=model.named_parameters(), named_buffers=model.named_buffers(),
+        backend=comm or LocalCommunicator(), **kw)
+
+
+def _train(model, opt, steps, start=0):
+    for step in range(start, start + steps):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(6, 4, generator=g), torch.randint(0, 2, (6,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_returns_the_same_optimizer_still_an_instance_of_its_class():
+    model = _model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = ssd_allreduce.DistributedOptimizer(sgd, named_parameters=model.named_parameters(),
+                                             backend=LocalCommunicator())
+    assert opt is sgd and isinstance(opt, torch.optim.SGD) and type(opt).__name__ == "SGD"
+    with pytest.raises(ValueError, match="already wrapped"):
+        ssd_allreduce.DistributedOptimizer(opt, backend=LocalCommunicator())
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(sync_every=0), "sync_every must be an integer >= 1, got 0"),
+    (dict(sync_every=3, delay=4), "delay must be an integer in [0, sync_every=3], got 4"),
+    (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0, got -1"),
+    (dict(glu_beta=2.0), "glu_beta must be a number in [0, 1], got 2.0"),
+    (dict(nonfinite="ignore"), "nonfinite must be one of ('raise', 'skip'), got 'ignore'"),
+    (dict(backend="nccl"), "backend must be one of ('horovod', 'torch', 'mpi')"),
+    (dict(op="max"), "op must be one of"),
+    (dict(op="sum", gradient_predivide_factor=2.0), "gradient_predivide_factor is only supported with op=Average"),
+    (dict(backward_passes_per_step=0), "backward_passes_per_step must be an integer >= 1, got 0"),
+])
+def test_bad_arguments_say_what_to_change(kwargs, fragment):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwargs.setdefault("backend", LocalCommunicator())
+    with pytest.raises(ValueError) as err:
+        ssd_allreduce.DistributedOptimizer(opt, named_parameters=model.named_parameters(), **kwargs)
+    assert fragment in str(err.value)
+
+
+def test_parameters_that_are_not_named_are_rejected():
+    model, other = _model(), nn.Linear(2, 2)
+    opt = torch.optim.SGD(list(model.parameters()) + list(other.parameters()), lr=0.1)
+    with pytest.raises(ValueError, match="not in named_parameters"):
+        ssd_allreduce.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                           backend=LocalCommunicator())
+
+
+def test_step_without_gradients_is_an_error():
+    model = _model()
+    opt = _wrap(model)
+    with pytest.raises(RuntimeError, match="call loss.backward"):
+        opt.step()
+
+
+def test_more_backward_passes_than_declared_is_an_error():
+    model = _model()
+    opt = _wrap(model)
+    x = torch.randn(4, 4)
+    model(x).sum().backward()
+    with pytest.raises(RuntimeError, match="Increase backward_passes_per_step"):
+        model(x).sum().backward()
+    model2 = _model()
+    opt2 = _wrap(model2, backward_passes_per_step=2)
+    model2(x).sum().backward()
+    model2(x).sum().backward()
+    opt2.step()
+    assert opt2.ssd_stats.steps == 1 and opt.ssd_stats.steps == 0
+
+
+def test_pickling_the_optimizer_points_to_state_dict():
+    opt = _wrap(_model())
+    with pytest.raises(TypeError, match="optimizer.state_dict"):
+        pickle.dumps(opt)
+
+
+def test_window_stays_in_flight_and_is_polled_then_lands():
+    model = _model()
+    comm = LocalCommunicator(pending_polls=1)
+    opt = _wrap(model, comm, sync_every=3, delay=3, warmup_steps=0)
+    _train(model, opt, 3)                       # window launched at step 2
+    assert opt._ssd_window is not None and opt._ssd_window.handle is not None
+    _train(model, opt, 3, start=3)              # polled at 3 (pending), 4 (done), lands at 5
+    assert opt.ssd_stats.polls_pending == 1 and opt.ssd_stats.windows_landed == 1
+    assert ("ssd.delta", 1) in comm.calls and ("ssd.global_weights", 1) in comm.calls
+
+
+def test_finish_lands_the_window_in_flight():
+    model = _model()
+    opt = _wrap(model, sync_every=4, delay=4, warmup_steps=0)
+    _train(model, opt, 5)                       # launched at step 3, one local step since
+    snapshot = [v.clone() for v in opt._ssd_snapshot.views]
+    before = [p.detach().clone() for p in opt._ssd_params]
+    global_before = [v.clone() for v in opt.global_weights]
+    ssd_allreduce.finish()
+    assert opt._ssd_window is None and opt.ssd_stats.windows_landed == 1
+    beta = ssd_allreduce.optimizer.DEFAULT_GLU_BETA
+    for i, p in enumerate(opt._ssd_params):
+        delta = snapshot[i] - global_before[i]            # one rank: the average is its own delta
+        expected = global_before[i] + delta + beta * (before[i] - snapshot[i]) + (1 - beta) * 1 / 4 * delta
+        torch.testing.assert_close(p.detach(), expected)
+
+
+def test_nonfinite_delta_raises_and_leaves_global_weights_untouched():
+    model = _model()
+    opt = _wrap(model, sync_every=2, delay=0, warmup_steps=0)
+    _train(model, opt, 2)
+    global_before = [v.clone() for v in opt.global_weights]
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="nonfinite='skip'"):
+        _train(model, opt, 2, start=2)
+    assert all(torch.equal(a, b) for a, b in zip(opt.global_weights, global_before))
+
+
+def test_nonfinite_delta_can_be_skipped_with_a_warning():
+    model = _model()
+    opt = _wrap(model, sync_every=2, delay=0, warmup_steps=0, nonfinite="skip")
+    _train(model, opt, 2)
+    global_before = [v.clone() for v in opt.global_weights]
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    with pytest.warns(UserWarning, match="window skipped"):
+        _train(model, opt, 2, start=2)
+    assert opt.ssd_stats.windows_skipped == 1
+    assert all(torch.equal(a, b) for a, b in zip(opt.global_weights, global_before))
+
+
+def test_state_dict_resume_in_a_new_optimizer_continues_exactly():
+    model = _model()
+    opt = _wrap(model, comm=LocalCommunicator(pending_polls=5), sync_every=3, delay=2, warmup_steps=2)
+    _train(model, opt, 5)                            # window launched at step 4, in flight
+    assert opt._ssd_window is not None and opt._ssd_window.handle is not None
+    saved = pickle.loads(pickle.dumps({"model": model.state_dict(), "opt": opt.state_dict()}))
+    assert saved["opt"]["ssd_sgd"]["window"]["launched_at"] == 4
+    _train(model, opt, 7, start=5)
+
+    resumed = _model()
+    resumed.load_state_dict(saved["model"])
+    opt2 = _wrap(resumed, sync_every=3, delay=2, warmup_steps=2)
+    opt2.load_state_dict(saved["opt"])
+    _train(resumed, opt2, 7, start=5)
+    for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert opt2.ssd_stats.windows_landed == opt.ssd_stats.windows_landed
+
+
+def test_loading_a_checkpoint_of_another_schedule_is_an_error():
+    model = _model()
+    opt = _wrap(model, sync_every=2)
+    _train(model, opt, 3)
+    opt2 = _wrap(_model(), sync_every=4)
+    with pytest.raises(ValueError, match="build the optimizer with the checkpoint's settings"):
+        opt2.load_state_dict(opt.state_dict())
+
+
+def test_synchronize_then_clip_inside_skip_synchronize():
+    model = _model()
+    opt = _wrap(model, warmup_steps=3)
+    x = torch.randn(6, 4)
+    model(x).pow(2).sum().backward()
+    opt.synchronize()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    with opt.skip_synchronize():
+        opt.step()
+    assert opt.ssd_stats.warmup_allreduces == 1
+    model(x).pow(2).sum().backward()
+    opt.synchronize()
+    with pytest.warns(UserWarning, match="skip_synchronize"):
+        opt.step()
+    assert opt.ssd_stats.warmup_allreduces == 2
+
+
+def test_fp16_compression_halves_the_bytes():
+    sizes = {}
+    for name, compression in (("none", ssd_allreduce.Compression.none), ("fp16", ssd_allreduce.Compression.fp16)):
+        model = _model()
+        opt = _wrap(model, sync_every=2, delay=1, warmup_steps=2, compression=compression)
+        _train(model, opt, 6)
+        sizes[name] = opt.ssd_stats.bytes_allreduced
+    assert sizes["fp16"] * 2 == sizes["none"]
+
+
+@pytest.mark.parametrize("warmup", [5, 0])
+def test_grad_scaler_skips_nonfinite_steps_but_keeps_the_schedule(warmup):
+    model = _model()
+    opt = _wrap(model, sync_every=2, delay=1, warmup_steps=warmup)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    reference = _model()
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    # a finite step: unscaled gradients, same update as plain SGD
+    opt.zero_grad(), ref_opt.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    nn.functional.cross_entropy(reference(x), y).backward()
+    ref_opt.step()
+    if warmup:  # (after warm-up the first step also takes W, identical here)
+        for a, b in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(a, b)
+    # an overflowing step: skipped, but counted
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y) * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert opt.ssd_stats.steps == 2
+    if warmup:
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    assert scaler.get_scale() < 2.0 ** 4

@@ -1,0 +1,126 @@
+"""Runs on every rank of a test job (horovodrun, torchrun or mpirun) and saves what it saw.
+
+    ssd_ranks.py --backend horovod --out DIR --configs "k,d,beta,warmup;..." --steps N
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import problem  # noqa: E402
+
+import ssd_allreduce  # noqa: E402
+
+
+def init_backend(name: str, subset: int):
+    """Initialise the backend; returns (rank, size, backend argument) or None if not a member."""
+    if name == "horovod":
+        import horovod.torch as hvd
+        if subset:  # Horovod on a sub-communicator of mpi4py: the first `subset` ranks only
+            from mpi4py import MPI
+            world = MPI.COMM_WORLD
+            sub = world.Split(0 if world.Get_rank() < subset else 1, world.Get_rank())
+            if world.Get_rank() >= subset:
+                return None
+            hvd.init(comm=sub)
+        else:
+            hvd.init()
+        return hvd.rank(), hvd.size(), "horovod"
+    if name == "torch":
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size(), "torch"
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size(), "mpi"
+
+
+def build(backend: str, k: int, d: int, beta: float, warmup: int, big: int, compensation: str = "glu"):
+    model = problem.make_model(big)
+    opt = ssd_allreduce.DistributedOptimizer(
+        problem.make_sgd(model.parameters()), named_parameters=model.named_parameters(),
+        named_buffers=model.named_buffers(), sync_every=k, delay=d, warmup_steps=warmup,
+        glu_beta=beta, compensation=compensation, backend=backend)
+    return model, opt
+
+
+def train_step(model, opt, rank: int, step: int) -> None:
+    x, y = problem.batch(rank, step)
+    opt.zero_grad()
+    problem.loss_fn(model(x), y).backward()
+    opt.step()
+
+
+def run_config(args, rank: int, backend: str, k: int, d: int, beta: float, warmup: int) -> dict:
+    model, opt = build(backend, k, d, beta, warmup, args.big)
+    if args.resume_from:
+        ckpt = torch.load(os.path.join(args.resume_from, f"ckpt_rank{rank}.pt"), weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start = ckpt["next_step"]
+    else:
+        start = 0
+    record = {"after_step": [], "global_weights": [], "landed_at": []}
+    landed = opt.ssd_stats.windows_landed
+    for step in range(start, args.steps):
+        train_step(model, opt, rank, step)
+        record["after_step"].append(problem.model_tensors(model))
+        if opt.ssd_stats.windows_landed != landed:
+            landed = opt.ssd_stats.windows_landed
+            record["global_weights"].append([w.clone() for w in opt.global_weights])
+            record["landed_at"].append(step)
+        if args.save_at is not None and step == args.save_at:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "next_step": step + 1},
+                       os.path.join(args.out, f"ckpt_rank{rank}.pt"))
+    record["in_flight_at_end"] = opt._ssd_window is not None
+    opt.finish()
+    record["final"] = problem.model_tensors(model)
+    record["stats"] = opt.ssd_stats.as_dict()
+    return record
+
+
+def horovod_baseline(rank: int, steps: int) -> list:
+    import horovod.torch as hvd
+    model = problem.make_model()
+    opt = hvd.DistributedOptimizer(problem.make_sgd(model.parameters()),
+                                   named_parameters=model.named_parameters())
+    out = []
+    for step in range(steps):
+        train_step(model, opt, rank, step)
+        out.append(problem.model_tensors(model))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", choices=("horovod", "torch", "mpi"), required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--configs", default="2,1,0.5,3", help="k,d,beta,warmup;...")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--big", type=int, default=0)
+    ap.add_argument("--subset", type=int, default=0, help="Horovod on the first N ranks' sub-communicator")
+    ap.add_argument("--horovod-baseline", action="store_true")
+    ap.add_argument("--save-at", type=int)
+    ap.add_argument("--resume-from")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    member = init_backend(args.backend, args.subset)
+    if member is None:
+        print("not a member of the sub-communicator; idle", flush=True)
+        return
+    rank, size, backend = member
+    result = {"size": size, "configs": {}}
+    for spec in args.configs.split(";"):
+        k, d, beta, warmup = spec.split(",")
+        result["configs"][spec] = run_config(args, rank, backend, int(k), int(d), float(beta), int(warmup))
+    if args.horovod_baseline:
+        result["horovod_baseline"] = horovod_baseline(rank, args.steps)
+    torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
+    print(f"rank {rank}/{size} done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
