@@ -538,6 +538,13 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         """W, shaped like the parameters then the buffers (None during warm-up)."""
         return None if self._ssd_global is None else self._ssd_global.views
 
+    @property
+    def extra_state_bytes(self) -> int:
+        """Memory SSD-SGD holds beyond the wrapped optimizer: W, the snapshot and the in-flight
+        buffer (zero during warm-up, three copies of the parameters and buffers after it)."""
+        spaces = (self._ssd_global, self._ssd_snapshot, self._ssd_delta)
+        return sum(space.nbytes for space in spaces if space is not None)
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state plus all SSD-SGD state under ``"ssd_sgd"``. A window in

@@ -45,7 +45,7 @@ class MPICommunicator(Communicator):
                              "use backend='horovod' (NCCL) or backend='torch' for GPU training")
         if t.dtype in (torch.bfloat16,):
             raise ValueError("the mpi backend cannot reduce bfloat16 tensors: use float32 or float16")
-        return t.numpy()
+        return t.detach().numpy()
 
     def allreduce_async_(self, tensors: Sequence[Tensor], name: str,
                          op: ReduceOp = ReduceOp.AVERAGE, prescale_factor: float = 1.0,

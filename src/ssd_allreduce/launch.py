@@ -1,0 +1,128 @@
+"""Who am I in the job: rank, size, device and backend, whichever launcher started us.
+
+horovodrun, ``srun --mpi=pmix`` and ``mpirun`` start Horovod (or mpi4py) ranks; torchrun, or
+``srun`` without MPI, starts torch.distributed ranks (``MASTER_ADDR`` is derived from Slurm's
+node list when torchrun did not set it).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .comm import BACKENDS, Communicator, ReduceOp, make_communicator
+
+TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "GROUP_RANK")
+MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "HOROVOD_RANK")
+
+
+@dataclass
+class DistContext:
+    backend: str
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+    comm: Communicator
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Sum of ``values`` over ranks (blocking; float64 on the CPU)."""
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.device.type == "cuda" and self.backend == "torch":
+            t = t.to(self.device)  # NCCL reduces device tensors only
+        self.comm.synchronize(self.comm.allreduce_async_([t], name="ssd.metrics", op=ReduceOp.SUM))
+        return t.cpu().tolist()
+
+    def barrier(self) -> None:
+        self.comm.allgather_object(None)
+
+
+def detect_backend() -> str:
+    """"torch" under torchrun (or a Slurm step without MPI), else "horovod" if it imports, else "mpi"."""
+    if any(v in os.environ for v in TORCHRUN_VARS):
+        return "torch"
+    if "SLURM_PROCID" in os.environ and not any(v in os.environ for v in MPI_RANK_VARS):
+        # srun without --mpi: only a TCP rendezvous works
+        return "torch"
+    try:
+        import horovod.torch  # noqa: F401
+        return "horovod"
+    except ImportError:
+        return "mpi"
+
+
+def _slurm_master_addr() -> str:
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodes:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+        return out.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return nodes.split(",")[0]
+
+
+def _init_torch_distributed(use_cuda: bool) -> tuple[int, int, int]:
+    import torch.distributed as dist
+
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env.setdefault("MASTER_ADDR", _slurm_master_addr())
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    if "RANK" not in env:  # a plain single process
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", "29500")
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext:
+    """Initialise ``backend`` ("auto", "horovod", "torch", "mpi") and pin one GPU per local rank."""
+    if backend == "auto":
+        backend = detect_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no GPU: check CUDA_VISIBLE_DEVICES "
+                         "and `python -m ssd_allreduce.doctor`")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if backend == "horovod":
+        import horovod.torch as hvd
+        hvd.init()
+        rank, size, local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+    elif backend == "torch":
+        rank, size, local_rank = _init_torch_distributed(use_cuda)
+    else:
+        if use_cuda:
+            raise ValueError("the mpi backend reduces CPU tensors only: use --backend horovod or torch on GPUs")
+        from mpi4py import MPI
+        rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+        local_rank = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return DistContext(backend, rank, size, local_rank, dev, make_communicator(backend))
+
+
+def shutdown(ctx: Optional[DistContext]) -> None:
+    """Leave the job cleanly (after every window has landed)."""
+    if ctx is not None and ctx.backend == "torch":
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,101 @@
+"""What a run leaves behind: ``metrics.jsonl`` (per step, per epoch, summary), a comparison table
+of finished runs, and a PNG of loss and accuracy against wall time."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+METRICS = "metrics.jsonl"
+
+SUMMARY_COLUMNS = (
+    ("mode", "mode", "{}"), ("ranks", "ranks", "{}"), ("steps", "steps", "{}"),
+    ("img/s", "images_per_sec", "{:.0f}"), ("step ms", "step_ms", "{:.2f}"),
+    ("compute ms", "compute_ms", "{:.2f}"), ("comm wait ms", "comm_wait_ms", "{:.2f}"),
+    ("bytes/step", "bytes_per_step", "{:,.0f}"), ("test acc", "test_accuracy", "{:.4f}"),
+    ("test loss", "test_loss", "{:.4f}"), ("wall s", "wall_seconds", "{:.1f}"),
+)
+
+
+class RunLog:
+    """Appends JSON lines to ``<run>/metrics.jsonl`` (rank 0 only; other ranks get a no-op)."""
+
+    def __init__(self, run_dir: Union[str, Path], enabled: bool) -> None:
+        self.path = Path(run_dir) / METRICS
+        self._file = open(self.path, "a") if enabled else None
+
+    def write(self, kind: str, **record: Any) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps({"kind": kind, **record}) + "\n")
+            if kind != "step":
+                self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read(run_dir: Union[str, Path]) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory of ssd_allreduce.train?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def latest_summary(run_dir: Union[str, Path]) -> Optional[dict[str, Any]]:
+    summaries = [r for r in read(run_dir) if r["kind"] == "summary"]
+    return summaries[-1] if summaries else None
+
+
+def format_table(rows: Sequence[dict[str, Any]], baseline_mode: str = "horovod") -> str:
+    """Markdown table of run summaries, with throughput relative to the baseline and to no-comm."""
+    by_mode = {r["mode"]: r for r in rows}
+    header = [c[0] for c in SUMMARY_COLUMNS] + [f"x {baseline_mode}", "x no-comm"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = []
+        for _, key, fmt in SUMMARY_COLUMNS:
+            value = r.get(key)
+            cells.append("-" if value is None else fmt.format(value))
+        for ref in (by_mode.get(baseline_mode), by_mode.get("no-comm")):
+            ok = ref is not None and ref.get("images_per_sec")
+            cells.append(f"{r['images_per_sec'] / ref['images_per_sec']:.2f}" if ok else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summarize(run_dirs: Iterable[Union[str, Path]]) -> str:
+    rows = []
+    for d in run_dirs:
+        s = latest_summary(d)
+        if s is None:
+            raise ValueError(f"{d} has no summary: the run did not finish")
+        rows.append(dict(s, run=str(d)))
+    return format_table(rows)
+
+
+def plot(run_dirs: Sequence[Union[str, Path]], out: Union[str, Path]) -> Path:
+    """Training loss and test accuracy against wall time, one line per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for d in run_dirs:
+        records = read(d)
+        label = next((r["mode"] for r in records if r["kind"] == "start"), Path(d).name)
+        steps = [r for r in records if r["kind"] == "step"]
+        epochs = [r for r in records if r["kind"] == "epoch"]
+        ax_loss.plot([r["wall"] for r in steps], [r["loss"] for r in steps], label=label, lw=0.8)
+        ax_acc.plot([r["wall"] for r in epochs], [r["test_accuracy"] for r in epochs], "o-", label=label)
+    ax_loss.set(xlabel="wall time (s)", ylabel="training loss (rank 0)", yscale="log")
+    ax_acc.set(xlabel="wall time (s)", ylabel="test accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
