@@ -23,12 +23,17 @@ CONF=$DIR/slurm.conf
 TIMEOUT=${SSD_SLURM_TIMEOUT:-30}
 export SLURM_CONF=$CONF
 
-die() {  # die <what went wrong> [log to read]
-  printf 'slurm_local: ERROR: %s\n' "$1" >&2
-  if [ -n "${2:-}" ]; then
-    printf 'slurm_local: read %s; its last lines:\n' "$2" >&2
-    tail -n 15 "$2" 2>/dev/null | sed 's/^/    /' >&2 || printf '    (%s is missing)\n' "$2" >&2
-  fi
+die() {  # die <what went wrong> [log to read ...]
+  local msg=$1 log
+  shift
+  printf 'slurm_local: ERROR: %s\n' "$msg" >&2
+  for log in "$@"; do
+    printf 'slurm_local: read %s; its last lines:\n' "$log" >&2
+    tail -n 15 "$log" 2>/dev/null | sed 's/^/    /' >&2 || printf '    (%s is missing)\n' "$log" >&2
+    if tail -n 15 "$log" 2>/dev/null | grep -q 'Address already in use'; then
+      printf 'slurm_local: another slurmctld/slurmd holds the ports (6817/6818): stop it first (another SSD_SLURM_DIR, or the system Slurm)\n' >&2
+    fi
+  done
   exit 1
 }
 say() { printf 'slurm_local: %s\n' "$*"; }
@@ -130,8 +135,10 @@ wait_idle() {
       reason=$(sinfo -h -N -n "$(host)" -o '%E' 2>/dev/null | head -n 1 || true)
       if ! alive "$DIR/slurmctld.pid"; then die "slurmctld is not running" "$DIR/slurmctld.log"; fi
       if ! alive "$DIR/slurmd.pid"; then die "slurmd is not running" "$DIR/slurmd.log"; fi
-      die "node $(host) not idle after ${TIMEOUT}s (state '${state:-unknown}', reason '${reason:-none}')" \
-        "$DIR/slurmd.log (and $DIR/slurmctld.log)"
+      local hint=""
+      case "$state" in *'*') hint=" - '*' means slurmctld gets no answer from slurmd" ;; esac
+      die "node $(host) not idle after ${TIMEOUT}s (state '${state:-unknown}'$hint, reason '${reason:-none}')" \
+        "$DIR/slurmd.log" "$DIR/slurmctld.log"
     fi
     sleep 0.5
   done

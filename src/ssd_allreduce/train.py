@@ -161,17 +161,15 @@ def make_lr_schedule(args: argparse.Namespace, opt: torch.optim.Optimizer, steps
 
 
 def bytes_per_step(args: argparse.Namespace, model: nn.Module) -> int:
-    """Gradient payload of one allreduce of the baselines (Horovod, DDP)."""
+    """Gradient payload of one allreduce (the baselines' every step, SSD-SGD's warm-up)."""
     width = 2 if args.fp16_allreduce else 4
     return sum(p.numel() for p in model.parameters() if p.requires_grad) * width
 
 
-def steady_bytes_per_step(opt: Any, model: nn.Module, steps: int) -> float:
+def steady_bytes_per_step(stats: Any, gradient_bytes: int, steps: int) -> float:
     """SSD-SGD's payload per step after warm-up (the warm-up sends gradients every step)."""
-    stats = opt.ssd_stats
     after = steps - stats.warmup_allreduces
-    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return (stats.bytes_allreduced - stats.warmup_allreduces * grad_bytes) / after if after > 0 else 0.0
+    return (stats.bytes_allreduced - stats.warmup_allreduces * gradient_bytes) / after if after > 0 else 0.0
 
 
 class PreemptionFlag:
@@ -380,7 +378,8 @@ def train(args: argparse.Namespace) -> int:
             "step_ms": 1e3 * train_seconds / max(global_step, 1),
             "compute_ms": 1e3 * compute_total / max(steps_timed, 1),
             "comm_wait_ms": 1e3 * comm_total / max(steps_timed, 1),
-            "bytes_per_step": steady_bytes_per_step(opt, model, global_step) if ssd else baseline_bytes,
+            "bytes_per_step": steady_bytes_per_step(opt.ssd_stats, bytes_per_step(args, model), global_step)
+            if ssd else baseline_bytes,
             "test_accuracy": acc, "test_loss": test_loss, "wall_seconds": train_seconds,
             "peak_memory_bytes": [r["peak_memory_bytes"] for r in per_rank],
             "extra_state_bytes": opt.extra_state_bytes if ssd else 0,

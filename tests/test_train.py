@@ -1,0 +1,158 @@
+"""The training driver as users run it: every mode under real launchers, resume, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import PYTHON, REPO, horovodrun, launcher_env, mpirun, run_ranks, torchrun
+from ssd_allreduce.data import write_cifar10_fixture
+
+pytestmark = pytest.mark.multirank
+TRAIN = ["-m", "ssd_allreduce.train", "--no-progress", "--data", "digits", "--model", "cnn"]
+
+
+def summary(run: Path) -> dict:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "summary"][-1]
+
+
+def final_states(run: Path, ranks: int) -> list[dict]:
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    return [torch.load(latest / f"rank-{r}.pt", weights_only=False) for r in range(ranks)]
+
+
+@pytest.mark.parametrize("mode, min_accuracy", [("horovod", 0.85), ("ssd", 0.85), ("local-sgd", 0.85),
+                                                ("no-comm", 0.80)])
+def test_each_mode_learns_the_digits_under_horovodrun(tmp_path, mode, min_accuracy):
+    run = tmp_path / mode
+    run_ranks(horovodrun(2, *TRAIN, "--mode", mode, "--epochs", "10", "--warmup-steps", "20", "--out", str(run)))
+    s = summary(run)
+    assert s["ranks"] == 2 and s["steps"] == 10 * 22 and s["test_accuracy"] >= min_accuracy, s
+    assert (run / "curves.png").stat().st_size > 10_000
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"kind": "step"' in line]
+    assert len(steps) == 10 * 22 and all(r["compute_time"] > 0 for r in steps)
+    if mode == "ssd":
+        assert s["ssd_stats"]["windows_landed"] > 0 and s["extra_state_bytes"] > 0
+        # W, snapshot and in-flight buffer: three copies of the parameters and float buffers
+        assert s["extra_state_bytes"] <= 3 * s["parameter_bytes"] * 1.01
+        assert s["bytes_per_step"] == pytest.approx(s["parameter_bytes"] / 5, rel=0.01)
+
+
+def test_torchrun_ssd_and_ddp(tmp_path):
+    for mode in ("ssd", "ddp"):
+        run_ranks(torchrun(2, *TRAIN, "--mode", mode, "--backend", "torch", "--epochs", "10",
+                           "--warmup-steps", "20", "--out", str(tmp_path / mode)))
+        assert summary(tmp_path / mode)["test_accuracy"] >= 0.85
+
+
+def test_mpirun_with_the_mpi4py_backend(tmp_path):
+    run_ranks(mpirun(2, *TRAIN, "--mode", "ssd", "--backend", "mpi", "--epochs", "10", "--warmup-steps", "20",
+                     "--out", str(tmp_path / "mpi")))
+    assert summary(tmp_path / "mpi")["test_accuracy"] >= 0.85
+
+
+def _assert_same_final_weights(a: Path, b: Path) -> None:
+    for x, y in zip(final_states(a, 2), final_states(b, 2)):
+        assert x["position"] == y["position"]
+        for name, tensor in x["model"].items():
+            assert torch.equal(tensor, y["model"][name]), name
+        assert x["optimizer"]["ssd_sgd"]["step"] == y["optimizer"]["ssd_sgd"]["step"]
+
+
+SSD_RUN = ["--mode", "ssd", "--epochs", "3", "--warmup-steps", "10", "--sync-every", "4", "--delay", "3",
+           "--signal-check-every", "1"]
+
+
+def test_preempted_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_ranks(horovodrun(2, *TRAIN, *SSD_RUN, "--out", str(full)))
+    out = run_ranks(horovodrun(2, *TRAIN, *SSD_RUN, "--out", str(cut), "--preempt-at-step", "31"))
+    assert "checkpoint" in out and "written at step 31" in out      # mid-epoch 1, window in flight
+    state = final_states(cut, 2)[0]
+    assert state["position"] == {"epoch": 1, "step_in_epoch": 9, "global_step": 31}
+    assert state["optimizer"]["ssd_sgd"]["window"] is not None
+    run_ranks(horovodrun(2, *TRAIN, *SSD_RUN, "--out", str(cut), "--resume"))
+    _assert_same_final_weights(full, cut)
+
+
+def test_a_real_sigusr1_checkpoints_and_resume_matches(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = ["--mode", "ssd", "--epochs", "25", "--warmup-steps", "10", "--sync-every", "4",
+            "--signal-check-every", "1", "--checkpoint-every", "0"]
+    run_ranks(horovodrun(2, *TRAIN, *args, "--out", str(full)))
+    proc = subprocess.Popen(horovodrun(2, *TRAIN, *args, "--out", str(cut)), env=launcher_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        metrics = cut / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"step"') < 100):
+            time.sleep(0.1)
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if p.name().startswith("python") and p.cmdline()[1:3] == ["-m", "ssd_allreduce.train"]]
+        assert len(ranks) == 2, [p.cmdline() for p in ranks]
+        for p in ranks:
+            os.kill(p.pid, signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "preemption signal" in out, out
+    preempted = [json.loads(line) for line in metrics.read_text().splitlines() if '"preempted"' in line]
+    assert preempted and preempted[0]["step"] < 25 * 22
+    run_ranks(horovodrun(2, *TRAIN, *args, "--out", str(cut), "--resume"))
+    _assert_same_final_weights(full, cut)
+
+
+def test_cifar10_directory_trains_resnet20(tmp_path):
+    write_cifar10_fixture(tmp_path / "cifar", n_train_per_batch=40, n_test=40)
+    run_ranks(horovodrun(2, "-m", "ssd_allreduce.train", "--no-progress", "--data", "cifar10", "--data-dir",
+                         str(tmp_path / "cifar"), "--model", "resnet20", "--augment", "--batch-size", "16",
+                         "--epochs", "1", "--warmup-steps", "2", "--out", str(tmp_path / "run")))
+    s = summary(tmp_path / "run")
+    assert s["steps"] == (5 * 40 // 2) // 16 and s["parameter_bytes"] == 269_722 * 4
+
+
+def _single(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, *TRAIN, "--epochs", "2", *args], env=launcher_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_missing_cifar10_names_the_expected_files(tmp_path):
+    r = _single(tmp_path, "--data", "cifar10", "--data-dir", str(tmp_path / "nowhere"))
+    assert r.returncode != 0 and "data_batch_1" in r.stderr and "test_batch" in r.stderr
+
+
+def test_corrupt_checkpoint_is_reported_and_the_previous_one_kept(tmp_path):
+    run = tmp_path / "run"
+    assert _single(tmp_path, "--out", str(run)).returncode == 0
+    checkpoints = sorted((run / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 2                       # one per epoch, both kept
+    (checkpoints[-1] / "rank-0.pt").write_bytes(b"not a checkpoint")
+    r = _single(tmp_path, "--out", str(run), "--resume", "--epochs", "3")
+    assert r.returncode != 0 and "corrupt" in r.stderr and "older step-*" in r.stderr
+    r = _single(tmp_path, "--out", str(run), "--resume", str(checkpoints[0]), "--epochs", "3")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout and summary(run)["steps"] == 3 * 44
+
+
+def test_checkpoint_of_another_model_or_world_size_is_refused(tmp_path):
+    run = tmp_path / "run"
+    assert _single(tmp_path, "--out", str(run), "--epochs", "1").returncode == 0
+    r = _single(tmp_path, "--out", str(run), "--resume", "--model", "mlp")
+    assert r.returncode != 0 and "its model is 'cnn', this run's is 'mlp'" in r.stderr
+    out = subprocess.run(horovodrun(2, *TRAIN, "--out", str(run), "--resume"), env=launcher_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "written by 1 ranks and this job has 2" in out.stdout + out.stderr
+
+
+def test_incompatible_mode_and_backend_say_what_to_do(tmp_path):
+    r = _single(tmp_path, "--mode", "ddp", "--backend", "horovod")
+    assert r.returncode != 0 and "--mode ddp needs torch.distributed" in r.stderr
