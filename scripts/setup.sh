@@ -8,7 +8,10 @@
 #   SSD_CACHE=path              where built Horovod wheels are cached (default: ~/.cache/ssd-allreduce)
 #   SSD_SKIP_APT=1              do not touch system packages (no root, or a cluster's modules)
 #   SSD_TORCH=spec              torch to install when none is importable (default: torch==2.13.0)
+#   SSD_HOROVOD_SDIST=file      a local horovod-0.28.1.tar.gz (machines without the package index)
+#   SSD_HOROVOD_WITHOUT_MPI=1   build Horovod with Gloo only (no MPI headers on the machine)
 set -euo pipefail
+trap 'echo "setup FAILED at line $LINENO: $BASH_COMMAND (see the output above)" >&2' ERR
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${SSD_VENV:-$REPO/.venv}
@@ -47,13 +50,16 @@ fi
 # --- 2. virtual environment, keeping a torch that is already importable ---------------------
 if [ ! -x "$VENV/bin/python" ]; then
   step "virtual environment $VENV"
-  venv_flags=()
-  if "$PY" -c "import torch" 2>/dev/null; then
-    echo "setup: keeping the torch already importable by $PY ($("$PY" -c 'import torch; print(torch.__version__)'))"
-    venv_flags+=(--system-site-packages)
-  fi
-  "$PY" -m venv "${venv_flags[@]}" "$VENV" || fail "virtual environment" "$PY -m venv failed" \
+  "$PY" -m venv "$VENV" || fail "virtual environment" "$PY -m venv failed" \
     "install the venv module (apt-get install python3-venv) or point PYTHON= at another interpreter"
+  if "$PY" -c "import torch" 2>/dev/null; then
+    # keep that torch (and its environment, which may itself be a venv or conda env) visible
+    echo "setup: keeping the torch already importable by $PY ($("$PY" -c 'import torch; print(torch.__version__)'))"
+    # addsitedir (not a bare path) so that environment's own .pth files, e.g. setuptools'
+    # distutils shim that horovodrun needs on Python >= 3.12, take effect too
+    "$PY" -c "import site; print(''.join(f'import site; site.addsitedir({p!r})\n' for p in site.getsitepackages()))" \
+      > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_ssd_parent_env.pth"
+  fi
 fi
 VPY=$VENV/bin/python
 pip_install() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
@@ -76,7 +82,8 @@ horovod_ok() {
   "$VPY" - <<'PY' 2>/dev/null
 import horovod, horovod.torch as hvd
 assert horovod.__version__ == "0.28.1"
-assert hvd.gloo_built() and hvd.mpi_built()
+import os
+assert hvd.gloo_built() and (hvd.mpi_built() or os.environ.get("SSD_HOROVOD_WITHOUT_MPI") == "1")
 PY
 }
 if ! horovod_ok; then
@@ -92,13 +99,20 @@ PY
     step "building Horovod $HOROVOD_VERSION for torch $TORCH_VER (once per machine; about 5 min on 2 cores)"
     command -v c++ >/dev/null || fail "Horovod build" "no C++ compiler" "apt-get install build-essential"
     command -v cmake >/dev/null || pip_install cmake
-    command -v mpicxx >/dev/null || fail "Horovod build" "mpicxx not found: Horovod's MPI controller needs MPI headers" \
-      "apt-get install libopenmpi-dev (or load your cluster's MPI module)"
+    if [ "${SSD_HOROVOD_WITHOUT_MPI:-0}" = 1 ]; then
+      export HOROVOD_WITHOUT_MPI=1
+    else
+      command -v mpicxx >/dev/null || fail "Horovod build" "mpicxx not found: Horovod's MPI controller needs MPI headers" \
+        "apt-get install libopenmpi-dev, load your cluster's MPI module, or set SSD_HOROVOD_WITHOUT_MPI=1 (Gloo only)"
+      export HOROVOD_WITH_MPI=1
+    fi
     BUILD=$(mktemp -d)
     trap 'rm -rf "$BUILD"' EXIT
-    ( cd "$BUILD" && "$VPY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" ) \
+    if [ -n "${SSD_HOROVOD_SDIST:-}" ]; then
+      cp "$SSD_HOROVOD_SDIST" "$BUILD/horovod-$HOROVOD_VERSION.tar.gz"
+    else ( cd "$BUILD" && "$VPY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" ); fi \
       || fail "Horovod build" "could not download the horovod==$HOROVOD_VERSION source distribution" \
-         "check access to the package index, or put horovod-$HOROVOD_VERSION.tar.gz in $BUILD"
+         "check access to the package index, or download horovod-$HOROVOD_VERSION.tar.gz and set SSD_HOROVOD_SDIST"
     tar xzf "$BUILD/horovod-$HOROVOD_VERSION.tar.gz" -C "$BUILD"
     SRC=$BUILD/horovod-$HOROVOD_VERSION
     # Horovod 0.28.1 compiles as C++14; use the oldest standard the installed torch's headers accept.
@@ -113,7 +127,11 @@ PY
     sed -i "s/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD $CXX_STD)/" \
       "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"
     export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
-    export HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 CMAKE_POLICY_VERSION_MINIMUM=3.5
+    export HOROVOD_WITH_GLOO=1 CMAKE_POLICY_VERSION_MINIMUM=3.5
+    # Horovod's CMake can miss the interpreter's headers (torch's python_headers.h needs Python.h)
+    export CPATH="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')${CPATH:+:$CPATH}"
+    # Horovod 0.28.1 relies on transitive includes that GCC >= 13 no longer provides
+    export CXXFLAGS="${CXXFLAGS:-} -include cstdint -include string -include stdexcept -include limits -include memory -include functional -include algorithm"
     export MAKEFLAGS=-j$(nproc)
     if [ "$CUDA_VER" != none ]; then
       CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)")")}
@@ -126,17 +144,19 @@ PY
       export CUDA_HOME CUDAToolkit_ROOT=$CUDA_HOME HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_HOME=$NCCL_HOME
       echo "setup: building with NCCL from $NCCL_HOME, CUDA from $CUDA_HOME"
     fi
-    pip_install setuptools wheel
+    "$VPY" -c "import setuptools, wheel" 2>/dev/null || pip_install setuptools wheel
     mkdir -p "$WHEEL_DIR"
-    ( cd "$SRC" && "$VPY" -m pip wheel -q --no-deps --no-build-isolation -w "$WHEEL_DIR" . ) > "$BUILD/build.log" 2>&1 || {
-      tail -40 "$BUILD/build.log" >&2
-      fail "Horovod build" "compiling Horovod failed (last lines above)" \
+    LOG=$CACHE/horovod-build.log
+    ( cd "$SRC" && "$VPY" -m pip wheel -v --no-deps --no-build-isolation -w "$WHEEL_DIR" . ) > "$LOG" 2>&1 || {
+      grep -E -m 20 "error:|Error [0-9]|No such file|not found" "$LOG" >&2 || true
+      tail -15 "$LOG" >&2
+      fail "Horovod build" "compiling Horovod failed (first errors and last lines above; whole log: $LOG)" \
         "check the compiler, MPI headers and that torch's C++ standard ($CXX_STD) is supported by your compiler"
     }
   fi
   step "installing cached Horovod wheel $KEY"
   pip_install --no-deps --force-reinstall "$WHEEL_DIR"/horovod-*.whl
-  pip_install cloudpickle psutil pyyaml packaging cffi  # Horovod's run-time needs
+  "$VPY" -c "import cloudpickle, psutil, yaml, packaging" 2>/dev/null || pip_install cloudpickle psutil pyyaml packaging
 fi
 
 # --- 4. the project, editable --------------------------------------------------------------
@@ -147,7 +167,9 @@ fi
 
 # --- 5. check ------------------------------------------------------------------------------
 "$VENV/bin/horovodrun" --check-build > "$VENV/horovod-check-build.txt" 2>&1 || true
-for want in "X\] PyTorch" "X\] MPI" "X\] Gloo"; do
+wanted=("X\] PyTorch" "X\] Gloo")
+[ "${SSD_HOROVOD_WITHOUT_MPI:-0}" = 1 ] || wanted+=("X\] MPI")
+for want in "${wanted[@]}"; do
   grep -q "$want" "$VENV/horovod-check-build.txt" || {
     cat "$VENV/horovod-check-build.txt" >&2
     fail "check" "horovodrun --check-build does not list ${want#X\] }" "remove $CACHE/wheels and rerun to rebuild Horovod"

@@ -78,7 +78,7 @@ def test_cnn_has_batchnorm_buffers() -> None:
     model = build_model("cnn", num_classes=10, in_channels=1, image_size=8)
     buffers = dict(model.named_buffers())
     assert any(k.endswith("running_mean") for k in buffers)
-    assert count_parameters(model) == 32 * 9 + 64 + 32 * 64 * 9 + 64 + 64 * 10 + 10
+    assert count_parameters(model) == 32 * 9 + 64 + 32 * 64 * 9 + 64 + 64 * 16 * 10 + 10
 
 
 def test_mlp_parameter_count() -> None:

@@ -111,11 +111,12 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     first = runs[0]
     return {
         "name": first["name"], "mode": first["mode"], "ranks": first["ranks"],
-        "images_per_sec": statistics.median(r["images_per_sec"] for r in runs),
+        "run_images_per_sec": statistics.median(r["images_per_sec"] for r in runs),
+        "images_per_sec": statistics.median(r["steady_images_per_sec"] for r in runs),
         "rank_images_per_sec": {"min": min(per_rank), "median": statistics.median(per_rank), "max": max(per_rank)},
-        "step_ms": statistics.median(r["step_ms"] for r in runs),
-        "compute_ms": statistics.median(r["compute_ms"] for r in runs),
-        "comm_wait_ms": statistics.median(r["comm_wait_ms"] for r in runs),
+        "step_ms": statistics.median(r["steady_step_ms"] for r in runs),
+        "compute_ms": statistics.median(r["steady_compute_ms"] for r in runs),
+        "comm_wait_ms": statistics.median(r["steady_comm_wait_ms"] for r in runs),
         "bytes_per_step": first["bytes_per_step"],
         "wire_bytes_per_step_per_rank": first["wire_bytes_per_step_per_rank"],
         "peak_memory_mb": max(max(r["peak_memory_bytes"]) for r in runs) / 2**20,
@@ -148,7 +149,7 @@ def add_ratios(rows: list[dict[str, Any]], specs: list[ModeSpec], target: float)
         r["accuracy_vs_horovod_pp"] = 100 * (r["test_accuracy"] - base["test_accuracy"]) if base else None
 
 
-TABLE = (("mode", "name", "{}"), ("img/s", "images_per_sec", "{:.0f}"),
+TABLE = (("mode", "name", "{}"), ("img/s", "images_per_sec", "{:.0f}"), ("run img/s", "run_images_per_sec", "{:.0f}"),
          ("rank img/s min/med/max", "rank_images_per_sec", None), ("step ms", "step_ms", "{:.2f}"),
          ("compute ms", "compute_ms", "{:.2f}"), ("exposed comm ms", "comm_wait_ms", "{:.2f}"),
          ("hidden", "hidden_fraction", "{:.0%}"), ("payload B/step", "bytes_per_step", "{:,.0f}"),
@@ -205,7 +206,13 @@ def cost_model_check(rows: list[dict[str, Any]], specs: list[ModeSpec], ranks: i
     if limit is None or not measured_mbps:
         return []
     w = costmodel.Workload(param_bytes=limit["parameter_mb"] * 2**20, compute_seconds=limit["step_ms"] / 1e3)
-    net = costmodel.Network(bandwidth_gbps=measured_mbps / 1e3, latency_us=latency_us)
+    local = next((r for r in rows if r["mode"] == "local-sgd"), None)
+    if local is not None and latency_us < 0:
+        # calibrate the per-hop latency on the blocking allreduce that local SGD waits for
+        k = next(s.sync_every for s in specs if s.mode == "local-sgd")
+        bandwidth_term = costmodel.ring_allreduce_seconds(w.param_bytes, ranks, costmodel.Network(measured_mbps / 1e3, 0.0))
+        latency_us = max(0.0, (local["comm_wait_ms"] * k / 1e3 - bandwidth_term) / (2 * (ranks - 1)) * 1e6)
+    net = costmodel.Network(bandwidth_gbps=measured_mbps / 1e3, latency_us=max(latency_us, 0.0))
     out = []
     for r in rows:
         spec = next(s for s in specs if s.name == r["name"])
@@ -217,7 +224,7 @@ def cost_model_check(rows: list[dict[str, Any]], specs: list[ModeSpec], ranks: i
             predicted = costmodel.no_comm_step_seconds(w)
         measured = r["step_ms"] / 1e3
         out.append({"name": r["name"], "predicted_ms": 1e3 * predicted, "measured_ms": r["step_ms"],
-                    "error": costmodel.prediction_error(predicted, measured)})
+                    "error": costmodel.prediction_error(predicted, measured), "latency_us": net.latency_us})
     return out
 
 
@@ -314,8 +321,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         measured = f", measured {s['measured_mbps']:.0f} Mbit/s" if s["measured_mbps"] else ""
         lines += [f"### {s['rate']}{measured}", "", markdown_table(s["rows"]), ""]
         lines += [f"- {t}" for t in s["targets"]]
-        lines += [f"- cost model, {m['name']}: predicted {m['predicted_ms']:.2f} ms/step, measured "
-                  f"{m['measured_ms']:.2f} ms/step ({m['error']:+.0%})" for m in s["cost_model"]]
+        lines += [f"- cost model (latency {m['latency_us']:.0f} us/hop), {m['name']}: predicted "
+                  f"{m['predicted_ms']:.2f} ms/step, measured {m['measured_ms']:.2f} ms/step ({m['error']:+.0%})"
+                  for m in s["cost_model"]]
         lines.append("")
     return "\n".join(lines)
 
@@ -370,17 +378,25 @@ def synthetic(argv: Sequence[str]) -> None:
     ap.add_argument("--num-batches-per-iter", type=int, default=10)
     ap.add_argument("--num-iters", type=int, default=10)
     ap.add_argument("--no-cuda", action="store_true", default=False)
-    ap.add_argument("--mode", choices=("horovod", "ssd", "no-comm"), default="horovod")
+    ap.add_argument("--mode", choices=("horovod", "ddp", "ssd", "no-comm"), default="horovod")
+    ap.add_argument("--backend", choices=("horovod", "torch"), default="horovod",
+                    help="torch: launch with torchrun; the baseline is then --mode ddp")
     ap.add_argument("--sync-every", type=int, default=5)
     ap.add_argument("--delay", type=int, default=None)
     ap.add_argument("--image-size", type=int, default=None, help="default: 224, or 32 for the CIFAR models")
     a = ap.parse_args(argv)
-    ctx = init_distributed("horovod", "cpu" if a.no_cuda else "auto")
+    ctx = init_distributed(a.backend, "cpu" if a.no_cuda else "auto")
+    if (a.mode == "horovod") != (a.backend == "horovod") and a.mode in ("horovod", "ddp"):
+        raise SystemExit(f"--mode {a.mode} needs --backend {'horovod' if a.mode == 'horovod' else 'torch'}")
     size = a.image_size or (32 if a.model in MODEL_NAMES else 224)
     classes = 10 if a.model in MODEL_NAMES else 1000
     model = build_model(a.model, classes, 3, size).to(ctx.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01 * ctx.size)
     ctx.comm.broadcast_(list(model.state_dict().values()), 0, "bench.init")
+    net = model
+    if a.mode == "ddp":
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
     if a.mode == "horovod":
         import horovod.torch as hvd
         opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
@@ -395,7 +411,7 @@ def synthetic(argv: Sequence[str]) -> None:
 
     def benchmark_step() -> None:
         opt.zero_grad()
-        F.cross_entropy(model(data), target).backward()
+        F.cross_entropy(net(data), target).backward()
         opt.step()
 
     def log(s: str) -> None:
@@ -451,7 +467,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--glu-beta", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--target-accuracy", type=float, default=0.9)
-    ap.add_argument("--latency-us", type=float, default=50.0, help="per-hop latency for the cost model")
+    ap.add_argument("--latency-us", type=float, default=-1.0,
+                    help="per-hop latency for the cost model (negative: calibrated on local SGD's blocking wait)")
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
     ap.add_argument("--run-timeout", type=float, default=1800)
     ap.add_argument("--out", default=f"results/bench-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -32,7 +32,7 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Two 3x3 conv blocks (32 with BatchNorm, then 64 channels), global average pool, linear."""
+    """Two 3x3 conv blocks (32 with BatchNorm, then 64 channels), average pool to 4x4, linear."""
 
     def __init__(self, num_classes: int, in_channels: int) -> None:
         super().__init__()
@@ -42,10 +42,10 @@ class SmallCNN(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(32, 64, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1),
+            nn.AdaptiveAvgPool2d(4),
             nn.Flatten(),
         )
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(64 * 4 * 4, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))

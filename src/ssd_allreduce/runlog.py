@@ -10,8 +10,9 @@ METRICS = "metrics.jsonl"
 
 SUMMARY_COLUMNS = (
     ("mode", "mode", "{}"), ("ranks", "ranks", "{}"), ("steps", "steps", "{}"),
-    ("img/s", "images_per_sec", "{:.0f}"), ("step ms", "step_ms", "{:.2f}"),
-    ("compute ms", "compute_ms", "{:.2f}"), ("comm wait ms", "comm_wait_ms", "{:.2f}"),
+    ("img/s", "images_per_sec", "{:.0f}"), ("steady img/s", "steady_images_per_sec", "{:.0f}"),
+    ("steady step ms", "steady_step_ms", "{:.2f}"), ("steady compute ms", "steady_compute_ms", "{:.2f}"),
+    ("steady comm wait ms", "steady_comm_wait_ms", "{:.2f}"),
     ("bytes/step", "bytes_per_step", "{:,.0f}"), ("test acc", "test_accuracy", "{:.4f}"),
     ("test loss", "test_loss", "{:.4f}"), ("wall s", "wall_seconds", "{:.1f}"),
 )
@@ -49,7 +50,8 @@ def latest_summary(run_dir: Union[str, Path]) -> Optional[dict[str, Any]]:
 
 
 def format_table(rows: Sequence[dict[str, Any]], baseline_mode: str = "horovod") -> str:
-    """Markdown table of run summaries, with throughput relative to the baseline and to no-comm."""
+    """Markdown table of run summaries, with steady-state throughput (after the warm-up steps)
+    relative to the baseline and to no-comm."""
     by_mode = {r["mode"]: r for r in rows}
     header = [c[0] for c in SUMMARY_COLUMNS] + [f"x {baseline_mode}", "x no-comm"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -59,8 +61,8 @@ def format_table(rows: Sequence[dict[str, Any]], baseline_mode: str = "horovod")
             value = r.get(key)
             cells.append("-" if value is None else fmt.format(value))
         for ref in (by_mode.get(baseline_mode), by_mode.get("no-comm")):
-            ok = ref is not None and ref.get("images_per_sec")
-            cells.append(f"{r['images_per_sec'] / ref['images_per_sec']:.2f}" if ok else "-")
+            ok = ref is not None and ref.get("steady_images_per_sec") and r.get("steady_images_per_sec")
+            cells.append(f"{r['steady_images_per_sec'] / ref['steady_images_per_sec']:.2f}" if ok else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

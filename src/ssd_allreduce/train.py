@@ -172,6 +172,30 @@ def steady_bytes_per_step(stats: Any, gradient_bytes: int, steps: int) -> float:
     return (stats.bytes_allreduced - stats.warmup_allreduces * gradient_bytes) / after if after > 0 else 0.0
 
 
+def _total(values: Any) -> Optional[float]:
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values)
+
+
+class StepTiming:
+    """Sums of step, compute and communication-wait seconds over some steps."""
+
+    def __init__(self) -> None:
+        self.steps, self.seconds, self.compute, self.comm = 0, 0.0, 0.0, 0.0
+
+    def add(self, step_seconds: float, comm_seconds: float) -> None:
+        self.steps += 1
+        self.seconds += step_seconds
+        self.compute += step_seconds - comm_seconds
+        self.comm += comm_seconds
+
+    def ms(self, what: str) -> Optional[float]:
+        return 1e3 * getattr(self, what) / self.steps if self.steps else None
+
+    def images_per_sec(self, batch_size: int) -> Optional[float]:
+        return batch_size * self.steps / self.seconds if self.steps else None
+
+
 class PreemptionFlag:
     """Set by SIGTERM/SIGUSR1 (Slurm preemption or time limit); ranks agree on it collectively."""
 
@@ -283,8 +307,7 @@ def train(args: argparse.Namespace) -> int:
                unit="step", mininterval=1.0, dynamic_ncols=True)
     crit = nn.CrossEntropyLoss()
     stopped_by = None
-    compute_total = comm_total = timed_seconds = 0.0
-    steps_timed = 0
+    timing = {"run": StepTiming(), "steady": StepTiming()}
     acc = test_loss = None
     while epoch < args.epochs and stopped_by is None:
         for x, y in train_batches.epoch(epoch, step_in_epoch):
@@ -323,10 +346,9 @@ def train(args: argparse.Namespace) -> int:
             comm_wait = (opt.ssd_stats.comm_wait_seconds - wait_before) if ssd else (t_synced - t_sync)
             sent = (opt.ssd_stats.bytes_allreduced - bytes_before) if ssd else baseline_bytes
             train_seconds += step_time
-            timed_seconds += step_time
-            compute_total += step_time - comm_wait
-            comm_total += comm_wait
-            steps_timed += 1
+            timing["run"].add(step_time, comm_wait)
+            if global_step >= args.warmup_steps:   # the same boundary for every mode
+                timing["steady"].add(step_time, comm_wait)
             global_step += 1
             step_in_epoch += 1
             loss_value = float(loss.detach())
@@ -367,17 +389,19 @@ def train(args: argparse.Namespace) -> int:
     if stopped_by != "preemption":
         peak = (torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        mine = {"images_per_sec": args.batch_size * steps_timed / timed_seconds if steps_timed else 0.0,
+        mine = {"images_per_sec": {k: t.images_per_sec(args.batch_size) for k, t in timing.items()},
                 "peak_memory_bytes": peak}
         per_rank = ctx.comm.allgather_object(mine)
-        ips = [r["images_per_sec"] for r in per_rank]
+        run, steady = timing["run"], timing["steady"]
         summary = {
             "mode": args.mode, "ranks": ctx.size, "steps": global_step, "epochs": epoch,
-            "images_per_sec": sum(ips) if steps_timed else None,
-            "rank_images_per_sec": ips,
-            "step_ms": 1e3 * train_seconds / max(global_step, 1),
-            "compute_ms": 1e3 * compute_total / max(steps_timed, 1),
-            "comm_wait_ms": 1e3 * comm_total / max(steps_timed, 1),
+            # whole run (SSD-SGD's warm-up included) and steady state (steps after --warmup-steps)
+            "images_per_sec": _total(r["images_per_sec"]["run"] for r in per_rank),
+            "steady_images_per_sec": _total(r["images_per_sec"]["steady"] for r in per_rank),
+            "rank_images_per_sec": [r["images_per_sec"]["steady"] for r in per_rank],
+            "step_ms": run.ms("seconds"), "compute_ms": run.ms("compute"), "comm_wait_ms": run.ms("comm"),
+            "steady_step_ms": steady.ms("seconds"), "steady_compute_ms": steady.ms("compute"),
+            "steady_comm_wait_ms": steady.ms("comm"),
             "bytes_per_step": steady_bytes_per_step(opt.ssd_stats, bytes_per_step(args, model), global_step)
             if ssd else baseline_bytes,
             "test_accuracy": acc, "test_loss": test_loss, "wall_seconds": train_seconds,

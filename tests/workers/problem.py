@@ -44,6 +44,6 @@ loss_fn = nn.CrossEntropyLoss()
 
 def model_tensors(model: nn.Module) -> list[Tensor]:
     """Parameters then floating-point buffers, each sorted by name (the optimizer's order)."""
-    params = [p.detach().clone() for _, p in sorted(model.named_parameters())]
-    buffers = [b.detach().clone() for _, b in sorted(model.named_buffers()) if b.is_floating_point()]
+    params = [p.detach().cpu().clone() for _, p in sorted(model.named_parameters())]
+    buffers = [b.detach().cpu().clone() for _, b in sorted(model.named_buffers()) if b.is_floating_point()]
     return params + buffers

@@ -16,7 +16,7 @@ import problem  # noqa: E402
 import ssd_allreduce  # noqa: E402
 
 
-def init_backend(name: str, subset: int):
+def init_backend(name: str, subset: int, torch_backend: str):
     """Initialise the backend; returns (rank, size, backend argument) or None if not a member."""
     if name == "horovod":
         import horovod.torch as hvd
@@ -32,32 +32,33 @@ def init_backend(name: str, subset: int):
         return hvd.rank(), hvd.size(), "horovod"
     if name == "torch":
         import torch.distributed as dist
-        dist.init_process_group("gloo")
+        dist.init_process_group(torch_backend)
         return dist.get_rank(), dist.get_world_size(), "torch"
     from mpi4py import MPI
     return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size(), "mpi"
 
 
-def build(backend: str, k: int, d: int, beta: float, warmup: int, big: int, compensation: str = "glu"):
-    model = problem.make_model(big)
+def build(backend: str, k: int, d: int, beta: float, warmup: int, big: int, device: str):
+    model = problem.make_model(big).to(device)
     opt = ssd_allreduce.DistributedOptimizer(
         problem.make_sgd(model.parameters()), named_parameters=model.named_parameters(),
         named_buffers=model.named_buffers(), sync_every=k, delay=d, warmup_steps=warmup,
-        glu_beta=beta, compensation=compensation, backend=backend)
+        glu_beta=beta, backend=backend)
     return model, opt
 
 
-def train_step(model, opt, rank: int, step: int) -> None:
-    x, y = problem.batch(rank, step)
+def train_step(model, opt, rank: int, step: int, device: str = "cpu") -> None:
+    x, y = (t.to(device) for t in problem.batch(rank, step))
     opt.zero_grad()
     problem.loss_fn(model(x), y).backward()
     opt.step()
 
 
 def run_config(args, rank: int, backend: str, k: int, d: int, beta: float, warmup: int) -> dict:
-    model, opt = build(backend, k, d, beta, warmup, args.big)
+    model, opt = build(backend, k, d, beta, warmup, args.big, args.device)
     if args.resume_from:
-        ckpt = torch.load(os.path.join(args.resume_from, f"ckpt_rank{rank}.pt"), weights_only=False)
+        ckpt = torch.load(os.path.join(args.resume_from, f"ckpt_rank{rank}.pt"), weights_only=False,
+                          map_location=args.device)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start = ckpt["next_step"]
@@ -66,11 +67,11 @@ def run_config(args, rank: int, backend: str, k: int, d: int, beta: float, warmu
     record = {"after_step": [], "global_weights": [], "landed_at": []}
     landed = opt.ssd_stats.windows_landed
     for step in range(start, args.steps):
-        train_step(model, opt, rank, step)
+        train_step(model, opt, rank, step, args.device)
         record["after_step"].append(problem.model_tensors(model))
         if opt.ssd_stats.windows_landed != landed:
             landed = opt.ssd_stats.windows_landed
-            record["global_weights"].append([w.clone() for w in opt.global_weights])
+            record["global_weights"].append([w.cpu().clone() for w in opt.global_weights])
             record["landed_at"].append(step)
         if args.save_at is not None and step == args.save_at:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "next_step": step + 1},
@@ -105,9 +106,11 @@ def main() -> None:
     ap.add_argument("--horovod-baseline", action="store_true")
     ap.add_argument("--save-at", type=int)
     ap.add_argument("--resume-from")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (every rank on the one visible GPU)")
+    ap.add_argument("--torch-backend", default="gloo", help="torch.distributed backend: gloo or nccl")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    member = init_backend(args.backend, args.subset)
+    member = init_backend(args.backend, args.subset, args.torch_backend)
     if member is None:
         print("not a member of the sub-communicator; idle", flush=True)
         return

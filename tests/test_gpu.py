@@ -1,0 +1,69 @@
+"""The GPU paths: Horovod's NCCL operations, torch.distributed's side stream, AMP on CUDA.
+
+These need a CUDA GPU and are skipped (saying so) on machines without one. One GPU suffices:
+NCCL runs at world size 1, and two ranks share the GPU through Gloo to exercise the
+side-stream code with real overlap."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import WORKERS, horovodrun, run_ranks, torchrun
+from test_multirank import assert_global_weights_identical, load, parse
+from ssd_allreduce.simulator import Simulator
+
+sys.path.insert(0, str(WORKERS))
+import problem  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="needs a CUDA GPU; this machine has none")]
+WORKER = str(WORKERS / "ssd_ranks.py")
+
+
+def assert_close_to_simulator(ranks: list[dict], spec: str, steps: int = 12) -> None:
+    """CUDA kernels round differently from the CPU oracle: compare with a float32 tolerance."""
+    k, d, beta, warmup = parse(spec)
+    sim = Simulator(problem.make_model(), problem.make_sgd, len(ranks), sync_every=k, delay=d,
+                    warmup_steps=warmup, glu_beta=beta)
+    for step in range(steps):
+        sim.step([problem.batch(r, step) for r in range(len(ranks))], problem.loss_fn)
+    for r, rec in enumerate(ranks):
+        torch.testing.assert_close(rec["configs"][spec]["after_step"][steps - 1],
+                                   problem.model_tensors(sim.models[r]), rtol=1e-3, atol=1e-4)
+
+
+def test_horovod_nccl_on_one_gpu(tmp_path):
+    hvd = pytest.importorskip("horovod.torch", reason="Horovod is not installed on this machine")
+    if not hvd.nccl_built():
+        pytest.skip("this Horovod was built without NCCL (no CUDA toolkit at build time)")
+    spec = "3,2,0.5,2"
+    run_ranks(horovodrun(1, WORKER, "--backend", "horovod", "--device", "cuda", "--out", str(tmp_path),
+                         "--configs", spec))
+    assert_close_to_simulator(load(tmp_path, 1), spec)
+
+
+def test_torch_nccl_on_one_gpu(tmp_path):
+    spec = "3,3,0.5,1"
+    run_ranks(torchrun(1, WORKER, "--backend", "torch", "--torch-backend", "nccl", "--device", "cuda",
+                       "--out", str(tmp_path), "--configs", spec))
+    assert_close_to_simulator(load(tmp_path, 1), spec)
+
+
+def test_two_ranks_share_the_gpu_through_gloo(tmp_path):
+    spec = "2,2,0.5,2"
+    run_ranks(torchrun(2, WORKER, "--backend", "torch", "--torch-backend", "gloo", "--device", "cuda",
+                       "--out", str(tmp_path), "--configs", spec))
+    ranks = load(tmp_path, 2)
+    assert_global_weights_identical(ranks, spec)
+    assert_close_to_simulator(ranks, spec)
+
+
+def test_training_driver_with_amp_on_the_gpu(tmp_path):
+    run_ranks(torchrun(1, "-m", "ssd_allreduce.train", "--no-progress", "--device", "cuda", "--amp",
+                       "--backend", "torch", "--mode", "ssd", "--epochs", "5", "--warmup-steps", "20",
+                       "--clip-grad-norm", "5", "--out", str(tmp_path / "run")))
+    summary = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert summary["kind"] == "summary" and summary["test_accuracy"] >= 0.9, summary
