@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from conftest import WORKERS, horovodrun, run_ranks, torchrun
-from test_multirank import assert_global_weights_identical, load, parse
-from ssd_allreduce.simulator import Simulator
+from test_multirank import assert_global_weights_identical, load, simulator_for
 
 sys.path.insert(0, str(WORKERS))
 import problem  # noqa: E402
@@ -25,9 +24,7 @@ WORKER = str(WORKERS / "ssd_ranks.py")
 
 def assert_close_to_simulator(ranks: list[dict], spec: str, steps: int = 12) -> None:
     """CUDA kernels round differently from the CPU oracle: compare with a float32 tolerance."""
-    k, d, beta, warmup = parse(spec)
-    sim = Simulator(problem.make_model(), problem.make_sgd, len(ranks), sync_every=k, delay=d,
-                    warmup_steps=warmup, glu_beta=beta)
+    sim = simulator_for(spec, len(ranks))
     for step in range(steps):
         sim.step([problem.batch(r, step) for r in range(len(ranks))], problem.loss_fn)
     for r, rec in enumerate(ranks):

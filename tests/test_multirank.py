@@ -29,11 +29,15 @@ def parse(spec: str) -> tuple[int, int, float, int]:
     return int(k), int(d), float(beta), int(warmup)
 
 
+def simulator_for(spec: str, workers: int) -> Simulator:
+    k, d, beta, warmup = parse(spec)
+    return Simulator(problem.make_model(), problem.make_sgd, workers, sync_every=k, delay=d,
+                     warmup_steps=warmup, glu_beta=beta)
+
+
 def assert_matches_simulator(ranks: list[dict], spec: str, steps: int = STEPS) -> None:
     torch.set_num_threads(1)
-    k, d, beta, warmup = parse(spec)
-    sim = Simulator(problem.make_model(), problem.make_sgd, len(ranks), sync_every=k, delay=d,
-                    warmup_steps=warmup, glu_beta=beta)
+    sim = simulator_for(spec, len(ranks))
     for step in range(steps):
         sim.step([problem.batch(r, step) for r in range(len(ranks))], problem.loss_fn)
         for r, rec in enumerate(ranks):
@@ -160,3 +164,11 @@ def test_resume_from_state_dict_continues_exactly(tmp_path):
     for a, b in zip(load(full, 2), load(resumed, 2)):
         assert all(torch.equal(x, y) for x, y in zip(a["configs"][spec]["final"], b["configs"][spec]["final"]))
         assert a["configs"][spec]["stats"]["windows_landed"] == b["configs"][spec]["stats"]["windows_landed"]
+
+
+def test_a_window_in_flight_is_landed_at_interpreter_exit():
+    out = run_ranks(horovodrun(2, str(WORKERS / "exit_in_flight.py")))
+    for rank in (0, 1):
+        assert f"rank {rank} leaving with a window in flight: True" in out
+        assert f"rank {rank} at exit: landed 1, in flight False" in out
+    assert "shut down" not in out

@@ -228,6 +228,17 @@ def cost_model_check(rows: list[dict[str, Any]], specs: list[ModeSpec], ranks: i
     return out
 
 
+def _save(fig: Any, ax: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -237,30 +248,20 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
     sections = results["bandwidths"]
     if len(sections) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
-        names = [r["name"] for r in sections[0]["rows"]]
         xs = [s["measured_mbps"] or 0 for s in sections]
-        for name in names:
+        for name in [r["name"] for r in sections[0]["rows"]]:
             ys = [next(r["images_per_sec"] for r in s["rows"] if r["name"] == name) for s in sections]
             ax.plot(xs, ys, "o-", label=name)
+        c = results["config"]
         ax.set(xscale="log", xlabel="emulated bandwidth (Mbit/s, measured)", ylabel="img/s (all ranks)",
-               title=f"{results['config']['model']} on {results['config']['data']}, {results['config']['ranks']} ranks")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(out / "throughput_vs_bandwidth.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+               title=f"{c['model']} on {c['data']}, {c['ranks']} ranks")
+        paths.append(_save(fig, ax, out / "throughput_vs_bandwidth.png"))
     slowest = sections[-1]
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in slowest["rows"]:
-        ax.plot([c[0] for c in r["curve"]], [c[1] for c in r["curve"]], "o-", label=r["name"])
+        ax.plot([p[0] for p in r["curve"]], [p[1] for p in r["curve"]], "o-", label=r["name"])
     ax.set(xlabel="training wall time (s)", ylabel="test accuracy", title=f"accuracy vs time at {slowest['rate']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "accuracy_vs_time.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, ax, out / "accuracy_vs_time.png"))
     return paths
 
 

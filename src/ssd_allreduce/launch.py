@@ -6,6 +6,7 @@ node list when torchrun did not set it).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 from dataclasses import dataclass
@@ -51,11 +52,7 @@ def detect_backend() -> str:
     if "SLURM_PROCID" in os.environ and not any(v in os.environ for v in MPI_RANK_VARS):
         # srun without --mpi: only a TCP rendezvous works
         return "torch"
-    try:
-        import horovod.torch  # noqa: F401
-        return "horovod"
-    except ImportError:
-        return "mpi"
+    return "horovod" if importlib.util.find_spec("horovod") is not None else "mpi"
 
 
 def _slurm_master_addr() -> str:
