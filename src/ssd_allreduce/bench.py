@@ -190,7 +190,7 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
         for text, value, goal in checks:
             if not comm_bound and text.startswith("x horovod"):
                 continue
-            parts.append(f"{text}: {'met' if value >= goal else f'MISSED by {goal - value:.2f}'} ({value:.2f})")
+            parts.append(f"{text}: {'met' if value >= goal else f'MISSED by {goal - value:.3f}'} ({value:.3f})")
         gap = r["accuracy_vs_horovod_pp"]
         parts.append(f"accuracy within 0.5 pp: {'met' if gap >= -0.5 else f'MISSED by {-gap - 0.5:.1f} pp'} ({gap:+.1f} pp)")
         ratio = r["bytes_per_step"] / base["bytes_per_step"]
