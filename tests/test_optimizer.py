@@ -235,3 +235,35 @@ def test_grad_scaler_skips_nonfinite_steps_but_keeps_the_schedule(warmup):
     if warmup:
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
     assert scaler.get_scale() < 2.0 ** 4
+
+
+def test_groups_split_the_warmup_allreduce():
+    model = _model()
+    comm = LocalCommunicator()
+    opt = _wrap(model, comm, warmup_steps=2, groups=2)
+    _train(model, opt, 1)
+    grads = [c for c in comm.calls if c[0].startswith("ssd.grad")]
+    assert [name for name, _ in grads] == ["ssd.grad.0", "ssd.grad.1"]
+    assert sum(n for _, n in grads) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="a parameter can only appear once in groups"):
+        w = model[0].weight
+        _wrap(_model(), groups=[[w], [w]])
+
+
+def test_sparse_gradients_need_sparse_as_dense_during_warmup():
+    def run(**kw):
+        torch.manual_seed(0)
+        emb = nn.Embedding(10, 3, sparse=True)
+        opt = ssd_allreduce.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.1),
+                                                 named_parameters=emb.named_parameters(),
+                                                 backend=LocalCommunicator(), warmup_steps=2, **kw)
+        before = emb.weight.detach().clone()
+        emb(torch.tensor([1, 2])).sum().backward()
+        opt.step()
+        return before, emb
+    with pytest.raises(ValueError, match="sparse_as_dense=True"):
+        run()
+    before, emb = run(sparse_as_dense=True)
+    assert emb.weight.grad.is_sparse
+    torch.testing.assert_close(emb.weight[1], before[1] - 0.1)      # lr x gradient of ones
+    torch.testing.assert_close(emb.weight[5], before[5])
