@@ -90,15 +90,11 @@ class FlatSpace:
         return sum(b.numel() * b.element_size() for b in self.buffers)
 
     def copy_from_(self, tensors: Sequence[Tensor]) -> None:
-        _foreach_copy_(self.views, tensors)
+        with torch.no_grad():
+            torch._foreach_copy_(self.views, list(tensors))
 
     def is_finite(self) -> bool:
         return all(bool(torch.isfinite(b).all()) for b in self.buffers)
-
-
-def _foreach_copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
-    with torch.no_grad():
-        torch._foreach_copy_(list(dst), list(src))
 
 
 def launch_window(local: Sequence[Tensor], global_: FlatSpace, snapshot: FlatSpace,

@@ -49,7 +49,10 @@ _live_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 
 @dataclass
 class SSDStats:
-    """Counters a user can read as ``optimizer.ssd_stats``."""
+    """Counters a user can read as ``optimizer.ssd_stats``.
+
+    ``comm_wait_seconds`` is host time blocked on communication; on CUDA with the torch backend
+    the wait is enqueued on the GPU stream instead and does not show here."""
 
     steps: int = 0
     warmup_allreduces: int = 0
@@ -126,6 +129,8 @@ def DistributedOptimizer(
     if num_groups and groups is None:
         groups = num_groups
     comm = make_communicator(backend, process_set)
+    if reduce_op is ReduceOp.ADASUM and comm.name != "horovod":
+        raise ValueError(f"op=Adasum needs backend='horovod', got backend={comm.name!r}")
 
     base = type(optimizer)
     cls = type(base.__name__, (base,), dict(_SSDSGDOptimizer.__dict__))
@@ -133,7 +138,8 @@ def DistributedOptimizer(
     optimizer.__class__ = cls
     # hvd.broadcast_optimizer_state() initialises an empty optimizer state by calling the wrapped
     # class's own step() when `optimizer.__module__` is Horovod's optimizer module; otherwise it
-    # would call our step() and count a training step. The class itself keeps its true module.
+    # would call our step() and count a training step. Only this instance says so; the class's
+    # module stays ssd_allreduce.optimizer.
     optimizer.__dict__["__module__"] = "horovod.torch.optimizer"
     optimizer._ssd_setup(
         named_parameters=named_parameters, named_buffers=named_buffers, comm=comm,
@@ -210,8 +216,8 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
     optimizer class); ``self._ssd_base`` is that user class."""
 
     _ssd_base: type
-    # GradScaler then always calls step() and tells it about non-finite gradients, so ranks never
-    # disagree on whether a step happened.
+    # GradScaler then always calls step() and tells it about non-finite gradients, so every rank
+    # takes part in the window schedule even when its own step is skipped.
     _step_supports_amp_scaling = True
 
     def _ssd_setup(self, *, named_parameters: Optional[Iterable[tuple[str, Tensor]]],
@@ -253,6 +259,7 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
 
         self._ssd_step = 0
         self._ssd_checked = False
+        self._ssd_warned_scaler = False
         self._ssd_global: Optional[FlatSpace] = None
         self._ssd_snapshot: Optional[FlatSpace] = None
         self._ssd_delta: Optional[FlatSpace] = None
@@ -261,8 +268,15 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         self._synchronized = False
         self._should_synchronize = True
         self._ssd_backward_passes = {p: 0 for p in self._ssd_params}
-        self._ssd_hooks = [p.register_post_accumulate_grad_hook(self._ssd_count_backward)
-                           for p in self._ssd_params]
+        this = weakref.ref(self)  # hooks must not keep a discarded optimizer alive
+
+        def count_backward(p: Tensor) -> None:
+            opt = this()
+            if opt is not None:
+                opt._ssd_count_backward(p)
+
+        for p in self._ssd_params:
+            p.register_post_accumulate_grad_hook(count_backward)
         _live_optimizers.add(self)
         _register_exit_hook()
 
@@ -410,6 +424,12 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)  # set by GradScaler (see _step_supports_amp_scaling)
         grad_scale = getattr(self, "grad_scale", None)
         if found_inf is not None:
+            if averaged and grad_scale is not None and not self._ssd_warned_scaler:
+                warnings.warn("GradScaler.step() during warm-up without optimizer.synchronize() and "
+                              "scaler.unscale_(optimizer) first: each rank's scaler then sees only its own "
+                              "overflows and the loss scales can drift apart; use Horovod's pattern "
+                              "(synchronize, unscale_, then scaler.step inside skip_synchronize())")
+                self._ssd_warned_scaler = True
             if averaged:  # decide on the averaged gradients, identical on every rank
                 skip = not all(bool(torch.isfinite(g).all()) for g in grads)
             else:
@@ -419,16 +439,17 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
             if grad_scale is not None:
                 with torch.no_grad():
                     torch._foreach_mul_(grads, 1.0 / float(grad_scale))
-            # hide them from a wrapped optimizer that reads them itself (fused Adam): done here
+            # hide them from a wrapped optimizer that would read them itself (fused Adam): done here
+            hidden = {"grad_scale": grad_scale, "found_inf": found_inf}
             self.grad_scale = self.found_inf = None
-            try:
-                with record_function("ssd_allreduce.local_step"):
-                    self._ssd_base.step(self)
-            finally:
-                self.grad_scale, self.found_inf = grad_scale, found_inf
-            return
-        with record_function("ssd_allreduce.local_step"):
-            self._ssd_base.step(self)
+        else:
+            hidden = {}
+        try:
+            with record_function("ssd_allreduce.local_step"):
+                self._ssd_base.step(self)
+        finally:
+            for name, value in hidden.items():
+                setattr(self, name, value)
 
     def _ssd_local_tensors(self) -> list[Tensor]:
         return self._ssd_params + self._ssd_buffers
@@ -438,7 +459,8 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         sched = self._ssd_schedule
         mine = {
             "config": (sched.sync_every, sched.delay, sched.warmup_steps, self._ssd_glu_beta,
-                       self._ssd_compensation),
+                       self._ssd_compensation, self._ssd_nonfinite, self._ssd_compression.__name__
+                       if isinstance(self._ssd_compression, type) else type(self._ssd_compression).__name__),
             "tensors": [(n, tuple(t.shape), str(t.dtype)) for n, t in zip(
                 self._ssd_param_names + self._ssd_buffer_names, self._ssd_local_tensors())],
         }
@@ -447,7 +469,7 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         for rank, theirs in enumerate(everyone[1:], start=1):
             if theirs["config"] != ref["config"]:
                 raise ValueError(f"rank {rank} runs SSD-SGD with (sync_every, delay, warmup_steps, "
-                                 f"glu_beta, compensation) = {theirs['config']}, rank 0 with "
+                                 f"glu_beta, compensation, nonfinite, compression) = {theirs['config']}, rank 0 with "
                                  f"{ref['config']}: pass the same settings on every rank")
             a, b = ref["tensors"], theirs["tensors"]
             for i in range(max(len(a), len(b))):
@@ -578,12 +600,14 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         ssd = state_dict.pop(STATE_KEY, None)
         self._ssd_base.load_state_dict(self, state_dict)
         self._synchronized = False
+        self._ssd_global = self._ssd_snapshot = self._ssd_delta = self._ssd_window = None
         if ssd is None:
             logger.warning("optimizer state has no SSD-SGD part: starting at step 0 (warm-up)")
-            self._ssd_step, self._ssd_global, self._ssd_window = 0, None, None
+            self._ssd_step, self.ssd_stats = 0, SSDStats()
             return
         if ssd.get("version") != STATE_VERSION:
-            raise ValueError(f"SSD-SGD state version {ssd.get('version')!r} is not {STATE_VERSION}")
+            raise ValueError(f"SSD-SGD state version {ssd.get('version')!r} is not {STATE_VERSION}: it was "
+                             "written by another ssd_allreduce release; resume with that release or start anew")
         names = self._ssd_param_names + self._ssd_buffer_names
         if ssd["names"] != names:
             first = next(i for i in range(max(len(names), len(ssd["names"])))
@@ -592,13 +616,14 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
                              f"({ssd['names'][first] if first < len(ssd['names']) else None!r} vs "
                              f"{names[first] if first < len(names) else None!r}): load it into the same model")
         sched = self._ssd_schedule
-        mine = {"sync_every": sched.sync_every, "delay": sched.delay, "warmup_steps": sched.warmup_steps}
-        if ssd["schedule"] != mine:
-            raise ValueError(f"the checkpoint was written with {ssd['schedule']}, this optimizer has "
+        mine = {"sync_every": sched.sync_every, "delay": sched.delay, "warmup_steps": sched.warmup_steps,
+                "glu_beta": self._ssd_glu_beta, "compensation": self._ssd_compensation}
+        theirs = dict(ssd["schedule"], glu_beta=ssd["glu_beta"], compensation=ssd["compensation"])
+        if theirs != mine:
+            raise ValueError(f"the checkpoint was written with {theirs}, this optimizer has "
                              f"{mine}: build the optimizer with the checkpoint's settings to resume")
         self._ssd_step = int(ssd["step"])
         self.ssd_stats = SSDStats(**ssd["stats"])
-        self._ssd_global = self._ssd_window = None
         if ssd["global_weights"] is not None:
             self._ssd_allocate()
             _copy_buffers(self._ssd_global.buffers, ssd["global_weights"], "global_weights")
@@ -615,7 +640,8 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
 
 def _copy_buffers(dst: list[Tensor], src: Sequence[Tensor], what: str) -> None:
     if len(dst) != len(src) or any(d.shape != s.shape for d, s in zip(dst, src)):
-        raise ValueError(f"the checkpoint's {what} do not match this model's shapes")
+        raise ValueError(f"the checkpoint's {what} do not match this model's tensors (same names, other "
+                         "shapes or dtypes): load it into the same model built the same way")
     with torch.no_grad():
         for d, s in zip(dst, src):
             d.copy_(s)

@@ -51,6 +51,7 @@ class Simulator:
         self.global_: Optional[FlatSpace] = None
         self.delta: Optional[FlatSpace] = None
         self.snapshots: list[FlatSpace] = []
+        self._own_delta: Optional[FlatSpace] = None
         self.launched_at: Optional[int] = None
         self.windows_landed = 0
 
@@ -109,13 +110,14 @@ class Simulator:
         self.global_.copy_from_(local0)
         self.delta = FlatSpace(local0)
         self.snapshots = [FlatSpace(local0) for _ in self.models]
+        self._own_delta = FlatSpace(local0)
         with torch.no_grad():
             for i in range(self.num_workers):
                 torch._foreach_copy_(self._local(i), self.global_.views)
 
     def _launch(self, t: int) -> None:
-        assert self.global_ is not None and self.delta is not None
-        own = FlatSpace(self._local(0))
+        assert self.global_ is not None and self.delta is not None and self._own_delta is not None
+        own = self._own_delta
         total = [torch.zeros_like(b) for b in self.delta.buffers]
         for i in range(self.num_workers):
             launch_window(self._local(i), self.global_, self.snapshots[i], own)

@@ -11,6 +11,9 @@ BACKENDS = ("horovod", "torch", "mpi")
 def make_communicator(backend: Union[str, Communicator], process_set: Any = None) -> Communicator:
     """A communicator for ``backend`` ("horovod", "torch", "mpi") or the instance given."""
     if isinstance(backend, Communicator):
+        if process_set is not None:
+            raise ValueError("process_set is ignored with a Communicator instance: build the "
+                             "communicator on the process set instead")
         return backend
     if backend == "horovod":
         from .horovod import HorovodCommunicator

@@ -44,7 +44,8 @@ class MPICommunicator(Communicator):
             raise ValueError(f"the mpi backend reduces CPU tensors only, got one on {t.device}: "
                              "use backend='horovod' (NCCL) or backend='torch' for GPU training")
         if t.dtype in (torch.bfloat16,):
-            raise ValueError("the mpi backend cannot reduce bfloat16 tensors: use float32 or float16")
+            raise ValueError("the mpi backend cannot reduce bfloat16 tensors: keep the model in float32, "
+                             "or use backend='horovod' or 'torch'")
         return t.detach().numpy()
 
     def allreduce_async_(self, tensors: Sequence[Tensor], name: str,
@@ -52,11 +53,12 @@ class MPICommunicator(Communicator):
                          postscale_factor: float = 1.0) -> Handle:
         pre, post = sum_scale(op, self.size, prescale_factor, postscale_factor)
         groups, flats = flatten_groups(tensors)
+        buffers = [self._numpy(flat) for flat in flats]   # validates before anything is modified
         requests = []
-        for flat in flats:
+        for flat, buffer in zip(flats, buffers):
             if pre != 1.0:
                 flat.mul_(pre)
-            requests.append(self.comm.Iallreduce(self._MPI.IN_PLACE, self._numpy(flat), op=self._MPI.SUM))
+            requests.append(self.comm.Iallreduce(self._MPI.IN_PLACE, buffer, op=self._MPI.SUM))
         return _MPIHandle(requests, tensors=tensors, groups=groups, flats=flats, scale=post)
 
     def poll(self, handle: Handle) -> bool:

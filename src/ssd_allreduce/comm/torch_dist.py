@@ -80,8 +80,8 @@ class TorchDistCommunicator(Communicator):
         handle.finish()
 
     def broadcast_(self, tensors: Sequence[Tensor], root_rank: int, name: str) -> None:
+        src = root_rank if self.group is None else dist.get_global_rank(self.group, root_rank)
         for t in tensors:
-            src = root_rank if self.group is None else dist.get_global_rank(self.group, root_rank)
             dist.broadcast(t, src=src, group=self.group)
 
     def allgather_object(self, obj: Any) -> list[Any]:
