@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from . import checkpoint, runlog
 from .data import DATASET_NAMES, SHARD_MODES, DataSplit, FolderBatches, ShardedBatches, cifar_augment, load_dataset
@@ -177,6 +178,30 @@ def _total(values: Any) -> Optional[float]:
     return None if any(v is None for v in values) else sum(values)
 
 
+def optimizer_step(args: argparse.Namespace, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   model: nn.Module, ssd: bool) -> float:
+    """Horovod's protocol: synchronize, then unscale/clip, then step inside skip_synchronize.
+    Returns the seconds the Horovod baseline waited in synchronize() (its exposed communication)."""
+    synced, waited = False, 0.0
+    if args.mode == "horovod":
+        t0 = time.perf_counter()
+        opt.synchronize()
+        waited, synced = time.perf_counter() - t0, True
+    if args.clip_grad_norm or scaler.is_enabled():
+        if ssd and not synced:
+            opt.synchronize()  # averages the gradients during SSD-SGD's warm-up
+            synced = True
+        scaler.unscale_(opt)
+        if args.clip_grad_norm:
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+    if synced:
+        with opt.skip_synchronize():
+            scaler.step(opt)
+    else:
+        scaler.step(opt)
+    return waited
+
+
 class StepTiming:
     """Sums of step, compute and communication-wait seconds over some steps."""
 
@@ -263,9 +288,8 @@ def train(args: argparse.Namespace) -> int:
     opt = make_optimizer(args, model, ctx)
     steps_per_epoch = train_batches.steps_per_epoch
     sched = make_lr_schedule(args, opt, steps_per_epoch, ctx.size)
-    use_scaler = args.amp and ctx.device.type == "cuda"
     amp_dtype = (torch.float16 if ctx.device.type == "cuda" else torch.bfloat16) if args.amp else None
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_scaler)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp and ctx.device.type == "cuda")
 
     manifest_expect = {"model": args.model, "mode": args.mode, "data": args.data, "batch_size": args.batch_size,
                        "parameters": [[n, list(p.shape)] for n, p in sorted(model.named_parameters())]}
@@ -276,7 +300,7 @@ def train(args: argparse.Namespace) -> int:
             if ctx.is_root:
                 print(f"no checkpoint in {args.resume or out}: starting a new run", flush=True)
         else:
-            state, manifest = checkpoint.load(found, ctx.rank, ctx.size, manifest_expect, map_location=ctx.device)
+            state, _ = checkpoint.load(found, ctx.rank, ctx.size, manifest_expect, map_location=ctx.device)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -301,8 +325,7 @@ def train(args: argparse.Namespace) -> int:
     preempt = PreemptionFlag()
     ssd = hasattr(opt, "ssd_stats")
     baseline_bytes = bytes_per_step(args, model) if args.mode in ("horovod", "ddp") else 0
-    total_steps = args.epochs * steps_per_epoch if not args.max_steps else min(args.max_steps, args.epochs * steps_per_epoch)
-    from tqdm import tqdm
+    total_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
     bar = tqdm(total=total_steps, initial=global_step, disable=not ctx.is_root or args.no_progress,
                unit="step", mininterval=1.0, dynamic_ncols=True)
     crit = nn.CrossEntropyLoss()
@@ -319,31 +342,14 @@ def train(args: argparse.Namespace) -> int:
             scaler.scale(loss).backward()
             wait_before = opt.ssd_stats.comm_wait_seconds if ssd else 0.0
             bytes_before = opt.ssd_stats.bytes_allreduced if ssd else 0
-            synced = False
-            t_sync = time.perf_counter()
-            if args.mode == "horovod":
-                opt.synchronize()      # the baseline's exposed communication
-                synced = True
-            t_synced = time.perf_counter()
-            if args.clip_grad_norm or use_scaler:
-                if ssd and not synced:
-                    opt.synchronize()  # averages the gradients during SSD-SGD's warm-up
-                    synced = True
-                scaler.unscale_(opt)
-                if args.clip_grad_norm:
-                    nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
-            if synced:
-                with opt.skip_synchronize():
-                    scaler.step(opt)
-            else:
-                scaler.step(opt)
+            baseline_wait = optimizer_step(args, opt, scaler, model, ssd)
             scaler.update()
             sched.step()
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)
             t1 = time.perf_counter()
             step_time = t1 - t0
-            comm_wait = (opt.ssd_stats.comm_wait_seconds - wait_before) if ssd else (t_synced - t_sync)
+            comm_wait = (opt.ssd_stats.comm_wait_seconds - wait_before) if ssd else baseline_wait
             sent = (opt.ssd_stats.bytes_allreduced - bytes_before) if ssd else baseline_bytes
             train_seconds += step_time
             timing["run"].add(step_time, comm_wait)
