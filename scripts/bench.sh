@@ -5,9 +5,10 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$REPO/scripts/setup.sh" >&2
+VENV=${SSD_VENV:-$REPO/.venv}
 cd "$REPO"
 OUT=${SSD_BENCH_OUT:-results/bench-$(date +%Y%m%d-%H%M%S)}
-"$REPO/.venv/bin/python" -m ssd_allreduce.bench --out "$OUT" --repeats 3 --epochs 10 "$@"
-"$REPO/.venv/bin/python" -m ssd_allreduce.bench --ablation --out "$OUT"
-"$REPO/.venv/bin/python" -m ssd_allreduce.costmodel --model resnet50 --ranks 8 64 256 1024 \
+"$VENV/bin/python" -m ssd_allreduce.bench --out "$OUT" --repeats 3 --epochs 10 "$@"
+"$VENV/bin/python" -m ssd_allreduce.bench --ablation --out "$OUT"
+"$VENV/bin/python" -m ssd_allreduce.costmodel --model resnet50 --ranks 8 64 256 1024 \
   --bandwidth 10 25 100 --sync-every 5 --delay 5 | tee "$OUT/costmodel.md"

@@ -9,6 +9,7 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$REPO/scripts/setup.sh" >&2
+VENV=${SSD_VENV:-$REPO/.venv}
 cd "$REPO"
-exec "$REPO/.venv/bin/python" -m ssd_allreduce.bench --ranks 2 --bandwidths 100mbit --epochs 5 \
+exec "$VENV/bin/python" -m ssd_allreduce.bench --ranks 2 --bandwidths 100mbit --epochs 5 \
   --ssd-configs 5:5 10:10 --out "$REPO/results/main" "$@"

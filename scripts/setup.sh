@@ -9,6 +9,10 @@
 #   SSD_SKIP_APT=1              do not touch system packages (no root, or a cluster's modules)
 #   SSD_TORCH=spec              torch to install when none is importable (default: torch==2.13.0)
 #   SSD_HOROVOD_SDIST=file      a local horovod-0.28.1.tar.gz (machines without the package index)
+#   SSD_WHEELS=dir              install Python packages only from the wheels in dir (no package index;
+#                               e.g. a cluster's compute nodes): `pip download -d dir cffi pycparser
+#                               numpy mpi4py scikit-learn matplotlib tqdm pytest pytest-timeout psutil
+#                               cloudpickle packaging pyyaml setuptools wheel` on a machine that has one
 #   SSD_HOROVOD_WITHOUT_MPI=1   build Horovod with Gloo only (no MPI headers on the machine)
 set -euo pipefail
 trap 'echo "setup FAILED at line $LINENO: $BASH_COMMAND (see the output above)" >&2' ERR
@@ -62,7 +66,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
 fi
 VPY=$VENV/bin/python
-pip_install() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
+PIP_SOURCE=()
+[ -z "${SSD_WHEELS:-}" ] || PIP_SOURCE=(--no-index --find-links "$SSD_WHEELS")
+pip_install() { "$VPY" -m pip install -q --disable-pip-version-check "${PIP_SOURCE[@]}" "$@"; }
 
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   step "torch ($TORCH_SPEC)"
@@ -145,6 +151,12 @@ PY
       echo "setup: building with NCCL from $NCCL_HOME, CUDA from $CUDA_HOME"
     fi
     "$VPY" -c "import setuptools, wheel" 2>/dev/null || pip_install setuptools wheel
+    # Horovod's setup.py needs cffi before it builds (setup_requires); setuptools would fetch it from
+    # the package index, which compute nodes often cannot reach: install it first, the same way as
+    # every other package
+    "$VPY" -c "import cffi" 2>/dev/null || pip_install cffi || fail "Horovod build" \
+      "could not install cffi, which Horovod's build needs first" \
+      "check access to the package index, or put cffi and pycparser wheels in a folder and set SSD_WHEELS to it"
     mkdir -p "$WHEEL_DIR"
     LOG=$CACHE/horovod-build.log
     ( cd "$SRC" && "$VPY" -m pip wheel -v --no-deps --no-build-isolation -w "$WHEEL_DIR" . ) > "$LOG" 2>&1 || {

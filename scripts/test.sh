@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # Set up if needed, then the whole test suite (single-process, multi-rank, Slurm). Extra
 # arguments go to pytest, e.g. scripts/test.sh -k optimizer -x
+#
+#   scripts/test.sh            # everything (about 6 minutes on 2 cores once set up)
+#   scripts/test.sh --fast     # unit tests only: one process, no launcher, no Slurm (seconds)
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${SSD_VENV:-$REPO/.venv}
 "$REPO/scripts/setup.sh"
 cd "$REPO"
-exec "$REPO/.venv/bin/python" -m pytest -ra --durations=15 "$@"
+if [ "${1:-}" = --fast ]; then
+  shift
+  set -- -m "not multirank and not slurm and not gpu" "$@"
+fi
+exec "$VENV/bin/python" -m pytest -ra --durations=15 "$@"

@@ -16,18 +16,11 @@ class _LocalHandle(Handle):
 
 class LocalCommunicator(Communicator):
     name = "local"
+    rank, size = 0, 1
 
     def __init__(self, pending_polls: int = 0) -> None:
         self.pending_polls = pending_polls
         self.calls: list[tuple[str, int]] = []
-
-    @property
-    def rank(self) -> int:
-        return 0
-
-    @property
-    def size(self) -> int:
-        return 1
 
     def allreduce_async_(self, tensors: Sequence[Tensor], name: str, op: ReduceOp = ReduceOp.AVERAGE,
                          prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> Handle:

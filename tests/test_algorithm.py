@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ssd_allreduce.algorithm import (FlatSpace, Schedule, apply_global_update_, compensate_local_,
-                                     launch_window, validate_glu)
+                                     launch_window)
+from ssd_allreduce.settings import SSDSettings
 from ssd_allreduce.simulator import Simulator
 
 
@@ -41,10 +42,20 @@ def test_schedule_rejects_bad_values(kwargs, fragment):
     (-0.1, "glu", "got -0.1"), (math.nan, "glu", "got nan"),
     (0.5, "average", "compensation must be one of ('glu', 'overwrite'), got 'average'"),
 ])
-def test_glu_rejects_bad_values(beta, compensation, fragment):
+def test_settings_reject_bad_glu_values(beta, compensation, fragment):
     with pytest.raises(ValueError) as err:
-        validate_glu(beta, compensation)
+        SSDSettings(glu_beta=beta, compensation=compensation)
     assert fragment in str(err.value)
+
+
+def test_settings_default_the_delay_round_trip_and_name_differences():
+    s = SSDSettings(sync_every=4, warmup_steps=3)
+    assert s.delay == 4 and s.schedule == Schedule(4, 4, 3)
+    assert SSDSettings.from_dict(s.as_dict()) == s
+    other = SSDSettings(sync_every=4, delay=2, warmup_steps=3, nonfinite="skip")
+    assert s.differences(other) == ["delay: 4 vs 2", "nonfinite: 'raise' vs 'skip'"]
+    with pytest.raises(ValueError, match="unknown SSD-SGD settings"):
+        SSDSettings.from_dict(dict(s.as_dict(), momentum=0.9))
 
 
 def test_flat_space_views_alias_one_buffer_per_dtype():

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from ssd_allreduce import costmodel
-from ssd_allreduce.costmodel import (
+from ssd_allreduce.bench import costmodel
+from ssd_allreduce.bench.costmodel import (
     REFERENCE_MODELS,
     Network,
     Workload,

@@ -1,4 +1,4 @@
-"""Tests of ssd_allreduce.data."""
+"""Tests of ssd_allreduce.train.data."""
 from __future__ import annotations
 
 import importlib
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from ssd_allreduce.data import (
+from ssd_allreduce.train.data import (
     CIFAR10_FILES,
     CIFAR10_MEAN,
     CIFAR10_STD,

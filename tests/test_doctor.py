@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(120)
 
 
-def _doctor(*args: str, extra_env: dict[str, str] | None = None) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HOROVOD_", "NCCL_"))}
+def _doctor(*args: str, extra_env: dict[str, str] | None = None, drop: tuple[str, ...] = ()) -> str:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "HOROVOD_", "NCCL_")) and k not in drop}
     env.update(extra_env or {})
     proc = subprocess.run([sys.executable, "-m", "ssd_allreduce.doctor", *args], capture_output=True,
                           text=True, timeout=60, env=env, cwd=REPO)
@@ -55,6 +56,12 @@ def test_json_has_real_values() -> None:
     assert report["device_env"]["NCCL_DEBUG"] == "INFO"
     assert report["device_env"]["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert report["ssd_allreduce"]["version"] == __version__
+
+
+def test_names_the_virtualenv_it_runs_in_without_activation() -> None:
+    report = json.loads(_doctor("--json", drop=("VIRTUAL_ENV", "CONDA_PREFIX")))
+    assert sys.prefix != sys.base_prefix, "the suite runs in the project's virtual environment"
+    assert report["python"]["virtualenv"] == sys.prefix
 
 
 def test_text_has_headings_and_values() -> None:

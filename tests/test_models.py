@@ -1,4 +1,4 @@
-"""Tests of ssd_allreduce.models."""
+"""Tests of ssd_allreduce.train.models."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssd_allreduce.models import MODEL_NAMES, build_model, count_parameters
+from ssd_allreduce.train.models import MODEL_NAMES, build_model, count_parameters
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import WORKERS, horovodrun, mpirun, run_ranks, torchrun
-from ssd_allreduce.netns import ShapedNetwork, namespaces_available
+from ssd_allreduce.bench.netns import ShapedNetwork, namespaces_available
 from ssd_allreduce.simulator import Simulator
 
 sys.path.insert(0, str(WORKERS))

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from ssd_allreduce.netns import (
+from ssd_allreduce.bench.netns import (
     ShapedNetwork,
     burst_bytes,
     measure_bandwidth_mbps,

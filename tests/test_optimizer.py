@@ -107,7 +107,7 @@ def test_window_stays_in_flight_and_is_polled_then_lands():
     comm = LocalCommunicator(pending_polls=1)
     opt = _wrap(model, comm, sync_every=3, delay=3, warmup_steps=0)
     _train(model, opt, 3)                       # window launched at step 2
-    assert opt._ssd_window is not None and opt._ssd_window.handle is not None
+    assert opt.window_in_flight and opt._ssd_engine.window.handle is not None
     _train(model, opt, 3, start=3)              # polled at 3 (pending), 4 (done), lands at 5
     assert opt.ssd_stats.polls_pending == 1 and opt.ssd_stats.windows_landed == 1
     assert ("ssd.delta", 1) in comm.calls and ("ssd.global_weights", 1) in comm.calls
@@ -117,13 +117,13 @@ def test_finish_lands_the_window_in_flight():
     model = _model()
     opt = _wrap(model, sync_every=4, delay=4, warmup_steps=0)
     _train(model, opt, 5)                       # launched at step 3, one local step since
-    snapshot = [v.clone() for v in opt._ssd_snapshot.views]
-    before = [p.detach().clone() for p in opt._ssd_params]
+    snapshot = [v.clone() for v in opt._ssd_engine.snapshot.views]
+    before = [p.detach().clone() for p in opt._ssd_engine.params]
     global_before = [v.clone() for v in opt.global_weights]
     ssd_allreduce.finish()
-    assert opt._ssd_window is None and opt.ssd_stats.windows_landed == 1
+    assert not opt.window_in_flight and opt.ssd_stats.windows_landed == 1
     beta = ssd_allreduce.optimizer.DEFAULT_GLU_BETA
-    for i, p in enumerate(opt._ssd_params):
+    for i, p in enumerate(opt._ssd_engine.params):
         delta = snapshot[i] - global_before[i]            # one rank: the average is its own delta
         expected = global_before[i] + delta + beta * (before[i] - snapshot[i]) + (1 - beta) * 1 / 4 * delta
         torch.testing.assert_close(p.detach(), expected)
@@ -158,7 +158,7 @@ def test_state_dict_resume_in_a_new_optimizer_continues_exactly():
     model = _model()
     opt = _wrap(model, comm=LocalCommunicator(pending_polls=5), sync_every=3, delay=2, warmup_steps=2)
     _train(model, opt, 5)                            # window launched at step 4, in flight
-    assert opt._ssd_window is not None and opt._ssd_window.handle is not None
+    assert opt.window_in_flight and opt._ssd_engine.window.handle is not None
     saved = pickle.loads(pickle.dumps({"model": model.state_dict(), "opt": opt.state_dict()}))
     assert saved["opt"]["ssd_sgd"]["window"]["launched_at"] == 4
     _train(model, opt, 7, start=5)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import PYTHON, REPO, horovodrun, launcher_env, mpirun, run_ranks, torchrun
-from ssd_allreduce.data import write_cifar10_fixture
+from ssd_allreduce.train.data import write_cifar10_fixture
 
 pytestmark = pytest.mark.multirank
 TRAIN = ["-m", "ssd_allreduce.train", "--no-progress", "--data", "digits", "--model", "cnn"]

@@ -8,7 +8,7 @@ from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
-_LAZY = {"DistributedOptimizer": "optimizer", "SSDStats": "optimizer", "finish": "optimizer",
+_LAZY = {"DistributedOptimizer": "optimizer", "SSDStats": "stats", "SSDSettings": "settings", "finish": "optimizer",
          "Compression": "compression"}
 __all__ = [*_LAZY, "__version__"]
 

@@ -8,7 +8,6 @@ snapshot of ``w`` at launch, ``D`` mean over ranks of ``s - W``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -53,14 +52,6 @@ class Schedule:
         launch at the same step). With ``delay == 0`` a window lands right after its launch,
         which callers handle; this returns False then."""
         return self.delay > 0 and self.launches_at(step - self.delay)
-
-
-def validate_glu(glu_beta: float, compensation: str) -> None:
-    """Raise ``ValueError`` for a ``glu_beta`` outside [0, 1] or an unknown compensation."""
-    if not isinstance(glu_beta, (int, float)) or not 0.0 <= glu_beta <= 1.0 or math.isnan(glu_beta):
-        raise ValueError(f"glu_beta must be a number in [0, 1], got {glu_beta!r}")
-    if compensation not in COMPENSATIONS:
-        raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {compensation!r}")
 
 
 class FlatSpace:

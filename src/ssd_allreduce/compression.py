@@ -1,7 +1,7 @@
 """Wire compression for allreduces, interchangeable with ``horovod.torch.Compression``."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -38,3 +38,23 @@ class Compression:
 
     none = NoneCompressor
     fp16 = FP16Compressor
+
+
+def compression_name(compression: Any) -> str:
+    """A name that is the same on every rank for the same wire format (class or instance)."""
+    return compression.__name__ if isinstance(compression, type) else type(compression).__name__
+
+
+def compress(compression: Any, tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[Any]]:
+    """The tensors to send and the contexts ``decompress_into_`` needs to restore them."""
+    pairs = [compression.compress(t) for t in tensors]
+    return [w for w, _ in pairs], [c for _, c in pairs]
+
+
+def decompress_into_(compression: Any, targets: Sequence[Tensor], wire: Sequence[Tensor],
+                     contexts: Sequence[Any]) -> None:
+    """Write the received ``wire`` tensors back into ``targets`` (a no-op where they are the same)."""
+    with torch.no_grad():
+        for t, w, c in zip(targets, wire, contexts):
+            if w is not t:
+                t.copy_(compression.decompress(w, c))

@@ -71,6 +71,13 @@ def _first_line(text: str) -> str:
     return ""
 
 
+def _virtualenv() -> str:
+    """The virtual environment this interpreter runs in, whether or not it was activated."""
+    if sys.prefix != sys.base_prefix:
+        return sys.prefix
+    return os.environ.get("CONDA_PREFIX") or "(none)"
+
+
 def _env(names: Sequence[str], prefixes: Sequence[str] = ()) -> Section:
     """The named variables that are set, then every variable with one of the prefixes, sorted."""
     out: Section = {n: os.environ[n] for n in names if n in os.environ}
@@ -87,7 +94,7 @@ def probe_python() -> Section:
         "implementation": platform.python_implementation(),
         "executable": sys.executable,
         "prefix": sys.prefix,
-        "virtualenv": os.environ.get("VIRTUAL_ENV", "(none)"),
+        "virtualenv": _virtualenv(),
         "platform": platform.platform(),
         "hostname": platform.node(),
     }

@@ -14,7 +14,7 @@ import ssd_allreduce  # noqa: E402
 hvd.init()
 held = {}
 atexit.register(lambda: print(f"rank {hvd.rank()} at exit: landed {held['opt'].ssd_stats.windows_landed}, "
-                              f"in flight {held['opt']._ssd_window is not None}", flush=True))
+                              f"in flight {held['opt'].window_in_flight}", flush=True))
 model = problem.make_model()
 opt = held["opt"] = ssd_allreduce.DistributedOptimizer(problem.make_sgd(model.parameters()),
                                                        named_parameters=model.named_parameters(),
@@ -24,4 +24,4 @@ for step in range(4):                      # the window launched at step 2 is st
     opt.zero_grad()
     problem.loss_fn(model(x), y).backward()
     opt.step()
-print(f"rank {hvd.rank()} leaving with a window in flight: {opt._ssd_window is not None}", flush=True)
+print(f"rank {hvd.rank()} leaving with a window in flight: {opt.window_in_flight}", flush=True)

@@ -76,7 +76,7 @@ def run_config(args, rank: int, backend: str, k: int, d: int, beta: float, warmu
         if args.save_at is not None and step == args.save_at:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "next_step": step + 1},
                        os.path.join(args.out, f"ckpt_rank{rank}.pt"))
-    record["in_flight_at_end"] = opt._ssd_window is not None
+    record["in_flight_at_end"] = opt.window_in_flight
     opt.finish()
     record["final"] = problem.model_tensors(model)
     record["stats"] = opt.ssd_stats.as_dict()

@@ -24,17 +24,12 @@ class Handle:
 
 
 class Communicator(ABC):
-    """Collectives over the ranks of one job (or one process set of it)."""
+    """Collectives over the ranks of one job (or one process set of it); ``rank`` and ``size``
+    are this process's place in it, fixed when the communicator is built."""
 
     name: str = "base"
-
-    @property
-    @abstractmethod
-    def rank(self) -> int: ...
-
-    @property
-    @abstractmethod
-    def size(self) -> int: ...
+    rank: int
+    size: int
 
     @abstractmethod
     def allreduce_async_(self, tensors: Sequence[Tensor], name: str,

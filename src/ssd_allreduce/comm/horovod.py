@@ -31,15 +31,8 @@ class HorovodCommunicator(Communicator):
         if not self.process_set.included():
             raise ValueError(f"rank {hvd.rank()} is not a member of process_set {self.process_set}: "
                              "build the optimizer only on the ranks of the set")
+        self.rank, self.size = self.process_set.rank(), self.process_set.size()
         self._ops = {ReduceOp.AVERAGE: hvd.Average, ReduceOp.SUM: hvd.Sum, ReduceOp.ADASUM: hvd.Adasum}
-
-    @property
-    def rank(self) -> int:
-        return self.process_set.rank()
-
-    @property
-    def size(self) -> int:
-        return self.process_set.size()
 
     def allreduce_async_(self, tensors: Sequence[Tensor], name: str,
                          op: ReduceOp = ReduceOp.AVERAGE, prescale_factor: float = 1.0,

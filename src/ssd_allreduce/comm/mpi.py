@@ -29,14 +29,7 @@ class MPICommunicator(Communicator):
 
         self._MPI = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
-
-    @property
-    def rank(self) -> int:
-        return self.comm.Get_rank()
-
-    @property
-    def size(self) -> int:
-        return self.comm.Get_size()
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
 
     @staticmethod
     def _numpy(t: Tensor) -> Any:

@@ -31,15 +31,8 @@ class TorchDistCommunicator(Communicator):
             raise RuntimeError("torch.distributed is not initialised: call "
                                "dist.init_process_group() (torchrun sets its environment) first")
         self.group = group
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
-
-    @property
-    def rank(self) -> int:
-        return dist.get_rank(self.group)
-
-    @property
-    def size(self) -> int:
-        return dist.get_world_size(self.group)
 
     def _side_stream(self, device: torch.device) -> Optional["torch.cuda.Stream"]:
         if device.type != "cuda":

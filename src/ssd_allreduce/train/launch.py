@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .comm import BACKENDS, Communicator, ReduceOp, make_communicator
+from ..comm import BACKENDS, Communicator, ReduceOp, make_communicator
 
 TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "GROUP_RANK")
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "HOROVOD_RANK")

@@ -1,9 +1,4 @@
-"""Benchmark SSD-SGD against plain Horovod, side by side, on an emulated slow network.
-
-    python -m ssd_allreduce.bench                                   # digits, 2 ranks, 3 bandwidths
-    python -m ssd_allreduce.bench --bandwidths 100mbit --epochs 4   # the README's short comparison
-    python -m ssd_allreduce.bench --ablation                        # GLU ablation (simulator, 8 workers)
-    horovodrun -np 4 python -m ssd_allreduce.bench synthetic --model resnet50 --mode ssd
+"""SSD-SGD against plain Horovod, side by side, on an emulated slow network.
 
 One invocation runs every mode on the same workload and ranks (the Horovod baseline, SSD-SGD at
 several (k, d), blocking local SGD, the no-communication limit) inside a private network namespace
@@ -25,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from . import costmodel, runlog
+from ..train import runlog
+from ..train.runlog import markdown_table
+from . import costmodel
 from .netns import ShapedNetwork, measure_bandwidth_mbps, namespaces_available
 
 DEFAULT_BANDWIDTHS = ("10gbit", "1gbit", "100mbit")
-ABLATION_BETAS = (1.0, 0.5, 0.25, 0.1)
 
 
 @dataclass(frozen=True)
@@ -114,6 +110,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "run_images_per_sec": statistics.median(r["images_per_sec"] for r in runs),
         "images_per_sec": statistics.median(r["steady_images_per_sec"] for r in runs),
         "rank_images_per_sec": {"min": min(per_rank), "median": statistics.median(per_rank), "max": max(per_rank)},
+        "rank_spread": f"{min(per_rank):.0f}/{statistics.median(per_rank):.0f}/{max(per_rank):.0f}",
         "step_ms": statistics.median(r["steady_step_ms"] for r in runs),
         "compute_ms": statistics.median(r["steady_compute_ms"] for r in runs),
         "comm_wait_ms": statistics.median(r["steady_comm_wait_ms"] for r in runs),
@@ -149,28 +146,22 @@ def add_ratios(rows: list[dict[str, Any]], specs: list[ModeSpec], target: float)
         r["accuracy_vs_horovod_pp"] = 100 * (r["test_accuracy"] - base["test_accuracy"]) if base else None
 
 
-TABLE = (("mode", "name", "{}"), ("img/s", "images_per_sec", "{:.0f}"), ("run img/s", "run_images_per_sec", "{:.0f}"),
-         ("rank img/s min/med/max", "rank_images_per_sec", None), ("step ms", "step_ms", "{:.2f}"),
-         ("compute ms", "compute_ms", "{:.2f}"), ("exposed comm ms", "comm_wait_ms", "{:.2f}"),
-         ("hidden", "hidden_fraction", "{:.0%}"), ("payload B/step", "bytes_per_step", "{:,.0f}"),
-         ("wire B/step/rank", "wire_bytes_per_step_per_rank", "{:,.0f}"), ("peak MB", "peak_memory_mb", "{:.0f}"),
-         ("extra state MB", "extra_state_mb", "{:.2f}"), ("time to target s", "time_to_target_s", "{:.1f}"),
-         ("test acc", "test_accuracy", "{:.4f}"), ("acc vs hvd pp", "accuracy_vs_horovod_pp", "{:+.1f}"),
-         ("x horovod", "x_horovod", "{:.2f}"), ("x no-comm", "x_no_comm", "{:.2f}"))
+FULL_TABLE = (("mode", "name", "{}"), ("img/s", "images_per_sec", "{:.0f}"),
+              ("run img/s", "run_images_per_sec", "{:.0f}"), ("rank img/s min/med/max", "rank_spread", "{}"),
+              ("step ms", "step_ms", "{:.2f}"), ("compute ms", "compute_ms", "{:.2f}"),
+              ("exposed comm ms", "comm_wait_ms", "{:.2f}"), ("hidden", "hidden_fraction", "{:.0%}"),
+              ("payload B/step", "bytes_per_step", "{:,.0f}"),
+              ("wire B/step/rank", "wire_bytes_per_step_per_rank", "{:,.0f}"),
+              ("peak MB", "peak_memory_mb", "{:.0f}"), ("extra state MB", "extra_state_mb", "{:.2f}"),
+              ("time to target s", "time_to_target_s", "{:.1f}"), ("test acc", "test_accuracy", "{:.4f}"),
+              ("acc vs hvd pp", "accuracy_vs_horovod_pp", "{:+.1f}"), ("x horovod", "x_horovod", "{:.2f}"),
+              ("x no-comm", "x_no_comm", "{:.2f}"))
+"""Every measured column: written to results.md."""
 
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(t[0] for t in TABLE) + " |", "|" + "---|" * len(TABLE)]
-    for r in rows:
-        cells = []
-        for _, key, fmt in TABLE:
-            v = r.get(key)
-            if key == "rank_images_per_sec":
-                cells.append(f"{v['min']:.0f}/{v['median']:.0f}/{v['max']:.0f}")
-            else:
-                cells.append("-" if v is None else fmt.format(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+COMPACT_TABLE = (("mode", "name", "{}"), ("img/s", "images_per_sec", "{:.0f}"), ("x horovod", "x_horovod", "{:.2f}"),
+                 ("x no-comm", "x_no_comm", "{:.2f}"), ("test acc", "test_accuracy", "{:.4f}"),
+                 ("B/step", "bytes_per_step", "{:,.0f}"), ("to target s", "time_to_target_s", "{:.1f}"))
+"""What fits a terminal: printed after each bandwidth."""
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[str]:
@@ -297,7 +288,7 @@ def compare(a: argparse.Namespace) -> dict[str, Any]:
                    "targets": check_targets(rows),
                    "cost_model": cost_model_check(rows, specs, a.ranks, measured, a.latency_us)}
         results["bandwidths"].append(section)
-        print(markdown_table(rows), flush=True)
+        print(markdown_table(rows, COMPACT_TABLE), flush=True)
         for line in section["targets"]:
             print("  " + line)
         for c in section["cost_model"]:
@@ -320,171 +311,10 @@ def render_markdown(results: dict[str, Any]) -> str:
              f"{c['repeats']} repeat(s); target accuracy {c['target_accuracy']}.", ""]
     for s in results["bandwidths"]:
         measured = f", measured {s['measured_mbps']:.0f} Mbit/s" if s["measured_mbps"] else ""
-        lines += [f"### {s['rate']}{measured}", "", markdown_table(s["rows"]), ""]
+        lines += [f"### {s['rate']}{measured}", "", markdown_table(s["rows"], FULL_TABLE), ""]
         lines += [f"- {t}" for t in s["targets"]]
         lines += [f"- cost model (latency {m['latency_us']:.0f} us/hop), {m['name']}: predicted "
                   f"{m['predicted_ms']:.2f} ms/step, measured {m['measured_ms']:.2f} ms/step ({m['error']:+.0%})"
                   for m in s["cost_model"]]
         lines.append("")
     return "\n".join(lines)
-
-
-def ablation(a: argparse.Namespace) -> list[dict[str, Any]]:
-    """GLU ablation with the simulator (same math as the real ranks): compensation variants with
-    shuffled and label-skewed shards, against synchronous SGD, averaged over seeds."""
-    from .simulator import study
-
-    variants = [("ssgd", 1, 0, 1.0, "glu"), ("overwrite", a.ablation_k, a.ablation_k, 0.0, "overwrite")]
-    variants += [(f"glu_beta={b}", a.ablation_k, a.ablation_k, b, "glu") for b in ABLATION_BETAS]
-    rows = []
-    for shards in ("shuffle", "label-skew"):
-        for name, k, d, beta, comp in variants:
-            accs = [study(workers=a.ablation_workers, sync_every=k, delay=d, warmup_steps=a.ablation_warmup,
-                          glu_beta=beta, compensation=comp, shards=shards, epochs=a.ablation_epochs,
-                          batch_size=16, lr=0.05, model_name="mlp", seed=seed)["accuracy"]
-                    for seed in range(a.ablation_seeds)]
-            rows.append({"shards": shards, "variant": name, "accuracy": statistics.mean(accs),
-                         "stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0})
-            print(f"{shards:<10} {name:<14} {rows[-1]['accuracy']:.4f} ± {rows[-1]['stdev']:.4f}", flush=True)
-    lines = [f"GLU ablation: `python -m ssd_allreduce.bench --ablation --ablation-k {a.ablation_k} "
-             f"--ablation-workers {a.ablation_workers} --ablation-epochs {a.ablation_epochs} --ablation-seeds "
-             f"{a.ablation_seeds}` (simulator, MLP on digits, k = d = {a.ablation_k}, mean ± stdev over seeds)", "",
-             "| variant | shuffled shards | label-skewed shards |", "|---|---|---|"]
-    for name, *_ in variants:
-        cell = {r["shards"]: f"{r['accuracy']:.4f} ± {r['stdev']:.4f}" for r in rows if r["variant"] == name}
-        lines.append(f"| {name} | {cell['shuffle']} | {cell['label-skew']} |")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return rows
-
-
-def synthetic(argv: Sequence[str]) -> None:
-    """Horovod's pytorch_synthetic_benchmark.py, with ``--mode ssd`` to run SSD-SGD instead."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    from .launch import init_distributed
-    from .models import MODEL_NAMES, build_model
-    from .optimizer import DistributedOptimizer
-    from .compression import Compression
-
-    ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.bench synthetic")
-    ap.add_argument("--fp16-allreduce", action="store_true", default=False)
-    ap.add_argument("--model", type=str, default="resnet50")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--num-warmup-batches", type=int, default=10)
-    ap.add_argument("--num-batches-per-iter", type=int, default=10)
-    ap.add_argument("--num-iters", type=int, default=10)
-    ap.add_argument("--no-cuda", action="store_true", default=False)
-    ap.add_argument("--mode", choices=("horovod", "ddp", "ssd", "no-comm"), default="horovod")
-    ap.add_argument("--backend", choices=("horovod", "torch"), default="horovod",
-                    help="torch: launch with torchrun; the baseline is then --mode ddp")
-    ap.add_argument("--sync-every", type=int, default=5)
-    ap.add_argument("--delay", type=int, default=None)
-    ap.add_argument("--image-size", type=int, default=None, help="default: 224, or 32 for the CIFAR models")
-    a = ap.parse_args(argv)
-    ctx = init_distributed(a.backend, "cpu" if a.no_cuda else "auto")
-    if (a.mode == "horovod") != (a.backend == "horovod") and a.mode in ("horovod", "ddp"):
-        raise SystemExit(f"--mode {a.mode} needs --backend {'horovod' if a.mode == 'horovod' else 'torch'}")
-    size = a.image_size or (32 if a.model in MODEL_NAMES else 224)
-    classes = 10 if a.model in MODEL_NAMES else 1000
-    model = build_model(a.model, classes, 3, size).to(ctx.device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01 * ctx.size)
-    ctx.comm.broadcast_(list(model.state_dict().values()), 0, "bench.init")
-    net = model
-    if a.mode == "ddp":
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-    if a.mode == "horovod":
-        import horovod.torch as hvd
-        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
-                                       compression=hvd.Compression.fp16 if a.fp16_allreduce else hvd.Compression.none)
-    elif a.mode == "ssd":
-        opt = DistributedOptimizer(opt, named_parameters=model.named_parameters(),
-                                   named_buffers=model.named_buffers(), sync_every=a.sync_every,
-                                   delay=a.delay, warmup_steps=0, backend=ctx.comm,
-                                   compression=Compression.fp16 if a.fp16_allreduce else Compression.none)
-    data = torch.randn(a.batch_size, 3, size, size, device=ctx.device)
-    target = torch.randint(0, classes, (a.batch_size,), device=ctx.device)
-
-    def benchmark_step() -> None:
-        opt.zero_grad()
-        F.cross_entropy(net(data), target).backward()
-        opt.step()
-
-    def log(s: str) -> None:
-        if ctx.is_root:
-            print(s, flush=True)
-
-    def sync() -> None:
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize(ctx.device)
-
-    log(f"Model: {a.model}\nBatch size: {a.batch_size}\nMode: {a.mode}")
-    device = "GPU" if ctx.device.type == "cuda" else "CPU"
-    log(f"Number of {device}s: {ctx.size}")
-    for _ in range(a.num_warmup_batches):
-        benchmark_step()
-    sync()
-    log("Running benchmark...")
-    img_secs = []
-    for x in range(a.num_iters):
-        t0 = time.perf_counter()
-        for _ in range(a.num_batches_per_iter):
-            benchmark_step()
-        sync()
-        img_sec = a.batch_size * a.num_batches_per_iter / (time.perf_counter() - t0)
-        log(f"Iter #{x}: {img_sec:.1f} img/sec per {device}")
-        img_secs.append(img_sec)
-    mean, conf = float(np.mean(img_secs)), float(1.96 * np.std(img_secs))
-    log(f"Img/sec per {device}: {mean:.1f} +-{conf:.1f}")
-    log(f"Total img/sec on {ctx.size} {device}(s): {ctx.size * mean:.1f} +-{ctx.size * conf:.1f}")
-    if hasattr(opt, "finish"):
-        opt.finish()
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["synthetic"]:
-        synthetic(argv[1:])
-        return
-    ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.bench", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--bandwidths", nargs="+", default=list(DEFAULT_BANDWIDTHS), help="tc rates, e.g. 100mbit 1gbit")
-    ap.add_argument("--ssd-configs", nargs="+", default=["5:5", "10:10"], help="k:d pairs")
-    ap.add_argument("--local-sgd-every", type=int, default=5)
-    ap.add_argument("--no-local-sgd", action="store_true")
-    ap.add_argument("--model", default="cnn")
-    ap.add_argument("--data", default="digits")
-    ap.add_argument("--data-dir")
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--warmup-steps", type=int, default=20)
-    ap.add_argument("--glu-beta", type=float, default=0.5)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--target-accuracy", type=float, default=0.9)
-    ap.add_argument("--latency-us", type=float, default=-1.0,
-                    help="per-hop latency for the cost model (negative: calibrated on local SGD's blocking wait)")
-    ap.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
-    ap.add_argument("--run-timeout", type=float, default=1800)
-    ap.add_argument("--out", default=f"results/bench-{time.strftime('%Y%m%d-%H%M%S')}")
-    ap.add_argument("--ablation", action="store_true", help="run the GLU ablation instead")
-    ap.add_argument("--ablation-k", type=int, default=8)
-    ap.add_argument("--ablation-workers", type=int, default=8)
-    ap.add_argument("--ablation-epochs", type=int, default=20)
-    ap.add_argument("--ablation-warmup", type=int, default=20)
-    ap.add_argument("--ablation-seeds", type=int, default=3)
-    a = ap.parse_args(argv)
-    if a.ablation:
-        ablation(a)
-    else:
-        compare(a)
-
-
-if __name__ == "__main__":
-    main()

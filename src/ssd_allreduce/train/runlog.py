@@ -49,22 +49,32 @@ def latest_summary(run_dir: Union[str, Path]) -> Optional[dict[str, Any]]:
     return summaries[-1] if summaries else None
 
 
+Column = tuple[str, str, str]
+"""(header, key of the row, format of a present value)."""
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
+    """A markdown table, one line per row; a missing or None value shows as ``-``."""
+    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = ["-" if r.get(key) is None else fmt.format(r[key]) for _, key, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_table(rows: Sequence[dict[str, Any]], baseline_mode: str = "horovod") -> str:
     """Markdown table of run summaries, with steady-state throughput (after the warm-up steps)
     relative to the baseline and to no-comm."""
     by_mode = {r["mode"]: r for r in rows}
-    header = [c[0] for c in SUMMARY_COLUMNS] + [f"x {baseline_mode}", "x no-comm"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    ratios = {f"x {baseline_mode}": by_mode.get(baseline_mode), "x no-comm": by_mode.get("no-comm")}
+    with_ratios = []
     for r in rows:
-        cells = []
-        for _, key, fmt in SUMMARY_COLUMNS:
-            value = r.get(key)
-            cells.append("-" if value is None else fmt.format(value))
-        for ref in (by_mode.get(baseline_mode), by_mode.get("no-comm")):
+        row = dict(r)
+        for column, ref in ratios.items():
             ok = ref is not None and ref.get("steady_images_per_sec") and r.get("steady_images_per_sec")
-            cells.append(f"{r['steady_images_per_sec'] / ref['steady_images_per_sec']:.2f}" if ok else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            row[column] = r["steady_images_per_sec"] / ref["steady_images_per_sec"] if ok else None
+        with_ratios.append(row)
+    return markdown_table(with_ratios, SUMMARY_COLUMNS + tuple((c, c, "{:.2f}") for c in ratios))
 
 
 def summarize(run_dirs: Iterable[Union[str, Path]]) -> str:

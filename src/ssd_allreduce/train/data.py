@@ -276,33 +276,46 @@ def _step_seed(seed: int, epoch: int, shard: int, step: int) -> int:
     return int(state) >> 1
 
 
-class ShardedBatches:
-    """Per-rank mini-batches of in-memory tensors; resumable at any step of an epoch."""
+class _ShardBatches:
+    """This rank's shard of ``labels`` cut into mini-batches; resumable at any step of an epoch."""
+
+    def __init__(self, labels: Tensor, batch_size: int, num_shards: int, shard: int, seed: int,
+                 mode: str) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.labels = labels
+        self.batch_size, self.num_shards, self.shard = batch_size, num_shards, shard
+        self.seed, self.mode = seed, mode
+        shard_size = shard_indices(labels, num_shards, shard, 0, seed, mode).numel()
+        self.steps_per_epoch: int = shard_size // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch_size {batch_size} is larger than the shard ({shard_size} samples = "
+                             f"{labels.numel()} // {num_shards} shards); use a batch_size <= {shard_size}")
+
+    def _indices(self, epoch: int, start_step: int) -> Tensor:
+        """This shard's sample indices of ``epoch``, checking the position first."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
+        return shard_indices(self.labels, self.num_shards, self.shard, epoch, self.seed, self.mode)
+
+
+class ShardedBatches(_ShardBatches):
+    """Per-rank mini-batches of in-memory tensors."""
 
     def __init__(self, x: Tensor, y: Tensor, batch_size: int, num_shards: int, shard: int, seed: int = 0,
                  mode: str = "shuffle", augment: Augment | None = None) -> None:
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x and y must have the same length, got {x.shape[0]} and {y.shape[0]}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        self.x, self.y = x, y
-        self.batch_size, self.num_shards, self.shard = batch_size, num_shards, shard
-        self.seed, self.mode, self.augment = seed, mode, augment
-        shard_size = shard_indices(y, num_shards, shard, 0, seed, mode).numel()
-        self.steps_per_epoch: int = shard_size // batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"batch_size {batch_size} is larger than the shard ({shard_size} samples = "
-                             f"{y.shape[0]} // {num_shards} shards); use a batch_size <= {shard_size}")
+        super().__init__(y, batch_size, num_shards, shard, seed, mode)
+        self.x, self.y, self.augment = x, y, augment
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Batches for steps ``start_step`` .. ``steps_per_epoch - 1`` of ``epoch``."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
-        indices = shard_indices(self.y, self.num_shards, self.shard, epoch, self.seed, self.mode)
+        indices = self._indices(epoch, start_step)
         for step in range(start_step, self.steps_per_epoch):
             batch = indices[step * self.batch_size:(step + 1) * self.batch_size]
             xb = self.x[batch.to(self.x.device)]
@@ -312,7 +325,7 @@ class ShardedBatches:
             yield xb, self.y[batch.to(self.y.device)]
 
 
-class FolderBatches:
+class FolderBatches(_ShardBatches):
     """Per-rank mini-batches of a map-style dataset with ``targets`` (ImageFolder), loaded by a DataLoader.
 
     Resuming reproduces the sample order exactly; random transforms run in the loader and are re-drawn.
@@ -324,27 +337,12 @@ class FolderBatches:
         if targets is None:
             raise ValueError(f"{type(dataset).__name__} has no 'targets' attribute; FolderBatches needs the "
                              f"per-sample labels (as torchvision ImageFolder provides) to shard")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        self.dataset = dataset
-        self.labels = torch.as_tensor(targets, dtype=torch.int64)
-        self.batch_size, self.num_shards, self.shard = batch_size, num_shards, shard
-        self.seed, self.mode, self.num_workers = seed, mode, num_workers
-        shard_size = shard_indices(self.labels, num_shards, shard, 0, seed, mode).numel()
-        self.steps_per_epoch: int = shard_size // batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"batch_size {batch_size} is larger than the shard ({shard_size} samples = "
-                             f"{self.labels.numel()} // {num_shards} shards); use a batch_size <= {shard_size}")
+        super().__init__(torch.as_tensor(targets, dtype=torch.int64), batch_size, num_shards, shard, seed, mode)
+        self.dataset, self.num_workers = dataset, num_workers
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Batches for steps ``start_step`` .. ``steps_per_epoch - 1`` of ``epoch``."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
-        indices = shard_indices(self.labels, self.num_shards, self.shard, epoch, self.seed, self.mode)
+        indices = self._indices(epoch, start_step)
         indices = indices[start_step * self.batch_size:self.steps_per_epoch * self.batch_size]
         loader = DataLoader(
             Subset(self.dataset, indices.tolist()), batch_size=self.batch_size, shuffle=False,

@@ -1,0 +1,57 @@
+"""The benchmark's command: side by side on an emulated network, the GLU ablation, or Horovod's
+synthetic benchmark.
+
+    python -m ssd_allreduce.bench                                   # digits, 2 ranks, 3 bandwidths
+    python -m ssd_allreduce.bench --bandwidths 100mbit --epochs 4   # the README's short comparison
+    python -m ssd_allreduce.bench --ablation                        # GLU ablation (simulator, 8 workers)
+    horovodrun -np 4 python -m ssd_allreduce.bench synthetic --model resnet50 --mode ssd
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Optional, Sequence
+
+from . import ablation, compare, synthetic
+from .compare import DEFAULT_BANDWIDTHS
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["synthetic"]:
+        synthetic.main(argv[1:])
+        return
+    ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.bench", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--bandwidths", nargs="+", default=list(DEFAULT_BANDWIDTHS), help="tc rates, e.g. 100mbit 1gbit")
+    ap.add_argument("--ssd-configs", nargs="+", default=["5:5", "10:10"], help="k:d pairs")
+    ap.add_argument("--local-sgd-every", type=int, default=5)
+    ap.add_argument("--no-local-sgd", action="store_true")
+    ap.add_argument("--model", default="cnn")
+    ap.add_argument("--data", default="digits")
+    ap.add_argument("--data-dir")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--warmup-steps", type=int, default=20)
+    ap.add_argument("--glu-beta", type=float, default=0.5)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--target-accuracy", type=float, default=0.9)
+    ap.add_argument("--latency-us", type=float, default=-1.0,
+                    help="per-hop latency for the cost model (negative: calibrated on local SGD's blocking wait)")
+    ap.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
+    ap.add_argument("--run-timeout", type=float, default=1800)
+    ap.add_argument("--out", default=f"results/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    ap.add_argument("--ablation", action="store_true", help="run the GLU ablation instead")
+    ap.add_argument("--ablation-k", type=int, default=8)
+    ap.add_argument("--ablation-workers", type=int, default=8)
+    ap.add_argument("--ablation-epochs", type=int, default=20)
+    ap.add_argument("--ablation-warmup", type=int, default=20)
+    ap.add_argument("--ablation-seeds", type=int, default=3)
+    a = ap.parse_args(argv)
+    if a.ablation:
+        ablation.ablation(a)
+    else:
+        compare.compare(a)

@@ -1,0 +1,78 @@
+"""Convergence studies with the simulator: N workers of SSD-SGD in one process on the bundled digits.
+
+    python -m ssd_allreduce.simulator --workers 64 --sync-every 8 --delay 8 --glu-beta 0.5 \\
+        --shards label-skew --epochs 20 --baseline
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..simulator import Simulator
+from ..train.data import load_digits_split, shard_indices
+from ..train.models import build_model
+
+
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(x).argmax(1) == y).float().mean())
+    model.train()
+    return acc
+
+
+def study(workers: int, sync_every: int, delay: int, warmup_steps: int, glu_beta: float,
+          compensation: str, shards: str, epochs: int, batch_size: int, lr: float,
+          model_name: str = "mlp", seed: int = 0) -> dict[str, float]:
+    """Train on the bundled digits with ``workers`` simulated ranks; accuracy of the global model."""
+    data = load_digits_split(seed=seed)
+    torch.manual_seed(seed)
+    model = build_model(model_name, data.num_classes, data.in_channels, data.image_size)
+    sim = Simulator(model, lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=1e-4),
+                    workers, sync_every=sync_every, delay=delay, warmup_steps=warmup_steps,
+                    glu_beta=glu_beta, compensation=compensation)
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(epochs):
+        shard = [shard_indices(data.train_y, workers, w, epoch, seed, mode=shards) for w in range(workers)]
+        steps = len(shard[0]) // batch_size
+        for s in range(steps):
+            batch = [(data.train_x[idx[s * batch_size:(s + 1) * batch_size]],
+                      data.train_y[idx[s * batch_size:(s + 1) * batch_size]]) for idx in shard]
+            sim.step(batch, loss_fn)
+    sim.finish()
+    return {"accuracy": _accuracy(sim.global_model(), data.test_x, data.test_y),
+            "steps": sim.step_index, "windows": sim.windows_landed}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.simulator", description=__doc__.split("\n")[0])
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--sync-every", type=int, default=8)
+    ap.add_argument("--delay", type=int, default=None, help="default: sync-every")
+    ap.add_argument("--warmup-steps", type=int, default=20)
+    ap.add_argument("--glu-beta", type=float, default=0.5)
+    ap.add_argument("--compensation", choices=("glu", "overwrite"), default="glu")
+    ap.add_argument("--shards", choices=("shuffle", "label-skew"), default="shuffle")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=16, help="per worker")
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--model", default="mlp")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--baseline", action="store_true", help="also run synchronous SGD (k=1, d=0)")
+    a = ap.parse_args(argv)
+    common = dict(workers=a.workers, warmup_steps=a.warmup_steps, shards=a.shards, epochs=a.epochs,
+                  batch_size=a.batch_size, lr=a.lr, model_name=a.model, seed=a.seed)
+    result = study(sync_every=a.sync_every, delay=a.sync_every if a.delay is None else a.delay,
+                   glu_beta=a.glu_beta, compensation=a.compensation, **common)
+    if a.baseline:
+        result["ssgd_accuracy"] = study(sync_every=1, delay=0, glu_beta=1.0, compensation="glu",
+                                        **common)["accuracy"]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

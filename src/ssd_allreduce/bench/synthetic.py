@@ -1,0 +1,95 @@
+"""Horovod's ``pytorch_synthetic_benchmark.py``, with ``--mode ssd`` to run SSD-SGD instead:
+
+    horovodrun -np 4 python -m ssd_allreduce.bench synthetic --model resnet50 --mode ssd
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..compression import Compression
+from ..optimizer import DistributedOptimizer
+from ..train.launch import init_distributed
+from ..train.models import MODEL_NAMES, build_model
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Horovod's pytorch_synthetic_benchmark.py, with ``--mode ssd`` to run SSD-SGD instead."""
+    ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.bench synthetic")
+    ap.add_argument("--fp16-allreduce", action="store_true", default=False)
+    ap.add_argument("--model", type=str, default="resnet50")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--num-warmup-batches", type=int, default=10)
+    ap.add_argument("--num-batches-per-iter", type=int, default=10)
+    ap.add_argument("--num-iters", type=int, default=10)
+    ap.add_argument("--no-cuda", action="store_true", default=False)
+    ap.add_argument("--mode", choices=("horovod", "ddp", "ssd", "no-comm"), default="horovod")
+    ap.add_argument("--backend", choices=("horovod", "torch"), default="horovod",
+                    help="torch: launch with torchrun; the baseline is then --mode ddp")
+    ap.add_argument("--sync-every", type=int, default=5)
+    ap.add_argument("--delay", type=int, default=None)
+    ap.add_argument("--image-size", type=int, default=None, help="default: 224, or 32 for the CIFAR models")
+    a = ap.parse_args(argv)
+    ctx = init_distributed(a.backend, "cpu" if a.no_cuda else "auto")
+    if (a.mode == "horovod") != (a.backend == "horovod") and a.mode in ("horovod", "ddp"):
+        raise SystemExit(f"--mode {a.mode} needs --backend {'horovod' if a.mode == 'horovod' else 'torch'}")
+    size = a.image_size or (32 if a.model in MODEL_NAMES else 224)
+    classes = 10 if a.model in MODEL_NAMES else 1000
+    model = build_model(a.model, classes, 3, size).to(ctx.device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01 * ctx.size)
+    ctx.comm.broadcast_(list(model.state_dict().values()), 0, "bench.init")
+    net = model
+    if a.mode == "ddp":
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    if a.mode == "horovod":
+        import horovod.torch as hvd
+        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                       compression=hvd.Compression.fp16 if a.fp16_allreduce else hvd.Compression.none)
+    elif a.mode == "ssd":
+        opt = DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                   named_buffers=model.named_buffers(), sync_every=a.sync_every,
+                                   delay=a.delay, warmup_steps=0, backend=ctx.comm,
+                                   compression=Compression.fp16 if a.fp16_allreduce else Compression.none)
+    data = torch.randn(a.batch_size, 3, size, size, device=ctx.device)
+    target = torch.randint(0, classes, (a.batch_size,), device=ctx.device)
+
+    def benchmark_step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(net(data), target).backward()
+        opt.step()
+
+    def log(s: str) -> None:
+        if ctx.is_root:
+            print(s, flush=True)
+
+    def sync() -> None:
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+
+    log(f"Model: {a.model}\nBatch size: {a.batch_size}\nMode: {a.mode}")
+    device = "GPU" if ctx.device.type == "cuda" else "CPU"
+    log(f"Number of {device}s: {ctx.size}")
+    for _ in range(a.num_warmup_batches):
+        benchmark_step()
+    sync()
+    log("Running benchmark...")
+    img_secs = []
+    for x in range(a.num_iters):
+        t0 = time.perf_counter()
+        for _ in range(a.num_batches_per_iter):
+            benchmark_step()
+        sync()
+        img_sec = a.batch_size * a.num_batches_per_iter / (time.perf_counter() - t0)
+        log(f"Iter #{x}: {img_sec:.1f} img/sec per {device}")
+        img_secs.append(img_sec)
+    mean, conf = float(np.mean(img_secs)), float(1.96 * np.std(img_secs))
+    log(f"Img/sec per {device}: {mean:.1f} +-{conf:.1f}")
+    log(f"Total img/sec on {ctx.size} {device}(s): {ctx.size * mean:.1f} +-{ctx.size * conf:.1f}")
+    if hasattr(opt, "finish"):
+        opt.finish()

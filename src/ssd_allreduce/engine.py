@@ -1,0 +1,184 @@
+"""The steps-delay stage on one rank: the global weights ``W``, the snapshot ``s`` and the window in
+flight. Launch, poll, land and finish a window; save and restore all of it.
+
+The math is ``algorithm``'s; this module owns the state and the order of operations around the
+communicator (SPEC: land the window due at a step before launching the one ending there).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.profiler import record_function
+
+from .algorithm import FlatSpace, apply_global_update_, compensate_local_, launch_window
+from .comm import Communicator, Handle, ReduceOp, payload_bytes
+from .compression import compress, decompress_into_
+from .settings import SSDSettings
+from .stats import SSDStats
+
+DELTA_NAME = "ssd.delta"
+GLOBAL_WEIGHTS_NAME = "ssd.global_weights"
+
+
+@dataclass
+class Window:
+    """A launched window: in flight while ``handle`` is set, then its result sits in the delta."""
+
+    launched_at: int
+    handle: Optional[Handle]
+    wire: list[Tensor]
+    contexts: list[Any]
+
+
+class DelayStage:
+    """SSD-SGD after the warm-up, for the local tensors ``params`` then ``buffers`` (in an order
+    every rank shares). Nothing is allocated until ``start()``."""
+
+    def __init__(self, comm: Communicator, settings: SSDSettings, params: Sequence[Tensor],
+                 buffers: Sequence[Tensor], compression: Any, stats: SSDStats) -> None:
+        self.comm, self.settings, self.compression, self.stats = comm, settings, compression, stats
+        self.params, self.buffers = list(params), list(buffers)
+        self.global_: Optional[FlatSpace] = None
+        self.snapshot: Optional[FlatSpace] = None
+        self.delta: Optional[FlatSpace] = None
+        self.window: Optional[Window] = None
+
+    @property
+    def local(self) -> list[Tensor]:
+        return self.params + self.buffers
+
+    @property
+    def started(self) -> bool:
+        return self.global_ is not None
+
+    @property
+    def in_flight(self) -> bool:
+        return self.window is not None
+
+    @property
+    def extra_state_bytes(self) -> int:
+        """W, the snapshot and the in-flight buffer: 0 before ``start()``, then 3 model copies."""
+        return sum(s.nbytes for s in (self.global_, self.snapshot, self.delta) if s is not None)
+
+    def _allocate(self) -> None:
+        local = self.local
+        self.global_, self.snapshot, self.delta = FlatSpace(local), FlatSpace(local), FlatSpace(local)
+
+    def start(self) -> None:
+        """End of warm-up: ``W`` = rank 0's weights, bit-identical everywhere, and ``w = W``."""
+        self._allocate()
+        self.global_.copy_from_(self.local)
+        self.comm.broadcast_(self.global_.buffers, root_rank=0, name=GLOBAL_WEIGHTS_NAME)
+        with torch.no_grad():
+            torch._foreach_copy_(self.local, self.global_.views)
+
+    def after_local_step(self, step: int) -> None:
+        """The schedule at ``step``, after the local update: poll, land what is due, launch."""
+        sched = self.settings.schedule
+        self._poll()
+        if sched.lands_at(step):
+            self.land(elapsed=sched.delay)
+        if sched.launches_at(step):
+            self._launch(step)
+            if sched.delay == 0:
+                self.land(elapsed=0)
+
+    def finish(self, steps_done: int) -> None:
+        """Land the window in flight now, ``steps_done`` steps into training."""
+        if self.window is not None:
+            self.land(elapsed=steps_done - 1 - self.window.launched_at)
+
+    def _launch(self, step: int) -> None:
+        with record_function("ssd_allreduce.launch"):
+            launch_window(self.local, self.global_, self.snapshot, self.delta)
+            wire, contexts = compress(self.compression, self.delta.buffers)
+            handle = self.comm.allreduce_async_(wire, name=DELTA_NAME, op=ReduceOp.AVERAGE)
+            self.window = Window(step, handle, wire, contexts)
+            self.stats.windows_launched += 1
+            self.stats.bytes_allreduced += payload_bytes(wire)
+
+    def _poll(self) -> None:
+        if self.window is not None and self.window.handle is not None:
+            if not self.comm.poll(self.window.handle):
+                self.stats.polls_pending += 1
+
+    def wait(self) -> None:
+        """Block until the window in flight has arrived in the delta (it is not landed)."""
+        window = self.window
+        if window is None or window.handle is None:
+            return
+        with record_function("ssd_allreduce.wait"):
+            t0 = time.perf_counter()
+            self.comm.synchronize(window.handle)
+            decompress_into_(self.compression, self.delta.buffers, window.wire, window.contexts)
+            window.handle, window.wire = None, []
+            self.stats.comm_wait_seconds += time.perf_counter() - t0
+
+    def land(self, elapsed: int) -> None:
+        """``W += D`` and the GLU compensation of the local tensors; a non-finite ``D`` raises or
+        is skipped (``settings.nonfinite``) and never reaches ``W``."""
+        window = self.window
+        if window is None:
+            return
+        self.wait()
+        with record_function("ssd_allreduce.land"):
+            self.window = None
+            if not self.delta.is_finite():
+                message = (f"the averaged model delta of the window launched at step "
+                           f"{window.launched_at} is not finite (NaN or Inf on some rank)")
+                if self.settings.nonfinite == "raise":
+                    raise FloatingPointError(
+                        message + ": lower the learning rate or clip gradients, or pass "
+                        "nonfinite='skip' to skip such windows; the global weights were not updated")
+                warnings.warn(message + "; window skipped, global weights unchanged")
+                self.stats.windows_skipped += 1
+                return
+            apply_global_update_(self.global_, self.delta)
+            compensate_local_(self.params, self.buffers, self.global_, self.snapshot, self.delta,
+                              glu_beta=self.settings.glu_beta, elapsed=elapsed,
+                              sync_every=self.settings.sync_every,
+                              compensation=self.settings.compensation)
+            self.stats.windows_landed += 1
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """``W`` and the window (its snapshot and delta); a window in flight is waited for, not
+        landed, so a resumed run lands it at the same step."""
+        self.wait()
+        window = self.window
+        return {
+            "global_weights": None if self.global_ is None else list(self.global_.buffers),
+            "window": None if window is None else {
+                "launched_at": window.launched_at,
+                "snapshot": list(self.snapshot.buffers),
+                "delta": list(self.delta.buffers)},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s output; ``{}`` (or None values) resets to before ``start()``."""
+        if self.window is not None and self.window.handle is not None:
+            raise RuntimeError("load_state_dict() while a window is in flight: call finish() first")
+        self.global_ = self.snapshot = self.delta = self.window = None
+        if state.get("global_weights") is None:
+            return
+        self._allocate()
+        _copy_buffers(self.global_.buffers, state["global_weights"], "global_weights")
+        window = state.get("window")
+        if window is not None:
+            _copy_buffers(self.snapshot.buffers, window["snapshot"], "snapshot")
+            _copy_buffers(self.delta.buffers, window["delta"], "delta")
+            self.window = Window(int(window["launched_at"]), None, [], [])
+
+
+def _copy_buffers(dst: list[Tensor], src: Sequence[Tensor], what: str) -> None:
+    if len(dst) != len(src) or any(d.shape != s.shape or d.dtype != s.dtype for d, s in zip(dst, src)):
+        raise ValueError(f"the checkpoint's {what} do not match this model's tensors (same names, other "
+                         "shapes or dtypes): load it into the same model built the same way")
+    with torch.no_grad():
+        for d, s in zip(dst, src):
+            d.copy_(s)

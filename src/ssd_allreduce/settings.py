@@ -1,0 +1,61 @@
+"""SSD-SGD's knobs as one frozen value: validated once, compared across ranks and checkpoints."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from functools import cached_property
+from typing import Any, Optional
+
+from .algorithm import COMPENSATIONS, Schedule
+
+DEFAULT_GLU_BETA = 0.5
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class SSDSettings:
+    """What every rank and every resume must agree on.
+
+    ``delay`` defaults to ``sync_every``; ``compression`` is the name of the wire format.
+    """
+
+    sync_every: int = 5
+    delay: Optional[int] = None
+    warmup_steps: int = 500
+    glu_beta: float = DEFAULT_GLU_BETA
+    compensation: str = "glu"
+    nonfinite: str = "raise"
+    compression: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.delay is None:
+            object.__setattr__(self, "delay", self.sync_every)
+        self.schedule  # validates sync_every, delay and warmup_steps
+        beta = self.glu_beta
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or math.isnan(beta) or not 0 <= beta <= 1:
+            raise ValueError(f"glu_beta must be a number in [0, 1], got {beta!r}")
+        object.__setattr__(self, "glu_beta", float(beta))
+        if self.compensation not in COMPENSATIONS:
+            raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {self.compensation!r}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
+
+    @cached_property
+    def schedule(self) -> Schedule:
+        return Schedule(self.sync_every, self.delay, self.warmup_steps)  # type: ignore[arg-type]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SSDSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown SSD-SGD settings {unknown}: written by another ssd_allreduce release")
+        return cls(**values)
+
+    def differences(self, other: "SSDSettings") -> list[str]:
+        """``"name: mine vs theirs"`` for every setting that differs."""
+        mine, theirs = self.as_dict(), other.as_dict()
+        return [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]

@@ -1,0 +1,25 @@
+"""Counters a user reads as ``optimizer.ssd_stats``."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class SSDStats:
+    """What SSD-SGD did so far on this rank.
+
+    ``comm_wait_seconds`` is host time blocked on communication; on CUDA with the torch backend
+    the wait is enqueued on the GPU stream instead and does not show here."""
+
+    steps: int = 0
+    warmup_allreduces: int = 0
+    windows_launched: int = 0
+    windows_landed: int = 0
+    windows_skipped: int = 0
+    bytes_allreduced: int = 0
+    comm_wait_seconds: float = 0.0
+    polls_pending: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

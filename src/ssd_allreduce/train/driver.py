@@ -1,0 +1,347 @@
+"""Train a model with SSD-SGD or a baseline, under any launcher, on CPUs or GPUs.
+
+    horovodrun -np 2 python -m ssd_allreduce.train --mode ssd --data digits --model cnn
+    horovodrun -np 2 python -m ssd_allreduce.train --mode horovod --data digits --model cnn
+    srun --mpi=pmix python -m ssd_allreduce.train --mode ssd --data cifar10 --data-dir ~/cifar10
+    torchrun --nproc-per-node 4 -m ssd_allreduce.train --mode ssd --backend torch --model resnet20
+    python -m ssd_allreduce.train summarize runs/horovod runs/ssd     # compare finished runs
+
+Modes (same model, data, seeds and schedule for all): ``horovod`` (hvd.DistributedOptimizer, the
+baseline), ``ddp`` (torch DistributedDataParallel, the baseline under torchrun), ``ssd`` (this
+project), ``local-sgd`` (a blocking average every k steps), ``no-comm`` (every rank alone: the
+throughput limit). A run directory (``--out``) receives metrics.jsonl, curves.png and
+checkpoints/; ``--resume`` continues from its latest checkpoint, exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import checkpoint, runlog
+from .data import DataSplit, FolderBatches, ShardedBatches, cifar_augment, load_dataset
+from .launch import DistContext, init_distributed, shutdown
+from .models import MODEL_NAMES, build_model, count_parameters
+from .modes import Mode, make_mode
+from .options import build_parser, check_args
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+# ---------------------------------------------------------------------------------- set-up
+def load_data(args: argparse.Namespace, ctx: DistContext) -> tuple[Any, Any, dict[str, int]]:
+    """(this rank's training batches, its shard of the test set, the model's input shape)."""
+    kw: dict[str, Any] = {}
+    if args.data == "synthetic":  # like Horovod's synthetic benchmark: ImageNet classes for zoo models
+        kw = dict(num_samples=args.synthetic_samples, image_size=args.image_size, in_channels=3,
+                  num_classes=10 if args.model in MODEL_NAMES else 1000)
+    data = load_dataset(args.data, args.data_dir, **kw)
+    shape = dict(num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size)
+    if isinstance(data, DataSplit):
+        augment = cifar_augment if args.augment else None
+        train = ShardedBatches(data.train_x, data.train_y, args.batch_size, ctx.size, ctx.rank, args.seed,
+                               args.shards, augment)
+        test = (data.test_x[ctx.rank::ctx.size], data.test_y[ctx.rank::ctx.size])
+    else:
+        train = FolderBatches(data.train, args.batch_size, ctx.size, ctx.rank, args.seed, args.shards, args.workers)
+        test = torch.utils.data.DataLoader(torch.utils.data.Subset(data.test, range(ctx.rank, len(data.test), ctx.size)),
+                                           batch_size=256, num_workers=args.workers)
+    return train, test, shape
+
+
+def make_lr_schedule(args: argparse.Namespace, opt: torch.optim.Optimizer, steps_per_epoch: int,
+                     size: int) -> torch.optim.lr_scheduler.LambdaLR:
+    scale = 1 if args.no_lr_scaling else size
+    warm = int(args.lr_warmup_epochs * steps_per_epoch)
+    total = args.epochs * steps_per_epoch
+    milestones = [int(m * steps_per_epoch) for m in args.lr_milestones]
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (1 + (scale - 1) * step / warm) / scale
+        if args.lr_schedule == "step":
+            return args.lr_gamma ** sum(step >= m for m in milestones)
+        if args.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------- bookkeeping
+@dataclass
+class Position:
+    """Where training stands: the next epoch and step to run, and the training time so far."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    train_seconds: float = 0.0
+
+
+class StepTiming:
+    """Sums of step, compute and communication-wait seconds over some steps."""
+
+    def __init__(self) -> None:
+        self.steps, self.seconds, self.compute, self.comm = 0, 0.0, 0.0, 0.0
+
+    def add(self, step_seconds: float, comm_seconds: float) -> None:
+        self.steps += 1
+        self.seconds += step_seconds
+        self.compute += step_seconds - comm_seconds
+        self.comm += comm_seconds
+
+    def ms(self, what: str) -> Optional[float]:
+        return 1e3 * getattr(self, what) / self.steps if self.steps else None
+
+    def images_per_sec(self, batch_size: int) -> Optional[float]:
+        return batch_size * self.steps / self.seconds if self.steps else None
+
+
+class PreemptionFlag:
+    """Set by SIGTERM/SIGUSR1 (Slurm preemption or time limit); ranks agree on it collectively."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        for sig in PREEMPTION_SIGNALS:
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+
+class Trainer:
+    """One rank's run: the model, its mode, schedule, scaler and position, and what is saved."""
+
+    def __init__(self, args: argparse.Namespace, ctx: DistContext) -> None:
+        self.args, self.ctx = args, ctx
+        self.out = Path(args.out)
+        if ctx.is_root:
+            self.out.mkdir(parents=True, exist_ok=True)
+        ctx.barrier()
+        seed_everything(args.seed)
+        self.batches, self.test, shape = load_data(args, ctx)
+        self.model = build_model(args.model, **shape).to(ctx.device)
+        # every rank starts from rank 0's weights
+        ctx.comm.broadcast_(list(self.model.state_dict().values()), root_rank=0, name="train.init")
+        self.mode: Mode = make_mode(args, self.model, ctx)
+        self.opt = self.mode.optimizer
+        self.sched = make_lr_schedule(args, self.opt, self.batches.steps_per_epoch, ctx.size)
+        self.amp_dtype = (torch.float16 if ctx.device.type == "cuda" else torch.bfloat16) if args.amp else None
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp and ctx.device.type == "cuda")
+        self.position = Position()
+        self.manifest = {"model": args.model, "mode": args.mode, "data": args.data, "batch_size": args.batch_size,
+                         "parameters": [[n, list(p.shape)] for n, p in sorted(self.model.named_parameters())]}
+        self.timing = {"run": StepTiming(), "steady": StepTiming()}
+        self.crit = nn.CrossEntropyLoss()
+
+    @property
+    def total_steps(self) -> float:
+        return min(self.args.max_steps or math.inf, self.args.epochs * self.batches.steps_per_epoch)
+
+    def resume(self, where: str) -> None:
+        """Continue from the newest checkpoint of ``where`` (a fresh start when there is none)."""
+        found = checkpoint.find(where)
+        if found is None:
+            if self.ctx.is_root:
+                print(f"no checkpoint in {where}: starting a new run", flush=True)
+            return
+        state, _ = checkpoint.load(found, self.ctx.rank, self.ctx.size, self.manifest, map_location=self.ctx.device)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.position = Position(**state["position"])
+        if self.ctx.is_root:
+            print(f"resumed from {found} at epoch {self.position.epoch}, step {self.position.global_step}", flush=True)
+
+    def save_checkpoint(self) -> Path:
+        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                 "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                 "position": asdict(self.position)}
+        return checkpoint.save(self.out / "checkpoints", self.position.global_step, self.ctx.rank, self.ctx.size,
+                               state, dict(self.manifest, label=self.args.label), self.ctx.barrier)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        """Forward, backward and the mode's step on one batch; returns the step's log record."""
+        ctx, pos = self.ctx, self.position
+        t0 = time.perf_counter()
+        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        self.opt.zero_grad()
+        with torch.autocast(ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            loss = self.crit(self.mode.net(x), y)
+        self.scaler.scale(loss).backward()
+        cost = self.mode.step(self.scaler)
+        self.scaler.update()
+        self.sched.step()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+        step_time = time.perf_counter() - t0
+        pos.train_seconds += step_time
+        self.timing["run"].add(step_time, cost.wait_seconds)
+        if pos.global_step >= self.args.warmup_steps:   # the same boundary for every mode
+            self.timing["steady"].add(step_time, cost.wait_seconds)
+        pos.global_step += 1
+        pos.step_in_epoch += 1
+        return {"step": pos.global_step, "epoch": pos.epoch, "wall": round(pos.train_seconds, 6),
+                "step_time": step_time, "compute_time": step_time - cost.wait_seconds,
+                "comm_wait": cost.wait_seconds, "bytes": cost.bytes, "loss": float(loss.detach()),
+                "lr": self.sched.get_last_lr()[0], "images_per_sec": ctx.size * len(y) / step_time}
+
+    def evaluate(self) -> tuple[float, float]:
+        """(accuracy, mean loss) over the whole test set, each rank scoring its shard."""
+        self.mode.before_evaluation()
+        net, ctx = self.mode.net, self.ctx
+        net.eval()
+        correct = loss_sum = count = 0.0
+        batches = ([(self.test[0][i:i + 512], self.test[1][i:i + 512]) for i in range(0, len(self.test[1]), 512)]
+                   if isinstance(self.test, tuple) else self.test)
+        with torch.no_grad(), torch.autocast(ctx.device.type, dtype=self.amp_dtype,
+                                             enabled=self.amp_dtype is not None):
+            for x, y in batches:
+                x, y = x.to(ctx.device), y.to(ctx.device)
+                out = net(x).float()
+                loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+                correct += float((out.argmax(1) == y).sum())
+                count += len(y)
+        net.train()
+        correct, loss_sum, count = ctx.all_sum([correct, loss_sum, count])
+        return correct / count, loss_sum / count
+
+    def summary(self, accuracy: Optional[float], test_loss: Optional[float]) -> dict[str, Any]:
+        """The run's figures, throughput summed over ranks (collective)."""
+        args, ctx = self.args, self.ctx
+        peak = (torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        mine = {"images_per_sec": {k: t.images_per_sec(args.batch_size) for k, t in self.timing.items()},
+                "peak_memory_bytes": peak}
+        per_rank = ctx.comm.allgather_object(mine)
+        run, steady = self.timing["run"], self.timing["steady"]
+        steps = self.position.global_step
+        return {
+            "mode": args.mode, "ranks": ctx.size, "steps": steps, "epochs": self.position.epoch,
+            # whole run (SSD-SGD's warm-up included) and steady state (steps after --warmup-steps)
+            "images_per_sec": _total(r["images_per_sec"]["run"] for r in per_rank),
+            "steady_images_per_sec": _total(r["images_per_sec"]["steady"] for r in per_rank),
+            "rank_images_per_sec": [r["images_per_sec"]["steady"] for r in per_rank],
+            "step_ms": run.ms("seconds"), "compute_ms": run.ms("compute"), "comm_wait_ms": run.ms("comm"),
+            "steady_step_ms": steady.ms("seconds"), "steady_compute_ms": steady.ms("compute"),
+            "steady_comm_wait_ms": steady.ms("comm"),
+            "bytes_per_step": self.mode.bytes_per_step(steps),
+            "test_accuracy": accuracy, "test_loss": test_loss, "wall_seconds": self.position.train_seconds,
+            "peak_memory_bytes": [r["peak_memory_bytes"] for r in per_rank],
+            "parameter_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            "label": args.label, **self.mode.summary(),
+        }
+
+
+def _total(values: Any) -> Optional[float]:
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values)
+
+
+# ---------------------------------------------------------------------------------- the run
+def train(args: argparse.Namespace) -> int:
+    ctx = init_distributed(args.backend, args.device)
+    check_args(args, ctx.backend)
+    trainer = Trainer(args, ctx)
+    if args.resume is not None:
+        trainer.resume(args.resume or str(trainer.out))
+    pos = trainer.position
+    log = runlog.RunLog(trainer.out, ctx.is_root)
+    log.write("start", mode=args.mode, backend=ctx.backend, ranks=ctx.size, device=str(ctx.device),
+              model=args.model, parameters=count_parameters(trainer.model), data=args.data, label=args.label,
+              resumed_at=pos.global_step, args=vars(args))
+    preempt = PreemptionFlag()
+    bar = tqdm(total=trainer.total_steps, initial=pos.global_step, unit="step", mininterval=1.0,
+               disable=not ctx.is_root or args.no_progress, dynamic_ncols=True)
+    stopped_by: Optional[str] = None
+    accuracy = test_loss = None
+    while pos.epoch < args.epochs and stopped_by is None:
+        for x, y in trainer.batches.epoch(pos.epoch, pos.step_in_epoch):
+            record = trainer.train_step(x, y)
+            log.write("step", **{k: v for k, v in record.items() if k != "images_per_sec"})
+            bar.update(1)
+            if bar.n % 10 == 0:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_sec']:.0f}", refresh=False)
+            if args.preempt_at_step == pos.global_step and ctx.is_root:
+                preempt.raised = True
+            if pos.global_step % args.signal_check_every == 0 and ctx.all_sum([float(preempt.raised)])[0] > 0:
+                stopped_by = "preemption"
+                break
+            if args.max_steps and pos.global_step >= args.max_steps:
+                stopped_by = "max-steps"
+                break
+        if stopped_by == "preemption":
+            path = trainer.save_checkpoint()
+            log.write("preempted", step=pos.global_step, checkpoint=str(path))
+            if ctx.is_root:
+                print(f"\npreemption signal: checkpoint {path} written at step {pos.global_step}; "
+                      f"rerun with --resume to continue", flush=True)
+            break
+        accuracy, test_loss = trainer.evaluate()
+        finished_epoch = pos.step_in_epoch >= trainer.batches.steps_per_epoch
+        log.write("epoch", epoch=pos.epoch, step=pos.global_step, wall=round(pos.train_seconds, 6),
+                  test_accuracy=accuracy, test_loss=test_loss, complete=finished_epoch)
+        if finished_epoch:
+            pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+        last = pos.epoch >= args.epochs or stopped_by is not None
+        if last or (args.checkpoint_every and pos.epoch % args.checkpoint_every == 0 and finished_epoch):
+            trainer.save_checkpoint()
+    bar.close()
+    if stopped_by != "preemption":
+        summary = trainer.summary(accuracy, test_loss)
+        log.write("summary", **summary)
+        if ctx.is_root:
+            print(runlog.format_table([summary]))
+            runlog.plot([trainer.out], trainer.out / "curves.png")
+    log.close()
+    shutdown(ctx)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["summarize"]:
+        if len(argv) < 2:
+            raise SystemExit("usage: python -m ssd_allreduce.train summarize RUN_DIR [RUN_DIR ...]")
+        print(runlog.summarize(argv[1:]))
+        return 0
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return train(args)

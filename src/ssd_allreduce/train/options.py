@@ -1,0 +1,72 @@
+"""The driver's command line: every option, and the checks that reject what cannot work."""
+from __future__ import annotations
+
+import argparse
+
+from ..settings import DEFAULT_GLU_BETA
+from .data import DATASET_NAMES, SHARD_MODES
+from .modes import MODES
+
+DESCRIPTION = "Train a model with SSD-SGD or a baseline, under any launcher, on CPUs or GPUs."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.train", description=DESCRIPTION,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--mode", choices=MODES, default="ssd")
+    ap.add_argument("--backend", choices=("auto", "horovod", "torch", "mpi"), default="auto",
+                    help="auto: torch under torchrun, else horovod")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--model", default="cnn", help="mlp, cnn, resnet20..resnet110, or a torchvision name")
+    ap.add_argument("--data", choices=DATASET_NAMES, default="digits")
+    ap.add_argument("--data-dir", help="CIFAR-10 python-format directory or ImageNet-style folder")
+    ap.add_argument("--synthetic-samples", type=int, default=4096)
+    ap.add_argument("--image-size", type=int, default=32, help="synthetic data only")
+    ap.add_argument("--shards", choices=SHARD_MODES, default="shuffle")
+    ap.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR-10)")
+    ap.add_argument("--workers", type=int, default=4, help="data-loading processes (image folders)")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    ap.add_argument("--batch-size", type=int, default=32, help="per rank")
+    ap.add_argument("--lr", type=float, default=0.05, help="learning rate of one rank; scaled by the rank count")
+    ap.add_argument("--no-lr-scaling", action="store_true")
+    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
+    ap.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear ramp from the one-rank lr")
+    ap.add_argument("--lr-schedule", choices=("constant", "step", "cosine"), default="constant")
+    ap.add_argument("--lr-milestones", type=float, nargs="*", default=[], help="epochs (step schedule)")
+    ap.add_argument("--lr-gamma", type=float, default=0.1)
+    ap.add_argument("--clip-grad-norm", type=float, default=0.0)
+    ap.add_argument("--amp", action="store_true", help="float16 + GradScaler on GPUs, bfloat16 on CPUs")
+    ap.add_argument("--fp16-allreduce", action="store_true", help="compress allreduces to float16")
+    ap.add_argument("--sync-every", type=int, default=5, help="k: local steps per window (ssd, local-sgd)")
+    ap.add_argument("--delay", type=int, default=None, help="d: steps a window's allreduce overlaps (default k)")
+    ap.add_argument("--warmup-steps", type=int, default=50, help="synchronous steps first (ssd, local-sgd)")
+    ap.add_argument("--glu-beta", type=float, default=DEFAULT_GLU_BETA)
+    ap.add_argument("--compensation", choices=("glu", "overwrite"), default="glu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/latest", help="run directory")
+    ap.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                    help="continue from the latest checkpoint of --out (or the one given); "
+                         "starts fresh when there is none")
+    ap.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints (0: end only)")
+    ap.add_argument("--signal-check-every", type=int, default=20,
+                    help="steps between the ranks' agreement on a preemption signal")
+    ap.add_argument("--preempt-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--label", default="", help="free text stored with the run (e.g. the network)")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def check_args(args: argparse.Namespace, backend: str) -> None:
+    """Reject combinations that cannot work, saying what to change."""
+    if args.mode == "horovod" and backend != "horovod":
+        raise SystemExit(f"--mode horovod needs the Horovod backend (got {backend}); under torchrun use --mode ddp")
+    if args.mode == "ddp" and backend != "torch":
+        raise SystemExit(f"--mode ddp needs torch.distributed (got {backend}): launch with torchrun or "
+                         "pass --backend torch, or use --mode horovod")
+    if args.data in ("cifar10", "imagefolder") and not args.data_dir:
+        raise SystemExit(f"--data {args.data} needs --data-dir (no download happens here)")
+    for name in ("epochs", "batch_size", "sync_every"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

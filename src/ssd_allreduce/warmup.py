@@ -1,0 +1,98 @@
+"""The warm-up's synchronous step: gradients averaged across ranks, as ``hvd.DistributedOptimizer``
+does, in Horovod's fusion-friendly groups."""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from torch.profiler import record_function
+
+from .comm import Communicator, ReduceOp, payload_bytes
+from .compression import compress, decompress_into_
+from .stats import SSDStats
+
+Groups = Optional[Union[int, list[list[Tensor]]]]
+
+
+def make_groups(params: Sequence[Tensor], groups: Groups) -> list[list[Tensor]]:
+    """Horovod's ``groups``: None (one fused allreduce), a count of near-equal groups, or lists of
+    parameters (those left out go alone)."""
+    params = list(params)
+    if groups is None:
+        return [params]
+    if isinstance(groups, int) and not isinstance(groups, bool):
+        if groups < 1:
+            raise ValueError(f"groups must be a positive integer or a list of lists of parameters, got {groups}")
+        n = min(groups, len(params))
+        return [params[i * len(params) // n:(i + 1) * len(params) // n] for i in range(n)]
+    if not isinstance(groups, list):
+        raise ValueError("groups must be a positive integer or a list of lists of parameters")
+    index = {id(p): i for i, p in enumerate(params)}
+    seen: set[int] = set()
+    out = []
+    for group in groups:
+        members = []
+        for p in group:
+            if not isinstance(p, Tensor):
+                raise ValueError("groups must consist of torch.Tensor parameters")
+            if id(p) in seen:
+                raise ValueError("a parameter can only appear once in groups")
+            seen.add(id(p))
+            if id(p) in index:
+                members.append(p)
+        if members:
+            out.append(sorted(members, key=lambda p: index[id(p)]))
+    out += [[p] for p in params if id(p) not in seen]
+    return out
+
+
+class GradientAverager:
+    """Averages (or sums, or Adasums) the gradients of ``params`` in place across ranks."""
+
+    def __init__(self, comm: Communicator, params: Sequence[Tensor], *, groups: Groups, op: ReduceOp,
+                 gradient_predivide_factor: float, compression: Any, sparse_as_dense: bool,
+                 stats: SSDStats) -> None:
+        if gradient_predivide_factor != 1.0 and op is not ReduceOp.AVERAGE:
+            raise ValueError("gradient_predivide_factor is only supported with op=Average")
+        self.comm, self.params, self.op = comm, list(params), op
+        self.groups = make_groups(self.params, groups)
+        self.prescale = 1.0 / gradient_predivide_factor
+        self.postscale = gradient_predivide_factor
+        self.compression, self.sparse_as_dense, self.stats = compression, sparse_as_dense, stats
+
+    def average_(self) -> None:
+        """Every rank calls it at the same step; a parameter without a gradient sends zeros
+        (another rank may have one: dynamic graphs)."""
+        with record_function("ssd_allreduce.warmup_allreduce"):
+            sparse = self._densify_grads()
+            t0 = time.perf_counter()
+            pending = []
+            for i, group in enumerate(self.groups):
+                wire, contexts = compress(self.compression, [p.grad for p in group])
+                handle = self.comm.allreduce_async_(wire, name=f"ssd.grad.{i}", op=self.op,
+                                                    prescale_factor=self.prescale,
+                                                    postscale_factor=self.postscale)
+                self.stats.bytes_allreduced += payload_bytes(wire)
+                pending.append((group, handle, wire, contexts))
+            for group, handle, wire, contexts in pending:
+                self.comm.synchronize(handle)
+                decompress_into_(self.compression, [p.grad for p in group], wire, contexts)
+            for p in sparse:
+                p.grad = p.grad.to_sparse()
+            self.stats.comm_wait_seconds += time.perf_counter() - t0
+            self.stats.warmup_allreduces += 1
+
+    def _densify_grads(self) -> list[Tensor]:
+        sparse = []
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif p.grad.is_sparse:
+                if not self.sparse_as_dense:
+                    raise ValueError("sparse gradients cannot be averaged in place: pass "
+                                     "sparse_as_dense=True")
+                p.grad = p.grad.to_dense()
+                sparse.append(p)
+        return sparse
