@@ -172,9 +172,12 @@ PY
 fi
 
 # --- 4. the project, editable --------------------------------------------------------------
-if ! "$VPY" -c "import ssd_allreduce" 2>/dev/null; then
+# again whenever setup.cfg changed (entry points), or the venv serves another checkout
+INSTALLED_CFG=$VENV/.ssd_allreduce-setup.cfg
+if ! cmp -s "$REPO/setup.cfg" "$INSTALLED_CFG" || [ "$("$VPY" -c 'import ssd_allreduce, os; print(os.path.realpath(ssd_allreduce.__file__))' 2>/dev/null)" != "$(realpath "$REPO/src/ssd_allreduce/__init__.py")" ]; then
   step "ssd_allreduce (editable)"
   pip_install --no-deps --no-build-isolation -e "$REPO" || fail "project install" "pip install -e failed" "see the error above"
+  cp "$REPO/setup.cfg" "$INSTALLED_CFG"
 fi
 
 # --- 5. check ------------------------------------------------------------------------------

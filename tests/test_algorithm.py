@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -10,7 +11,13 @@ from torch import nn
 from ssd_allreduce.algorithm import (FlatSpace, Schedule, apply_global_update_, compensate_local_,
                                      launch_window)
 from ssd_allreduce.settings import SSDSettings
-from ssd_allreduce.simulator import Simulator
+from ssd_allreduce.simulator import Simulator, ordered_tensors
+
+from conftest import WORKERS
+from reference import ReferenceSSD
+
+sys.path.insert(0, str(WORKERS))
+import problem  # noqa: E402
 
 
 def test_schedule_positions():
@@ -151,3 +158,26 @@ def test_simulator_warmup_is_large_batch_sgd_and_then_diverges_locally():
         torch.testing.assert_close(a, b)
     sim.step(_batches(5, 2), loss_fn)
     assert not torch.equal(sim.models[0][0].weight, sim.models[1][0].weight)
+
+
+@pytest.mark.parametrize("k, d, beta, warmup", [(2, 1, 0.5, 3), (3, 3, 1.0, 2), (4, 0, 0.25, 1),
+                                                (3, 2, 0.0, 0), (1, 0, 0.5, 0)])
+def test_simulator_matches_the_independent_reference_step_by_step_and_after_finish(k, d, beta, warmup):
+    """The simulator drives ``algorithm``; the reference is SPEC's formulas written out anew."""
+    workers, steps = 3, 11
+    sim = Simulator(problem.make_model(), problem.make_sgd, workers, sync_every=k, delay=d,
+                    warmup_steps=warmup, glu_beta=beta)
+    ref = ReferenceSSD(problem.make_model, problem.make_sgd, workers, k=k, d=d, T=warmup, beta=beta)
+    for step in range(steps):
+        batches = [problem.batch(r, step) for r in range(workers)]
+        sim.step(batches, problem.loss_fn)
+        ref.step(batches, problem.loss_fn)
+        for r in range(workers):
+            params, buffers = ordered_tensors(sim.models[r])
+            torch.testing.assert_close(params + buffers, ref.tensors(r), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"k={k} d={d} step {step} worker {r}: {m}")
+    sim.finish()
+    ref.finish()
+    for r in range(workers):
+        params, buffers = ordered_tensors(sim.models[r])
+        torch.testing.assert_close(params + buffers, ref.tensors(r), rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import WORKERS, horovodrun, mpirun, run_ranks, torchrun
+from reference import ReferenceSSD
 from ssd_allreduce.bench.netns import ShapedNetwork, namespaces_available
 from ssd_allreduce.simulator import Simulator
 
@@ -35,15 +36,35 @@ def simulator_for(spec: str, workers: int) -> Simulator:
                      warmup_steps=warmup, glu_beta=beta)
 
 
-def assert_matches_simulator(ranks: list[dict], spec: str, steps: int = STEPS) -> None:
+def assert_matches_simulator(ranks: list[dict], spec: str, steps: int = STEPS, rtol: float = 1e-5,
+                             atol: float = 1e-6) -> None:
+    """Every step, and the result of ``finish()`` after the last one, as the oracle computes them."""
     torch.set_num_threads(1)
     sim = simulator_for(spec, len(ranks))
     for step in range(steps):
         sim.step([problem.batch(r, step) for r in range(len(ranks))], problem.loss_fn)
         for r, rec in enumerate(ranks):
             torch.testing.assert_close(rec["configs"][spec]["after_step"][step],
-                                       problem.model_tensors(sim.models[r]), rtol=1e-5, atol=1e-6,
+                                       problem.model_tensors(sim.models[r]), rtol=rtol, atol=atol,
                                        msg=lambda m: f"{spec} rank {r} step {step}: {m}")
+    sim.finish()
+    for r, rec in enumerate(ranks):
+        torch.testing.assert_close(rec["configs"][spec]["final"], problem.model_tensors(sim.models[r]),
+                                   rtol=rtol, atol=atol, msg=lambda m: f"{spec} rank {r} after finish(): {m}")
+
+
+def assert_matches_reference(ranks: list[dict], spec: str, steps: int = STEPS) -> None:
+    """The same against SPEC's formulas written out anew (no code shared with the library)."""
+    k, d, beta, warmup = parse(spec)
+    ref = ReferenceSSD(problem.make_model, problem.make_sgd, len(ranks), k=k, d=d, T=warmup, beta=beta)
+    for step in range(steps):
+        ref.step([problem.batch(r, step) for r in range(len(ranks))], problem.loss_fn)
+        for r, rec in enumerate(ranks):
+            torch.testing.assert_close(rec["configs"][spec]["after_step"][step], ref.tensors(r),
+                                       rtol=1e-5, atol=1e-6, msg=lambda m: f"{spec} rank {r} step {step}: {m}")
+    ref.finish()
+    for r, rec in enumerate(ranks):
+        torch.testing.assert_close(rec["configs"][spec]["final"], ref.tensors(r), rtol=1e-5, atol=1e-6)
 
 
 def assert_global_weights_identical(ranks: list[dict], spec: str) -> None:
@@ -68,9 +89,28 @@ def horovod_ranks(tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.parametrize("spec", HOROVOD_CONFIGS)
-def test_horovod_matches_simulator(horovod_ranks, spec):
+def test_horovod_matches_simulator_and_reference(horovod_ranks, spec):
     assert_matches_simulator(horovod_ranks, spec)
+    assert_matches_reference(horovod_ranks, spec)
     assert_global_weights_identical(horovod_ranks, spec)
+
+
+def test_fp16_compressed_delta_is_averaged_on_real_ranks(tmp_path):
+    """The delta travels as float16: the result follows the oracle to float16 precision, W stays
+    bit-identical on every rank, and half the bytes are sent."""
+    spec = "2,2,0.5,2"
+    run_ranks(horovodrun(2, WORKER, "--backend", "horovod", "--out", str(tmp_path), "--configs", spec,
+                         "--compression", "fp16"))
+    ranks = load(tmp_path, 2)
+    assert_matches_simulator(ranks, spec, rtol=1e-3, atol=1e-4)
+    assert_global_weights_identical(ranks, spec)
+    with pytest.raises(AssertionError):   # but it is not the float32 result: it was rounded
+        assert_matches_simulator(ranks, spec, rtol=1e-7, atol=1e-8)
+    model = problem.make_model()
+    stats = ranks[0]["configs"][spec]["stats"]
+    grad_bytes = sum(p.numel() * 2 for p in model.parameters())
+    state_bytes = sum(t.numel() * 2 for t in problem.model_tensors(model))
+    assert stats["bytes_allreduced"] == 2 * grad_bytes + stats["windows_launched"] * state_bytes
 
 
 def test_sync_every_1_equals_horovod_distributed_optimizer(horovod_ranks):

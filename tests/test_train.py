@@ -60,9 +60,13 @@ def test_mpirun_with_the_mpi4py_backend(tmp_path):
     assert summary(tmp_path / "mpi")["test_accuracy"] >= 0.85
 
 
+def _where(state: dict) -> tuple[int, int, int]:
+    return tuple(state["position"][k] for k in ("epoch", "step_in_epoch", "global_step"))
+
+
 def _assert_same_final_weights(a: Path, b: Path) -> None:
     for x, y in zip(final_states(a, 2), final_states(b, 2)):
-        assert x["position"] == y["position"]
+        assert _where(x) == _where(y)
         for name, tensor in x["model"].items():
             assert torch.equal(tensor, y["model"][name]), name
         assert x["optimizer"]["ssd_sgd"]["step"] == y["optimizer"]["ssd_sgd"]["step"]
@@ -78,7 +82,7 @@ def test_preempted_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path):
     out = run_ranks(horovodrun(2, *TRAIN, *SSD_RUN, "--out", str(cut), "--preempt-at-step", "31"))
     assert "checkpoint" in out and "written at step 31" in out      # mid-epoch 1, window in flight
     state = final_states(cut, 2)[0]
-    assert state["position"] == {"epoch": 1, "step_in_epoch": 9, "global_step": 31}
+    assert _where(state) == (1, 9, 31) and state["position"]["train_seconds"] > 0
     assert state["optimizer"]["ssd_sgd"]["window"] is not None
     run_ranks(horovodrun(2, *TRAIN, *SSD_RUN, "--out", str(cut), "--resume"))
     _assert_same_final_weights(full, cut)

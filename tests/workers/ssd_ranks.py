@@ -38,12 +38,13 @@ def init_backend(name: str, subset: int, torch_backend: str):
     return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size(), "mpi"
 
 
-def build(backend: str, k: int, d: int, beta: float, warmup: int, big: int, device: str):
+def build(backend: str, k: int, d: int, beta: float, warmup: int, big: int, device: str,
+          compression: str = "none"):
     model = problem.make_model(big).to(device)
     opt = ssd_allreduce.DistributedOptimizer(
         problem.make_sgd(model.parameters()), named_parameters=model.named_parameters(),
         named_buffers=model.named_buffers(), sync_every=k, delay=d, warmup_steps=warmup,
-        glu_beta=beta, backend=backend)
+        glu_beta=beta, backend=backend, compression=getattr(ssd_allreduce.Compression, compression))
     return model, opt
 
 
@@ -55,7 +56,7 @@ def train_step(model, opt, rank: int, step: int, device: str = "cpu") -> None:
 
 
 def run_config(args, rank: int, backend: str, k: int, d: int, beta: float, warmup: int) -> dict:
-    model, opt = build(backend, k, d, beta, warmup, args.big, args.device)
+    model, opt = build(backend, k, d, beta, warmup, args.big, args.device, args.compression)
     if args.resume_from:
         ckpt = torch.load(os.path.join(args.resume_from, f"ckpt_rank{rank}.pt"), weights_only=False,
                           map_location=args.device)
@@ -106,6 +107,7 @@ def main() -> None:
     ap.add_argument("--horovod-baseline", action="store_true")
     ap.add_argument("--save-at", type=int)
     ap.add_argument("--resume-from")
+    ap.add_argument("--compression", choices=("none", "fp16"), default="none")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (every rank on the one visible GPU)")
     ap.add_argument("--torch-backend", default="gloo", help="torch.distributed backend: gloo or nccl")
     args = ap.parse_args()

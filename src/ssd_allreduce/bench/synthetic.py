@@ -91,5 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     mean, conf = float(np.mean(img_secs)), float(1.96 * np.std(img_secs))
     log(f"Img/sec per {device}: {mean:.1f} +-{conf:.1f}")
     log(f"Total img/sec on {ctx.size} {device}(s): {ctx.size * mean:.1f} +-{ctx.size * conf:.1f}")
-    if hasattr(opt, "finish"):
+    if a.mode == "ssd":
         opt.finish()
+        stats = opt.ssd_stats
+        log(f"SSD-SGD: {stats.steps} steps, {stats.windows_launched} windows launched, "
+            f"{stats.windows_landed} landed, {stats.bytes_allreduced} bytes sent per rank")

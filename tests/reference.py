@@ -1,0 +1,93 @@
+"""SSD-SGD written straight from SPEC's formulas, one tensor at a time, sharing no code with
+``ssd_allreduce.algorithm`` (nor the simulator): a mistake in the shared math cannot cancel out
+in a comparison against this.
+
+Per worker ``r``: ``w_r`` its parameters then float buffers (each sorted by name). Warm-up
+(t < T): gradients averaged, then the local optimizer steps. At t = T, before the step: W = w_0
+and every w_r = W. Steps t >= T, j = t - T: local step; land the window launched d steps ago
+(W = W + D; w_r = W + beta (w_r - s_r) + (1 - beta) (d / k) D for parameters, W for buffers);
+at (j + 1) % k == 0: s_r = w_r, D = mean_r (s_r - W), and with d = 0 land at once.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+Batch = tuple[Tensor, Tensor]
+
+
+def local_tensors(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    params = [p for _, p in sorted(model.named_parameters())]
+    buffers = [b for _, b in sorted(model.named_buffers()) if b.is_floating_point()]
+    return params, buffers
+
+
+class ReferenceSSD:
+    def __init__(self, make_model: Callable[[], nn.Module], make_optimizer: Callable, workers: int, *,
+                 k: int, d: int, T: int, beta: float) -> None:
+        self.models = [make_model() for _ in range(workers)]
+        self.opts = [make_optimizer(m.parameters()) for m in self.models]
+        self.k, self.d, self.T, self.beta = k, d, T, beta
+        self.t = 0
+        self.W: Optional[list[Tensor]] = None
+        self.launched_at: Optional[int] = None
+        self.s: list[list[Tensor]] = []
+        self.D: list[Tensor] = []
+
+    def _w(self, r: int) -> list[Tensor]:
+        params, buffers = local_tensors(self.models[r])
+        return params + buffers
+
+    @torch.no_grad()
+    def _land(self, elapsed: int) -> None:
+        n_params = len(local_tensors(self.models[0])[0])
+        self.W = [W + D for W, D in zip(self.W, self.D)]
+        for r in range(len(self.models)):
+            for i, (w, W, s, D) in enumerate(zip(self._w(r), self.W, self.s[r], self.D)):
+                if i < n_params:
+                    w.copy_(W + self.beta * (w - s) + (1 - self.beta) * (elapsed / self.k) * D)
+                else:
+                    w.copy_(W)
+        self.launched_at = None
+
+    def step(self, batches: list[Batch], loss_fn: Callable) -> None:
+        for model, opt, (x, y) in zip(self.models, self.opts, batches):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+        t, workers = self.t, len(self.models)
+        if t < self.T:
+            grads = [[p.grad for p in local_tensors(m)[0]] for m in self.models]
+            for i in range(len(grads[0])):
+                mean = sum(g[i] for g in grads) / workers
+                for g in grads:
+                    g[i].copy_(mean)
+        elif self.W is None:
+            with torch.no_grad():
+                self.W = [w.clone() for w in self._w(0)]
+                for r in range(workers):
+                    for w, W in zip(self._w(r), self.W):
+                        w.copy_(W)
+        for opt in self.opts:
+            opt.step()
+        if t >= self.T:
+            j = t - self.T
+            if self.d > 0 and self.launched_at == t - self.d:
+                self._land(self.d)
+            if (j + 1) % self.k == 0:
+                with torch.no_grad():
+                    self.s = [[w.clone() for w in self._w(r)] for r in range(workers)]
+                    self.D = [sum(self.s[r][i] - self.W[i] for r in range(workers)) / workers
+                              for i in range(len(self.W))]
+                self.launched_at = t
+                if self.d == 0:
+                    self._land(0)
+        self.t += 1
+
+    def finish(self) -> None:
+        if self.launched_at is not None:
+            self._land(self.t - 1 - self.launched_at)
+
+    def tensors(self, r: int) -> list[Tensor]:
+        return [w.detach().clone() for w in self._w(r)]
