@@ -13,6 +13,7 @@ import torch
 
 from conftest import WORKERS, horovodrun, run_ranks, torchrun
 from test_multirank import assert_global_weights_identical, load, simulator_for
+from test_train import final_states
 
 sys.path.insert(0, str(WORKERS))
 import problem  # noqa: E402
@@ -62,5 +63,14 @@ def test_training_driver_with_amp_on_the_gpu(tmp_path):
     run_ranks(torchrun(1, "-m", "ssd_allreduce.train", "--no-progress", "--device", "cuda", "--amp",
                        "--backend", "torch", "--mode", "ssd", "--epochs", "5", "--warmup-steps", "20",
                        "--clip-grad-norm", "5", "--out", str(tmp_path / "run")))
-    summary = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    summary = records[-1]
     assert summary["kind"] == "summary" and summary["test_accuracy"] >= 0.9, summary
+    # 5 epochs of 44 steps: 20 synchronous, then windows of 5 launched and landed on the GPU
+    stats = summary["ssd_stats"]
+    assert stats["steps"] == 220 and stats["warmup_allreduces"] == 20
+    assert stats["windows_launched"] == 40 and stats["windows_landed"] + stats["windows_skipped"] == 40
+    assert all(r["loss"] == r["loss"] for r in records if r["kind"] == "step")   # no NaN reached the model
+    # the GradScaler really ran (a disabled one saves an empty state) and the state is on the GPU
+    state = final_states(tmp_path / "run", 1)[0]
+    assert state["scaler"]["scale"] > 0 and state["optimizer"]["ssd_sgd"]["global_weights"][0].is_cuda

@@ -96,14 +96,18 @@ def test_horovod_matches_simulator_and_reference(horovod_ranks, spec):
 
 
 def test_fp16_compressed_delta_is_averaged_on_real_ranks(tmp_path):
-    """The delta travels as float16: the result follows the oracle to float16 precision, W stays
-    bit-identical on every rank, and half the bytes are sent."""
+    """The delta (and the warm-up's gradients) travel as float16: the result follows the float32
+    oracle to within 1e-2 while the weights move by about 0.3 over the run (measured: 4e-3), W
+    stays bit-identical on every rank, and half the bytes are sent."""
     spec = "2,2,0.5,2"
     run_ranks(horovodrun(2, WORKER, "--backend", "horovod", "--out", str(tmp_path), "--configs", spec,
                          "--compression", "fp16"))
     ranks = load(tmp_path, 2)
-    assert_matches_simulator(ranks, spec, rtol=1e-3, atol=1e-4)
+    assert_matches_simulator(ranks, spec, rtol=0, atol=1e-2)
     assert_global_weights_identical(ranks, spec)
+    moved = max((a - b).abs().max() for a, b in zip(ranks[0]["configs"][spec]["final"],
+                                                       problem.model_tensors(problem.make_model())))
+    assert moved > 0.1
     with pytest.raises(AssertionError):   # but it is not the float32 result: it was rounded
         assert_matches_simulator(ranks, spec, rtol=1e-7, atol=1e-8)
     model = problem.make_model()
