@@ -1,6 +1,7 @@
 """Real ranks (horovodrun/Gloo, torchrun/Gloo, mpirun) against the single-process simulator."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -216,3 +217,12 @@ def test_a_window_in_flight_is_landed_at_interpreter_exit():
         assert f"rank {rank} leaving with a window in flight: True" in out
         assert f"rank {rank} at exit: landed 1, in flight False" in out
     assert "shut down" not in out
+
+
+def test_two_optimizers_in_one_process_with_windows_in_flight_together():
+    out = run_ranks(horovodrun(2, str(WORKERS / "two_optimizers.py")), timeout=120)
+    for name in ("D", "G"):
+        lines = [re.search(rf"rank {r} {name}: landed (\d+), W checksum (\S+)", out) for r in (0, 1)]
+        assert all(lines), out
+        assert lines[0][1] == lines[1][1] == "4"     # 8 delay-stage steps, k = 2
+        assert lines[0][2] == lines[1][2]            # W the same on both ranks

@@ -110,7 +110,7 @@ def test_window_stays_in_flight_and_is_polled_then_lands():
     assert opt.window_in_flight and opt._ssd_engine.window.handle is not None
     _train(model, opt, 3, start=3)              # polled at 3 (pending), 4 (done), lands at 5
     assert opt.ssd_stats.polls_pending == 1 and opt.ssd_stats.windows_landed == 1
-    assert ("ssd.delta", 1) in comm.calls and ("ssd.global_weights", 1) in comm.calls
+    assert (f"{opt._ssd_name}.delta", 1) in comm.calls and (f"{opt._ssd_name}.global_weights", 1) in comm.calls
 
 
 def test_finish_lands_the_window_in_flight():
@@ -246,8 +246,8 @@ def test_groups_split_the_warmup_allreduce():
     comm = LocalCommunicator()
     opt = _wrap(model, comm, warmup_steps=2, groups=2)
     _train(model, opt, 1)
-    grads = [c for c in comm.calls if c[0].startswith("ssd.grad")]
-    assert [name for name, _ in grads] == ["ssd.grad.0", "ssd.grad.1"]
+    grads = [c for c in comm.calls if ".grad." in c[0]]
+    assert [name for name, _ in grads] == [f"{opt._ssd_name}.grad.0", f"{opt._ssd_name}.grad.1"]
     assert sum(n for _, n in grads) == len(list(model.parameters()))
     with pytest.raises(ValueError, match="a parameter can only appear once in groups"):
         w = model[0].weight
@@ -271,3 +271,16 @@ def test_sparse_gradients_need_sparse_as_dense_during_warmup():
     assert emb.weight.grad.is_sparse
     torch.testing.assert_close(emb.weight[1], before[1] - 0.1)      # lr x gradient of ones
     torch.testing.assert_close(emb.weight[5], before[5])
+
+
+def test_two_optimizers_of_one_process_use_their_own_collective_names():
+    comm = LocalCommunicator()
+    first, second = _model(), _model()
+    opt_a, opt_b = _wrap(first, comm, warmup_steps=1), _wrap(second, comm, warmup_steps=1)
+    _train(first, opt_a, 3)                     # warm-up, start, launch at step 2
+    _train(second, opt_b, 3)
+    names_a = {n for n, _ in comm.calls if n.startswith(opt_a._ssd_name + ".")}
+    names_b = {n for n, _ in comm.calls if n.startswith(opt_b._ssd_name + ".")}
+    assert opt_a._ssd_name != opt_b._ssd_name and names_a and names_b
+    assert {n.split(".", 2)[2] for n in names_a} == {n.split(".", 2)[2] for n in names_b} == {
+        "grad.0", "global_weights", "delta"}

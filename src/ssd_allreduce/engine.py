@@ -21,10 +21,6 @@ from .compression import compress, decompress_into_
 from .settings import SSDSettings
 from .stats import SSDStats
 
-DELTA_NAME = "ssd.delta"
-GLOBAL_WEIGHTS_NAME = "ssd.global_weights"
-
-
 @dataclass
 class Window:
     """A launched window: in flight while ``handle`` is set, then its result sits in the delta."""
@@ -37,11 +33,14 @@ class Window:
 
 class DelayStage:
     """SSD-SGD after the warm-up, for the local tensors ``params`` then ``buffers`` (in an order
-    every rank shares). Nothing is allocated until ``start()``."""
+    every rank shares). Nothing is allocated until ``start()``. Collectives are named
+    ``{name}.delta`` and ``{name}.global_weights``: ``name`` must be the same on every rank and
+    differ between the optimizers of one process."""
 
     def __init__(self, comm: Communicator, settings: SSDSettings, params: Sequence[Tensor],
-                 buffers: Sequence[Tensor], compression: Any, stats: SSDStats) -> None:
+                 buffers: Sequence[Tensor], compression: Any, stats: SSDStats, name: str = "ssd") -> None:
         self.comm, self.settings, self.compression, self.stats = comm, settings, compression, stats
+        self.name = name
         self.params, self.buffers = list(params), list(buffers)
         self.global_: Optional[FlatSpace] = None
         self.snapshot: Optional[FlatSpace] = None
@@ -73,7 +72,7 @@ class DelayStage:
         """End of warm-up: ``W`` = rank 0's weights, bit-identical everywhere, and ``w = W``."""
         self._allocate()
         self.global_.copy_from_(self.local)
-        self.comm.broadcast_(self.global_.buffers, root_rank=0, name=GLOBAL_WEIGHTS_NAME)
+        self.comm.broadcast_(self.global_.buffers, root_rank=0, name=f"{self.name}.global_weights")
         with torch.no_grad():
             torch._foreach_copy_(self.local, self.global_.views)
 
@@ -97,7 +96,7 @@ class DelayStage:
         with record_function("ssd_allreduce.launch"):
             launch_window(self.local, self.global_, self.snapshot, self.delta)
             wire, contexts = compress(self.compression, self.delta.buffers)
-            handle = self.comm.allreduce_async_(wire, name=DELTA_NAME, op=ReduceOp.AVERAGE)
+            handle = self.comm.allreduce_async_(wire, name=f"{self.name}.delta", op=ReduceOp.AVERAGE)
             self.window = Window(step, handle, wire, contexts)
             self.stats.windows_launched += 1
             self.stats.bytes_allreduced += payload_bytes(wire)

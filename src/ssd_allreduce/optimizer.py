@@ -24,6 +24,7 @@ This module is the Horovod-compatible shell (arguments, ``synchronize``/``skip_s
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import warnings
 import weakref
@@ -47,6 +48,10 @@ STATE_KEY = "ssd_sgd"
 STATE_VERSION = 2
 
 _live_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+# Two optimizers of one process (a GAN, multi-task) must not share collective names: Horovod
+# refuses a name still in flight. Ranks build their optimizers in the same order, so a count of
+# them names each the same everywhere (the first step's check compares the names).
+_optimizers_built = itertools.count()
 
 __all__ = ["DEFAULT_GLU_BETA", "DistributedOptimizer", "SSDStats", "finish"]
 
@@ -108,12 +113,13 @@ def DistributedOptimizer(
     # class's own step() when `optimizer.__module__` is Horovod's optimizer module; otherwise it
     # would call our step() and count a training step. Only this instance says so.
     optimizer.__dict__["__module__"] = "horovod.torch.optimizer"
+    name = f"ssd.{next(_optimizers_built)}"
     optimizer._ssd_setup(named_parameters, named_buffers, comm, settings, compression,
-                         backward_passes_per_step)
+                         backward_passes_per_step, name)
     optimizer._ssd_averager = GradientAverager(
         comm, optimizer._ssd_params, groups=groups, op=reduce_op,
         gradient_predivide_factor=gradient_predivide_factor, compression=compression,
-        sparse_as_dense=sparse_as_dense, stats=optimizer.ssd_stats)
+        sparse_as_dense=sparse_as_dense, stats=optimizer.ssd_stats, name=name)
     optimizer.sparse_as_dense = sparse_as_dense
     return optimizer
 
@@ -188,14 +194,16 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
 
     def _ssd_setup(self, named_parameters: Optional[Iterable[tuple[str, Tensor]]],
                    named_buffers: Optional[Iterable[tuple[str, Tensor]]], comm: Communicator,
-                   settings: SSDSettings, compression: Any, backward_passes_per_step: int) -> None:
+                   settings: SSDSettings, compression: Any, backward_passes_per_step: int,
+                   name: str) -> None:
         self._ssd_order_tensors(named_parameters, named_buffers)
+        self._ssd_name = name
         self._ssd_comm = comm
         self._ssd_settings = settings
         self.backward_passes_per_step = backward_passes_per_step
         self.ssd_stats = SSDStats()
         self._ssd_engine = DelayStage(comm, settings, self._ssd_params, self._ssd_buffers,
-                                      compression, self.ssd_stats)
+                                      compression, self.ssd_stats, name)
         self._ssd_step = 0
         self._ssd_checked = False
         self._ssd_warned_scaler = False
@@ -335,12 +343,16 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
     def _ssd_check_ranks(self) -> None:
         """Fail at the first step, on every rank, if ranks disagree on the model or the settings."""
         tensors = self._ssd_params + self._ssd_buffers
-        mine = {"settings": self._ssd_settings,
+        mine = {"name": self._ssd_name, "settings": self._ssd_settings,
                 "tensors": [(n, tuple(t.shape), str(t.dtype)) for n, t in
                             zip(self._ssd_param_names + self._ssd_buffer_names, tensors)]}
         everyone = self._ssd_comm.allgather_object(mine)
         ref = everyone[0]
         for rank, theirs in enumerate(everyone[1:], start=1):
+            if theirs["name"] != ref["name"]:
+                raise ValueError(f"this optimizer is SSD-SGD optimizer #{ref['name'].split('.')[1]} built on "
+                                 f"rank 0 but #{theirs['name'].split('.')[1]} on rank {rank}: build the "
+                                 "optimizers in the same order on every rank")
             diff = ref["settings"].differences(theirs["settings"])
             if diff:
                 raise ValueError(f"rank {rank} runs SSD-SGD with other settings than rank 0 (rank 0 vs "
