@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -53,9 +54,9 @@ def test_returns_the_same_optimizer_still_an_instance_of_its_class():
     (dict(nonfinite="ignore"), "nonfinite must be one of ('raise', 'skip'), got 'ignore'"),
     (dict(backend="nccl"), "backend must be one of ('horovod', 'torch', 'mpi')"),
     (dict(op="max"), "op must be one of"),
-    (dict(op="sum", gradient_predivide_factor=2.0), "gradient_predivide_factor is only supported with op=Average"),
+    (dict(op="sum"), "op=Sum is not supported: after the warm-up SSD-SGD averages the model delta"),
     (dict(backward_passes_per_step=0), "backward_passes_per_step must be an integer >= 1, got 0"),
-    (dict(op="adasum"), "op=Adasum needs backend='horovod', got backend='local'"),
+    (dict(op="adasum"), "keep hvd.DistributedOptimizer(op=hvd.Adasum) for Adasum"),
 ])
 def test_bad_arguments_say_what_to_change(kwargs, fragment):
     model = _model()
@@ -284,3 +285,28 @@ def test_two_optimizers_of_one_process_use_their_own_collective_names():
     assert opt_a._ssd_name != opt_b._ssd_name and names_a and names_b
     assert {n.split(".", 2)[2] for n in names_a} == {n.split(".", 2)[2] for n in names_b} == {
         "grad.0", "global_weights", "delta"}
+
+
+def test_an_lr_scheduler_built_before_wrapping_steps_through_ssd_sgd():
+    """Horovod scripts may build the scheduler on the plain optimizer and wrap it afterwards."""
+    model = _model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(sgd, step_size=2, gamma=0.5)
+    opt = ssd_allreduce.DistributedOptimizer(sgd, named_parameters=model.named_parameters(),
+                                             backend=LocalCommunicator(), sync_every=2, warmup_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # no "lr_scheduler.step() before optimizer.step()"
+        for step in range(5):
+            _train(model, opt, 1, start=step)
+            sched.step()
+    assert opt.ssd_stats.steps == 5 and opt.ssd_stats.windows_launched == 2
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 2)
+
+
+def test_a_step_patched_on_the_instance_before_wrapping_is_refused():
+    model = _model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    sgd.step = lambda closure=None: None
+    with pytest.raises(ValueError, match="wrap the optimizer first"):
+        ssd_allreduce.DistributedOptimizer(sgd, named_parameters=model.named_parameters(),
+                                           backend=LocalCommunicator())

@@ -81,9 +81,9 @@ def DistributedOptimizer(
     instance of its class.
 
     The first block of arguments means what it means for ``hvd.DistributedOptimizer``; they
-    govern the warm-up's gradient allreduce (``op``, ``gradient_predivide_factor``, ``groups``,
-    ``sparse_as_dense``), and ``compression`` also applies to the model-delta allreduce, which is
-    always an average. SSD-SGD's own knobs:
+    govern the warm-up's gradient allreduce (``gradient_predivide_factor``, ``groups``,
+    ``sparse_as_dense``), and ``compression`` also applies to the model-delta allreduce. ``op``
+    must be Average: SSD-SGD averages (Sum and Adasum raise, naming the alternative). SSD-SGD's own knobs:
 
     - ``sync_every`` (k): a window of k local steps ends with a non-blocking allreduce of the
       model delta; ``delay`` (d, default k): local steps it overlaps before it lands;
@@ -100,10 +100,8 @@ def DistributedOptimizer(
                            compression_name(compression))
     if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
         raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
-    reduce_op = _resolve_op(op)
+    _check_op(_resolve_op(op))
     comm = make_communicator(backend, process_set)
-    if reduce_op is ReduceOp.ADASUM and comm.name != "horovod":
-        raise ValueError(f"op=Adasum needs backend='horovod', got backend={comm.name!r}")
     if num_groups and groups is None:
         groups = num_groups
 
@@ -113,11 +111,12 @@ def DistributedOptimizer(
     # class's own step() when `optimizer.__module__` is Horovod's optimizer module; otherwise it
     # would call our step() and count a training step. Only this instance says so.
     optimizer.__dict__["__module__"] = "horovod.torch.optimizer"
+    _rewrap_scheduler_step(optimizer)
     name = f"ssd.{next(_optimizers_built)}"
     optimizer._ssd_setup(named_parameters, named_buffers, comm, settings, compression,
                          backward_passes_per_step, name)
     optimizer._ssd_averager = GradientAverager(
-        comm, optimizer._ssd_params, groups=groups, op=reduce_op,
+        comm, optimizer._ssd_params, groups=groups,
         gradient_predivide_factor=gradient_predivide_factor, compression=compression,
         sparse_as_dense=sparse_as_dense, stats=optimizer.ssd_stats, name=name)
     optimizer.sparse_as_dense = sparse_as_dense
@@ -169,6 +168,40 @@ def _resolve_op(op: Any) -> ReduceOp:
     if op not in by_value:
         raise ValueError(f"op must be hvd.Average, hvd.Sum or hvd.Adasum, got {op!r}")
     return by_value[op]
+
+
+def _rewrap_scheduler_step(optimizer: torch.optim.Optimizer) -> None:
+    """An LR scheduler built before wrapping (legal with Horovod, whose wrapper is a new object)
+    replaced this instance's ``step`` by a wrapper of the old class's step, which would bypass
+    SSD-SGD: wrap the new class's step the same way instead."""
+    patched = optimizer.__dict__.get("step")
+    if patched is None:
+        return
+    if not getattr(patched, "_wrapped_by_lr_sched", False):
+        raise ValueError("this optimizer's step() was replaced on the instance before wrapping, so SSD-SGD "
+                         "would never run: wrap the optimizer first, then patch its step")
+    this = weakref.ref(optimizer)
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        opt = this()
+        opt._opt_called = True  # what the scheduler's own wrapper records
+        return type(opt).step(opt, *args, **kwargs)
+
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = step  # type: ignore[method-assign]
+
+
+def _check_op(op: ReduceOp) -> None:
+    """SSD-SGD averages: Sum and Adasum have no meaning for its delayed windows."""
+    if op is ReduceOp.SUM:
+        raise ValueError("op=Sum is not supported: after the warm-up SSD-SGD averages the model delta, "
+                         "so summed warm-up gradients would change the effective learning rate N-fold "
+                         "at the warm-up's end. Use op=Average (the default) and scale the learning "
+                         "rate by the number of ranks, as Horovod's examples do (lr * hvd.size())")
+    if op is ReduceOp.ADASUM:
+        raise ValueError("op=Adasum is not supported: Adasum combines gradients every step, SSD-SGD "
+                         "averages a model delta every k steps. Use op=Average (the default), or keep "
+                         "hvd.DistributedOptimizer(op=hvd.Adasum) for Adasum")
 
 
 def _named(named: Optional[Iterable[tuple[str, Tensor]]], what: str) -> list[tuple[str, Tensor]]:

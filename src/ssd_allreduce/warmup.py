@@ -49,15 +49,13 @@ def make_groups(params: Sequence[Tensor], groups: Groups) -> list[list[Tensor]]:
 
 
 class GradientAverager:
-    """Averages (or sums, or Adasums) the gradients of ``params`` in place across ranks, under the
-    collective names ``{name}.grad.{group}``."""
+    """Averages the gradients of ``params`` in place across ranks, under the collective names
+    ``{name}.grad.{group}``; ``gradient_predivide_factor`` splits the division as Horovod does."""
 
-    def __init__(self, comm: Communicator, params: Sequence[Tensor], *, groups: Groups, op: ReduceOp,
+    def __init__(self, comm: Communicator, params: Sequence[Tensor], *, groups: Groups,
                  gradient_predivide_factor: float, compression: Any, sparse_as_dense: bool,
                  stats: SSDStats, name: str = "ssd") -> None:
-        if gradient_predivide_factor != 1.0 and op is not ReduceOp.AVERAGE:
-            raise ValueError("gradient_predivide_factor is only supported with op=Average")
-        self.comm, self.params, self.op = comm, list(params), op
+        self.comm, self.params = comm, list(params)
         self.groups = make_groups(self.params, groups)
         self.prescale = 1.0 / gradient_predivide_factor
         self.postscale = gradient_predivide_factor
@@ -73,7 +71,7 @@ class GradientAverager:
             pending = []
             for i, group in enumerate(self.groups):
                 wire, contexts = compress(self.compression, [p.grad for p in group])
-                handle = self.comm.allreduce_async_(wire, name=f"{self.name}.grad.{i}", op=self.op,
+                handle = self.comm.allreduce_async_(wire, name=f"{self.name}.grad.{i}", op=ReduceOp.AVERAGE,
                                                     prescale_factor=self.prescale,
                                                     postscale_factor=self.postscale)
                 self.stats.bytes_allreduced += payload_bytes(wire)
