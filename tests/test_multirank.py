@@ -226,3 +226,18 @@ def test_two_optimizers_in_one_process_with_windows_in_flight_together():
         assert all(lines), out
         assert lines[0][1] == lines[1][1] == "4"     # 8 delay-stage steps, k = 2
         assert lines[0][2] == lines[1][2]            # W the same on both ranks
+
+
+def test_horovods_resume_pattern_loads_on_rank_0_and_broadcasts(tmp_path):
+    """Rank 0 alone loads a checkpoint saved with a window in flight, then Horovod's broadcasts:
+    every rank continues from rank 0's SSD-SGD state, exactly as if each had loaded the file."""
+    worker = str(WORKERS / "horovod_resume.py")
+    run_ranks(horovodrun(2, worker, "--out", str(tmp_path), "--phase", "save"), timeout=120)
+    for phase in ("broadcast", "everyone"):
+        out = run_ranks(horovodrun(2, worker, "--out", str(tmp_path), "--phase", phase), timeout=120)
+        assert all(f"rank {r} resumed by {phase}: 14 steps" in out for r in (0, 1)), out
+    for r in (0, 1):
+        broadcast = torch.load(tmp_path / f"broadcast_rank{r}.pt", weights_only=False)
+        everyone = torch.load(tmp_path / f"everyone_rank{r}.pt", weights_only=False)
+        assert all(torch.equal(a, b) for a, b in zip(broadcast["final"], everyone["final"])), f"rank {r}"
+        assert all(torch.equal(a, b) for a, b in zip(broadcast["W"], everyone["W"])), f"rank {r}"

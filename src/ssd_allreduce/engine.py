@@ -144,6 +144,26 @@ class DelayStage:
                               compensation=self.settings.compensation)
             self.stats.windows_landed += 1
 
+    @property
+    def position(self) -> tuple[bool, Optional[int]]:
+        """(delay stage started, step its window in flight was launched at) for cross-rank checks."""
+        return self.started, None if self.window is None else self.window.launched_at
+
+    def adopt_root_state(self, root_position: tuple[bool, Optional[int]]) -> None:
+        """Every rank takes rank 0's ``W`` and window (collective; rank 0's window has arrived)."""
+        started, launched_at = root_position
+        if not started:
+            self.load_state_dict({})
+            return
+        if not self.started:
+            self._allocate()
+        self.comm.broadcast_(self.global_.buffers, root_rank=0, name=f"{self.name}.adopt.global_weights")
+        self.window = None
+        if launched_at is not None:
+            self.comm.broadcast_(self.snapshot.buffers + self.delta.buffers, root_rank=0,
+                                 name=f"{self.name}.adopt.window")
+            self.window = Window(launched_at, None, [], [])
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """``W`` and the window (its snapshot and delta); a window in flight is waited for, not

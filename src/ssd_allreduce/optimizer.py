@@ -94,7 +94,7 @@ def DistributedOptimizer(
     - ``backend``: "horovod", "torch" (torch.distributed) or "mpi" (mpi4py), or a Communicator;
     - ``nonfinite``: "raise" (default) or "skip" a window whose averaged delta is not finite.
     """
-    if isinstance(optimizer, _SSDSGDOptimizer):
+    if hasattr(optimizer, "_ssd_base"):
         raise ValueError("this optimizer is already wrapped by ssd_allreduce.DistributedOptimizer")
     settings = SSDSettings(sync_every, delay, warmup_steps, glu_beta, compensation, nonfinite,
                            compression_name(compression))
@@ -106,7 +106,10 @@ def DistributedOptimizer(
         groups = num_groups
 
     base = type(optimizer)
-    optimizer.__class__ = type(base.__name__, (_SSDSGDOptimizer, base), {"_ssd_base": base})
+    # The methods are copied into a direct subclass of the user's class (not mixed in), so that
+    # super(type(opt), opt).step(), which hvd.broadcast_optimizer_state() calls, is the user's step.
+    methods = {k: v for k, v in vars(_SSDSGDOptimizer).items() if k not in ("__dict__", "__weakref__")}
+    optimizer.__class__ = type(base.__name__, (base,), {**methods, "_ssd_base": base})
     # hvd.broadcast_optimizer_state() initialises an empty optimizer state by calling the wrapped
     # class's own step() when `optimizer.__module__` is Horovod's optimizer module; otherwise it
     # would call our step() and count a training step. Only this instance says so.
@@ -191,6 +194,26 @@ def _rewrap_scheduler_step(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step = step  # type: ignore[method-assign]
 
 
+def _check_same_optimizer(ref: dict[str, Any], theirs: dict[str, Any], rank: int) -> None:
+    """Raise, naming what differs, where rank ``rank`` built another optimizer than rank 0."""
+    if theirs["name"] != ref["name"]:
+        raise ValueError(f"this optimizer is SSD-SGD optimizer #{ref['name'].split('.')[1]} built on "
+                         f"rank 0 but #{theirs['name'].split('.')[1]} on rank {rank}: build the "
+                         "optimizers in the same order on every rank")
+    diff = ref["settings"].differences(theirs["settings"])
+    if diff:
+        raise ValueError(f"rank {rank} runs SSD-SGD with other settings than rank 0 (rank 0 vs "
+                         f"rank {rank}: {'; '.join(diff)}): pass the same settings on every rank")
+    a, b = ref["tensors"], theirs["tensors"]
+    for i in range(max(len(a), len(b))):
+        x = a[i] if i < len(a) else None
+        y = b[i] if i < len(b) else None
+        if x != y:
+            raise ValueError(f"rank {rank}'s model differs from rank 0's at tensor #{i}: "
+                             f"rank 0 has {x}, rank {rank} has {y} (name, shape, dtype); "
+                             "every rank must build the same model")
+
+
 def _check_op(op: ReduceOp) -> None:
     """SSD-SGD averages: Sum and Adasum have no meaning for its delayed windows."""
     if op is ReduceOp.SUM:
@@ -217,8 +240,8 @@ def _named(named: Optional[Iterable[tuple[str, Tensor]]], what: str) -> list[tup
 
 
 class _SSDSGDOptimizer(torch.optim.Optimizer):
-    """The first base of the class made by ``DistributedOptimizer``; the second is the user's
-    optimizer class, ``self._ssd_base``, whose ``step`` makes the local update."""
+    """Methods copied into the class made by ``DistributedOptimizer``, a subclass of the user's
+    optimizer class ``self._ssd_base``, whose ``step`` makes the local update."""
 
     _ssd_base: type
     # GradScaler then always calls step() and tells it about non-finite gradients, so every rank
@@ -374,31 +397,37 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
                 setattr(self, name, value)
 
     def _ssd_check_ranks(self) -> None:
-        """Fail at the first step, on every rank, if ranks disagree on the model or the settings."""
+        """At the first step (and the first after ``load_state_dict``), on every rank: fail if ranks
+        disagree on the model or the settings; where only rank 0 loaded a checkpoint (Horovod's
+        resume: load on rank 0, then ``hvd.broadcast_optimizer_state``), take its SSD-SGD state."""
         tensors = self._ssd_params + self._ssd_buffers
         mine = {"name": self._ssd_name, "settings": self._ssd_settings,
+                "position": (self._ssd_step, *self._ssd_engine.position),
                 "tensors": [(n, tuple(t.shape), str(t.dtype)) for n, t in
                             zip(self._ssd_param_names + self._ssd_buffer_names, tensors)]}
         everyone = self._ssd_comm.allgather_object(mine)
         ref = everyone[0]
         for rank, theirs in enumerate(everyone[1:], start=1):
-            if theirs["name"] != ref["name"]:
-                raise ValueError(f"this optimizer is SSD-SGD optimizer #{ref['name'].split('.')[1]} built on "
-                                 f"rank 0 but #{theirs['name'].split('.')[1]} on rank {rank}: build the "
-                                 "optimizers in the same order on every rank")
-            diff = ref["settings"].differences(theirs["settings"])
-            if diff:
-                raise ValueError(f"rank {rank} runs SSD-SGD with other settings than rank 0 (rank 0 vs "
-                                 f"rank {rank}: {'; '.join(diff)}): pass the same settings on every rank")
-            a, b = ref["tensors"], theirs["tensors"]
-            for i in range(max(len(a), len(b))):
-                x = a[i] if i < len(a) else None
-                y = b[i] if i < len(b) else None
-                if x != y:
-                    raise ValueError(f"rank {rank}'s model differs from rank 0's at tensor #{i}: "
-                                     f"rank 0 has {x}, rank {rank} has {y} (name, shape, dtype); "
-                                     "every rank must build the same model")
+            _check_same_optimizer(ref, theirs, rank)
+        self._ssd_agree_on_position([e["position"] for e in everyone])
         self._ssd_checked = True
+
+    def _ssd_agree_on_position(self, positions: list[tuple[int, bool, Optional[int]]]) -> None:
+        root = positions[0]
+        strays = [r for r, p in enumerate(positions) if p != root]
+        if not strays:
+            return
+        if any(positions[r] != (0, False, None) for r in strays):
+            where = ", ".join(f"rank {r}: {p}" for r, p in enumerate(positions))
+            raise ValueError(f"ranks are at different SSD-SGD positions (step, delay stage started, window "
+                             f"launched at): {where}. Load the same checkpoint on every rank, or load it on "
+                             "rank 0 alone and call hvd.broadcast_optimizer_state(optimizer, root_rank=0)")
+        if self._ssd_comm.rank in strays:
+            logger.warning("SSD-SGD state taken from rank 0 (step %d): this rank started afresh, as after "
+                           "hvd.broadcast_optimizer_state of a checkpoint loaded on rank 0", root[0])
+        self._ssd_engine.adopt_root_state(root[1:])
+        self._ssd_step = root[0]
+        self.ssd_stats.steps = root[0]
 
     def finish(self) -> None:
         """Land the window in flight now (all ranks together: end of training, or before an
@@ -446,6 +475,7 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         self._ssd_engine.load_state_dict(ssd or {})
         self._ssd_base.load_state_dict(self, state_dict)
         self._synchronized = False
+        self._ssd_checked = False   # the next step compares positions across ranks
         if ssd is None:
             logger.warning("optimizer state has no SSD-SGD part: starting at step 0 (warm-up)")
             self._ssd_step = 0
