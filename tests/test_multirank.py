@@ -241,3 +241,27 @@ def test_horovods_resume_pattern_loads_on_rank_0_and_broadcasts(tmp_path):
         everyone = torch.load(tmp_path / f"everyone_rank{r}.pt", weights_only=False)
         assert all(torch.equal(a, b) for a, b in zip(broadcast["final"], everyone["final"])), f"rank {r}"
         assert all(torch.equal(a, b) for a, b in zip(broadcast["W"], everyone["W"])), f"rank {r}"
+
+
+def test_a_process_set_without_rank_0(tmp_path):
+    """4 ranks, the optimizer on the process set [2, 3]: its members follow the 2-worker oracle
+    (the end-of-warm-up broadcast roots at the set's first rank), ranks 0 and 1 step alone."""
+    spec = "2,1,0.5,2"
+    run_ranks(horovodrun(4, WORKER, "--backend", "horovod", "--out", str(tmp_path), "--configs", spec,
+                         "--process-set", "2,3"), timeout=180)
+    ranks = load(tmp_path, 4)
+    members, outsiders = ranks[2:], ranks[:2]
+    assert all(rec["size"] == 2 for rec in members)
+    assert_matches_simulator(members, spec)
+    assert_global_weights_identical(members, spec)
+    for global_rank, rec in enumerate(outsiders):
+        model = problem.make_model()
+        opt = problem.make_sgd(model.parameters())
+        for step in range(STEPS):
+            x, y = problem.batch(global_rank, step)
+            opt.zero_grad()
+            problem.loss_fn(model(x), y).backward()
+            opt.step()
+            assert all(torch.equal(a, b) for a, b in zip(rec["configs"][spec]["after_step"][step],
+                                                         problem.model_tensors(model))), (global_rank, step)
+        assert rec["configs"][spec]["stats"]["windows_launched"] == 0

@@ -92,6 +92,7 @@ def DistributedOptimizer(
       (0); ``compensation="overwrite"`` replaces the local weights by the global ones (ablation);
     - ``named_buffers``: floating-point buffers (BatchNorm statistics) averaged with the delta;
     - ``backend``: "horovod", "torch" (torch.distributed) or "mpi" (mpi4py), or a Communicator;
+      with ``process_set``, ranks outside the set step alone, as with Horovod;
     - ``nonfinite``: "raise" (default) or "skip" a window whose averaged delta is not finite.
     """
     if hasattr(optimizer, "_ssd_base"):
@@ -316,7 +317,7 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
     def synchronize(self) -> None:
         """Average the gradients across ranks during warm-up (after it, SSD-SGD steps on local
         gradients and this only marks the step as synchronised)."""
-        if self._ssd_settings.schedule.in_warmup(self._ssd_step):
+        if self._ssd_comm.member and self._ssd_settings.schedule.in_warmup(self._ssd_step):
             self._ssd_averager.average_()
         self._synchronized = True
 
@@ -341,6 +342,10 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         if all(p.grad is None for p in self._ssd_params):
             raise RuntimeError("optimizer.step() was called but no parameter has a gradient: "
                                "call loss.backward() before optimizer.step()")
+        if not self._ssd_comm.member:   # outside the process set: a local step, as with Horovod
+            self._ssd_local_update(averaged=False)
+            self._ssd_end_step()
+            return loss
         if not self._ssd_checked:
             self._ssd_check_ranks()
         t = self._ssd_step
@@ -357,12 +362,15 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
                 self._ssd_engine.start()
             self._ssd_local_update(averaged=False)
             self._ssd_engine.after_local_step(t)
+        self._ssd_end_step()
+        return loss
+
+    def _ssd_end_step(self) -> None:
         self._synchronized = False
         for p in self._ssd_backward_passes:
             self._ssd_backward_passes[p] = 0
         self._ssd_step += 1
         self.ssd_stats.steps = self._ssd_step
-        return loss
 
     def _ssd_local_update(self, averaged: bool) -> None:
         """The wrapped optimizer's step, with GradScaler's unscale and skip handled here."""

@@ -16,10 +16,16 @@ import problem  # noqa: E402
 import ssd_allreduce  # noqa: E402
 
 
-def init_backend(name: str, subset: int, torch_backend: str):
-    """Initialise the backend; returns (rank, size, backend argument) or None if not a member."""
+def init_backend(name: str, subset: int, torch_backend: str, process_set: str = ""):
+    """Initialise the backend; returns (rank, size, backend argument) or None if not a member.
+    With a Horovod ``process_set`` ("2,3"), members return their rank in the set, the others
+    their global rank, size 1 and the set (their optimizer must step alone, as Horovod's does)."""
     if name == "horovod":
         import horovod.torch as hvd
+        if process_set:
+            ps = hvd.ProcessSet([int(r) for r in process_set.split(",")])
+            hvd.init(process_sets=[ps])
+            return (ps.rank(), ps.size(), ps) if ps.included() else (hvd.rank(), 1, ps)
         if subset:  # Horovod on a sub-communicator of mpi4py: the first `subset` ranks only
             from mpi4py import MPI
             world = MPI.COMM_WORLD
@@ -38,13 +44,15 @@ def init_backend(name: str, subset: int, torch_backend: str):
     return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size(), "mpi"
 
 
-def build(backend: str, k: int, d: int, beta: float, warmup: int, big: int, device: str,
+def build(backend, k: int, d: int, beta: float, warmup: int, big: int, device: str,
           compression: str = "none"):
+    """``backend``: a backend name, or a Horovod process set (the optimizer runs on it)."""
     model = problem.make_model(big).to(device)
+    where = dict(backend=backend) if isinstance(backend, str) else dict(backend="horovod", process_set=backend)
     opt = ssd_allreduce.DistributedOptimizer(
         problem.make_sgd(model.parameters()), named_parameters=model.named_parameters(),
         named_buffers=model.named_buffers(), sync_every=k, delay=d, warmup_steps=warmup,
-        glu_beta=beta, backend=backend, compression=getattr(ssd_allreduce.Compression, compression))
+        glu_beta=beta, compression=getattr(ssd_allreduce.Compression, compression), **where)
     return model, opt
 
 
@@ -81,6 +89,7 @@ def run_config(args, rank: int, backend: str, k: int, d: int, beta: float, warmu
     opt.finish()
     record["final"] = problem.model_tensors(model)
     record["stats"] = opt.ssd_stats.as_dict()
+    record["global_weights_at_end"] = None if opt.global_weights is None else [w.clone() for w in opt.global_weights]
     return record
 
 
@@ -105,6 +114,7 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=0)
     ap.add_argument("--subset", type=int, default=0, help="Horovod on the first N ranks' sub-communicator")
     ap.add_argument("--horovod-baseline", action="store_true")
+    ap.add_argument("--process-set", default="", help="Horovod: run the optimizers on these global ranks")
     ap.add_argument("--save-at", type=int)
     ap.add_argument("--resume-from")
     ap.add_argument("--compression", choices=("none", "fp16"), default="none")
@@ -112,7 +122,7 @@ def main() -> None:
     ap.add_argument("--torch-backend", default="gloo", help="torch.distributed backend: gloo or nccl")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    member = init_backend(args.backend, args.subset, args.torch_backend)
+    member = init_backend(args.backend, args.subset, args.torch_backend, args.process_set)
     if member is None:
         print("not a member of the sub-communicator; idle", flush=True)
         return
@@ -123,6 +133,10 @@ def main() -> None:
         result["configs"][spec] = run_config(args, rank, backend, int(k), int(d), float(beta), int(warmup))
     if args.horovod_baseline:
         result["horovod_baseline"] = horovod_baseline(rank, args.steps)
+    if args.process_set:
+        import horovod.torch as hvd
+        hvd.allreduce(torch.zeros(1), name="done")   # every rank stays until the set has finished
+        rank = hvd.rank()
     torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
     print(f"rank {rank}/{size} done", flush=True)
 

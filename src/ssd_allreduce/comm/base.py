@@ -25,11 +25,13 @@ class Handle:
 
 class Communicator(ABC):
     """Collectives over the ranks of one job (or one process set of it); ``rank`` and ``size``
-    are this process's place in it, fixed when the communicator is built."""
+    are this process's place in it, fixed when the communicator is built. A process outside the
+    set (``member`` False) takes part in none of its collectives."""
 
     name: str = "base"
     rank: int
     size: int
+    member: bool = True
 
     @abstractmethod
     def allreduce_async_(self, tensors: Sequence[Tensor], name: str,

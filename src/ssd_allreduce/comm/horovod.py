@@ -17,7 +17,7 @@ class _HorovodHandle(Handle):
 
 class HorovodCommunicator(Communicator):
     """Collectives through ``horovod.torch`` (``hvd.init()`` must have run, possibly on an
-    mpi4py sub-communicator: ``hvd.init(comm=subcomm)``)."""
+    mpi4py sub-communicator: ``hvd.init(comm=subcomm)``), over a process set (default: all)."""
 
     name = "horovod"
 
@@ -28,10 +28,11 @@ class HorovodCommunicator(Communicator):
             raise RuntimeError("Horovod is not initialised: call hvd.init() before building the optimizer")
         self._hvd = hvd
         self.process_set = process_set if process_set is not None else hvd.global_process_set
-        if not self.process_set.included():
-            raise ValueError(f"rank {hvd.rank()} is not a member of process_set {self.process_set}: "
-                             "build the optimizer only on the ranks of the set")
-        self.rank, self.size = self.process_set.rank(), self.process_set.size()
+        self.member = bool(self.process_set.included())
+        self.size = self.process_set.size()
+        self.rank = self.process_set.rank() if self.member else -1
+        # Horovod reads a broadcast's root as a global rank; ours is a rank in the set
+        self._global_ranks = list(self.process_set.ranks or range(hvd.size()))
         self._ops = {ReduceOp.AVERAGE: hvd.Average, ReduceOp.SUM: hvd.Sum, ReduceOp.ADASUM: hvd.Adasum}
 
     def allreduce_async_(self, tensors: Sequence[Tensor], name: str,
@@ -51,7 +52,7 @@ class HorovodCommunicator(Communicator):
         self._hvd.synchronize(handle.handle)
 
     def broadcast_(self, tensors: Sequence[Tensor], root_rank: int, name: str) -> None:
-        handles = [self._hvd.broadcast_async_(t, root_rank, name=f"{name}.{i}",
+        handles = [self._hvd.broadcast_async_(t, self._global_ranks[root_rank], name=f"{name}.{i}",
                                               process_set=self.process_set)
                    for i, t in enumerate(tensors)]
         for h in handles:
