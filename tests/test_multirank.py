@@ -265,3 +265,12 @@ def test_a_process_set_without_rank_0(tmp_path):
             assert all(torch.equal(a, b) for a, b in zip(rec["configs"][spec]["after_step"][step],
                                                          problem.model_tensors(model))), (global_rank, step)
         assert rec["configs"][spec]["stats"]["windows_launched"] == 0
+
+
+def test_a_skipped_nonfinite_window_recovers_on_real_ranks():
+    out = run_ranks(horovodrun(2, str(WORKERS / "nonfinite_skip.py")), timeout=120)
+    lines = [re.search(rf"rank {r}: landed (\d+), skipped (\d+), finite (\w+), W (\S+)", out) for r in (0, 1)]
+    assert all(lines), out
+    for line in lines:
+        assert (line[1], line[2], line[3]) == ("7", "1", "True"), out
+    assert lines[0][4] == lines[1][4]

@@ -310,3 +310,25 @@ def test_a_step_patched_on_the_instance_before_wrapping_is_refused():
     with pytest.raises(ValueError, match="wrap the optimizer first"):
         ssd_allreduce.DistributedOptimizer(sgd, named_parameters=model.named_parameters(),
                                            backend=LocalCommunicator())
+
+
+def test_a_skipped_window_brings_nonfinite_weights_and_momentum_back_and_a_run_of_skips_raises():
+    model = _model()
+    opt = _wrap(model, sync_every=2, delay=0, warmup_steps=0, nonfinite="skip", max_skipped_windows=2)
+    _train(model, opt, 2)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match="window skipped"):
+        _train(model, opt, 2, start=2)
+    assert all(torch.equal(p.detach(), w) for p, w in zip(opt._ssd_engine.params, opt.global_weights))
+    assert all(bool(torch.isfinite(s["momentum_buffer"]).all()) for s in opt.state.values())
+    _train(model, opt, 2, start=4)                  # the next window lands
+    assert (opt.ssd_stats.windows_landed, opt.ssd_stats.windows_skipped) == (2, 1)
+    with pytest.raises(FloatingPointError, match="and so were the 2 windows before it"):
+        for step in range(6, 20):
+            with torch.no_grad():
+                model[0].weight[0, 0] = float("inf")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _train(model, opt, 1, start=step)
+    assert opt.ssd_stats.windows_skipped == 1 + 3     # the third in a row raised

@@ -46,6 +46,7 @@ class DelayStage:
         self.snapshot: Optional[FlatSpace] = None
         self.delta: Optional[FlatSpace] = None
         self.window: Optional[Window] = None
+        self.skipped_in_a_row = 0
 
     @property
     def local(self) -> list[Tensor]:
@@ -76,21 +77,23 @@ class DelayStage:
         with torch.no_grad():
             torch._foreach_copy_(self.local, self.global_.views)
 
-    def after_local_step(self, step: int) -> None:
-        """The schedule at ``step``, after the local update: poll, land what is due, launch."""
+    def after_local_step(self, step: int) -> bool:
+        """The schedule at ``step``, after the local update: poll, land what is due, launch.
+        True when a skipped window brought non-finite local weights back to ``W``."""
         sched = self.settings.schedule
         self._poll()
-        if sched.lands_at(step):
-            self.land(elapsed=sched.delay)
+        reset = sched.lands_at(step) and self.land(elapsed=sched.delay)
         if sched.launches_at(step):
             self._launch(step)
             if sched.delay == 0:
-                self.land(elapsed=0)
+                reset = self.land(elapsed=0) or reset
+        return reset
 
-    def finish(self, steps_done: int) -> None:
-        """Land the window in flight now, ``steps_done`` steps into training."""
-        if self.window is not None:
-            self.land(elapsed=steps_done - 1 - self.window.launched_at)
+    def finish(self, steps_done: int) -> bool:
+        """Land the window in flight now, ``steps_done`` steps into training (see ``land``)."""
+        if self.window is None:
+            return False
+        return self.land(elapsed=steps_done - 1 - self.window.launched_at)
 
     def _launch(self, step: int) -> None:
         with record_function("ssd_allreduce.launch"):
@@ -118,31 +121,45 @@ class DelayStage:
             window.handle, window.wire = None, []
             self.stats.comm_wait_seconds += time.perf_counter() - t0
 
-    def land(self, elapsed: int) -> None:
-        """``W += D`` and the GLU compensation of the local tensors; a non-finite ``D`` raises or
-        is skipped (``settings.nonfinite``) and never reaches ``W``."""
+    def land(self, elapsed: int) -> bool:
+        """``W += D`` and the GLU compensation of the local tensors. A non-finite ``D`` never
+        reaches ``W``: it raises, or (``nonfinite="skip"``) the window is skipped and a rank whose
+        own weights are not finite goes back to ``W``; returns True then."""
         window = self.window
         if window is None:
-            return
+            return False
         self.wait()
         with record_function("ssd_allreduce.land"):
             self.window = None
             if not self.delta.is_finite():
-                message = (f"the averaged model delta of the window launched at step "
-                           f"{window.launched_at} is not finite (NaN or Inf on some rank)")
-                if self.settings.nonfinite == "raise":
-                    raise FloatingPointError(
-                        message + ": lower the learning rate or clip gradients, or pass "
-                        "nonfinite='skip' to skip such windows; the global weights were not updated")
-                warnings.warn(message + "; window skipped, global weights unchanged")
-                self.stats.windows_skipped += 1
-                return
+                return self._skip(window)
+            self.skipped_in_a_row = 0
             apply_global_update_(self.global_, self.delta)
             compensate_local_(self.params, self.buffers, self.global_, self.snapshot, self.delta,
                               glu_beta=self.settings.glu_beta, elapsed=elapsed,
                               sync_every=self.settings.sync_every,
                               compensation=self.settings.compensation)
             self.stats.windows_landed += 1
+            return False
+
+    def _skip(self, window: Window) -> bool:
+        message = (f"the averaged model delta of the window launched at step {window.launched_at} is not "
+                   "finite (NaN or Inf on some rank)")
+        limit = self.settings.max_skipped_windows
+        if self.settings.nonfinite == "raise":
+            raise FloatingPointError(message + ": lower the learning rate or clip gradients, or pass "
+                                     "nonfinite='skip' to skip such windows; the global weights were not updated")
+        self.skipped_in_a_row += 1
+        self.stats.windows_skipped += 1
+        if self.skipped_in_a_row > limit:
+            raise FloatingPointError(f"{message}, and so were the {limit} windows before it: training "
+                                     "diverges; lower the learning rate or clip gradients")
+        warnings.warn(message + "; window skipped, global weights unchanged")
+        with torch.no_grad():
+            if all(bool(torch.isfinite(t).all()) for t in self.local):
+                return False
+            torch._foreach_copy_(self.local, self.global_.views)
+        return True
 
     @property
     def position(self) -> tuple[bool, Optional[int]]:
@@ -171,6 +188,7 @@ class DelayStage:
         self.wait()
         window = self.window
         return {
+            "skipped_in_a_row": self.skipped_in_a_row,
             "global_weights": None if self.global_ is None else list(self.global_.buffers),
             "window": None if window is None else {
                 "launched_at": window.launched_at,
@@ -183,6 +201,7 @@ class DelayStage:
         if self.window is not None and self.window.handle is not None:
             raise RuntimeError("load_state_dict() while a window is in flight: call finish() first")
         self.global_ = self.snapshot = self.delta = self.window = None
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         if state.get("global_weights") is None:
             return
         self._allocate()

@@ -76,6 +76,7 @@ def DistributedOptimizer(
     named_buffers: Optional[Iterable[tuple[str, Tensor]]] = None,
     backend: Union[str, Communicator] = "horovod",
     nonfinite: str = "raise",
+    max_skipped_windows: int = 3,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` (in place) so it trains with SSD-SGD; returns the same object, still an
     instance of its class.
@@ -93,12 +94,14 @@ def DistributedOptimizer(
     - ``named_buffers``: floating-point buffers (BatchNorm statistics) averaged with the delta;
     - ``backend``: "horovod", "torch" (torch.distributed) or "mpi" (mpi4py), or a Communicator;
       with ``process_set``, ranks outside the set step alone, as with Horovod;
-    - ``nonfinite``: "raise" (default) or "skip" a window whose averaged delta is not finite.
+    - ``nonfinite``: "raise" (default) or "skip" a window whose averaged delta is not finite; a
+      skip brings a rank whose weights are not finite back to the global weights (its non-finite
+      optimizer state is zeroed), and more than ``max_skipped_windows`` skips in a row raise.
     """
     if hasattr(optimizer, "_ssd_base"):
         raise ValueError("this optimizer is already wrapped by ssd_allreduce.DistributedOptimizer")
     settings = SSDSettings(sync_every, delay, warmup_steps, glu_beta, compensation, nonfinite,
-                           compression_name(compression))
+                           compression_name(compression), max_skipped_windows)
     if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
         raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
     _check_op(_resolve_op(op))
@@ -361,7 +364,8 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
             if not self._ssd_engine.started:
                 self._ssd_engine.start()
             self._ssd_local_update(averaged=False)
-            self._ssd_engine.after_local_step(t)
+            if self._ssd_engine.after_local_step(t):
+                self._ssd_zero_nonfinite_state()
         self._ssd_end_step()
         return loss
 
@@ -404,6 +408,15 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
             for name, value in hidden.items():
                 setattr(self, name, value)
 
+    def _ssd_zero_nonfinite_state(self) -> None:
+        """After a rank went back to ``W``: momentum (or Adam's moments) that went non-finite with
+        its weights would make the next step non-finite again."""
+        with torch.no_grad():
+            for state in self.state.values():
+                for value in state.values():
+                    if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                        value.zero_()
+
     def _ssd_check_ranks(self) -> None:
         """At the first step (and the first after ``load_state_dict``), on every rank: fail if ranks
         disagree on the model or the settings; where only rank 0 loaded a checkpoint (Horovod's
@@ -440,7 +453,8 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
     def finish(self) -> None:
         """Land the window in flight now (all ranks together: end of training, or before an
         evaluation that should see the latest global progress)."""
-        self._ssd_engine.finish(self._ssd_step)
+        if self._ssd_engine.finish(self._ssd_step):
+            self._ssd_zero_nonfinite_state()
 
     @property
     def window_in_flight(self) -> bool:

@@ -16,7 +16,9 @@ NONFINITE_POLICIES = ("raise", "skip")
 class SSDSettings:
     """What every rank and every resume must agree on.
 
-    ``delay`` defaults to ``sync_every``; ``compression`` is the name of the wire format.
+    ``delay`` defaults to ``sync_every``; ``compression`` is the name of the wire format;
+    ``max_skipped_windows``: with ``nonfinite="skip"``, how many windows in a row may be skipped
+    before training stops.
     """
 
     sync_every: int = 5
@@ -26,6 +28,7 @@ class SSDSettings:
     compensation: str = "glu"
     nonfinite: str = "raise"
     compression: str = "none"
+    max_skipped_windows: int = 3
 
     def __post_init__(self) -> None:
         if self.delay is None:
@@ -39,6 +42,9 @@ class SSDSettings:
             raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {self.compensation!r}")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
+        if isinstance(self.max_skipped_windows, bool) or not isinstance(self.max_skipped_windows, int) \
+                or self.max_skipped_windows < 1:
+            raise ValueError(f"max_skipped_windows must be an integer >= 1, got {self.max_skipped_windows!r}")
 
     @cached_property
     def schedule(self) -> Schedule:
