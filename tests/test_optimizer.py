@@ -332,3 +332,20 @@ def test_a_skipped_window_brings_nonfinite_weights_and_momentum_back_and_a_run_o
                 warnings.simplefilter("ignore")
                 _train(model, opt, 1, start=step)
     assert opt.ssd_stats.windows_skipped == 1 + 3     # the third in a row raised
+
+
+@pytest.mark.parametrize("after_steps", [0, 3])
+def test_a_model_cast_after_wrapping_is_named_with_what_to_do(after_steps):
+    """.to(float64) replaces BatchNorm's buffers: caught before the first step or the next window."""
+    model = _model()
+    opt = _wrap(model, sync_every=2, warmup_steps=1)
+    _train(model, opt, after_steps)
+    model.to(torch.float64)
+    with pytest.raises(RuntimeError, match=r"parameter '0.bias' is now torch.float64 on cpu, it was "
+                                           r"torch.float32 on cpu .* build the optimizer"):
+        for step in range(after_steps, after_steps + 3):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (6,), generator=g)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()

@@ -38,10 +38,13 @@ class DelayStage:
     differ between the optimizers of one process."""
 
     def __init__(self, comm: Communicator, settings: SSDSettings, params: Sequence[Tensor],
-                 buffers: Sequence[Tensor], compression: Any, stats: SSDStats, name: str = "ssd") -> None:
+                 buffers: Sequence[Tensor], compression: Any, stats: SSDStats, name: str = "ssd",
+                 tensor_names: Optional[Sequence[str]] = None) -> None:
         self.comm, self.settings, self.compression, self.stats = comm, settings, compression, stats
         self.name = name
         self.params, self.buffers = list(params), list(buffers)
+        self.tensor_names = list(tensor_names or (f"tensor #{i}" for i in range(len(self.local))))
+        self.layout = [(t.dtype, t.device) for t in self.local]
         self.global_: Optional[FlatSpace] = None
         self.snapshot: Optional[FlatSpace] = None
         self.delta: Optional[FlatSpace] = None
@@ -65,12 +68,25 @@ class DelayStage:
         """W, the snapshot and the in-flight buffer: 0 before ``start()``, then 3 model copies."""
         return sum(s.nbytes for s in (self.global_, self.snapshot, self.delta) if s is not None)
 
+    def check_layout(self) -> None:
+        """Raise if a tensor changed dtype or device since the optimizer was built: moving or
+        casting the model (``.cuda()``, ``.to()``, ``.half()``) replaces its buffers, so the ones
+        held here would no longer be the model's."""
+        for name, t, (dtype, device) in zip(self.tensor_names, self.local, self.layout):
+            if (t.dtype, t.device) != (dtype, device):
+                raise RuntimeError(
+                    f"{name} is now {t.dtype} on {t.device}, it was {dtype} on {device} when the optimizer "
+                    "was built: the model was moved or cast after wrapping (model.cuda(), .to(), .half()), "
+                    "which replaces its buffers. Move or cast the model first, then build the optimizer, "
+                    "as Horovod's examples do")
+
     def _allocate(self) -> None:
         local = self.local
         self.global_, self.snapshot, self.delta = FlatSpace(local), FlatSpace(local), FlatSpace(local)
 
     def start(self) -> None:
         """End of warm-up: ``W`` = rank 0's weights, bit-identical everywhere, and ``w = W``."""
+        self.check_layout()
         self._allocate()
         self.global_.copy_from_(self.local)
         self.comm.broadcast_(self.global_.buffers, root_rank=0, name=f"{self.name}.global_weights")
@@ -96,6 +112,7 @@ class DelayStage:
         return self.land(elapsed=steps_done - 1 - self.window.launched_at)
 
     def _launch(self, step: int) -> None:
+        self.check_layout()
         with record_function("ssd_allreduce.launch"):
             launch_window(self.local, self.global_, self.snapshot, self.delta)
             wire, contexts = compress(self.compression, self.delta.buffers)

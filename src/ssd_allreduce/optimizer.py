@@ -262,8 +262,9 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         self._ssd_settings = settings
         self.backward_passes_per_step = backward_passes_per_step
         self.ssd_stats = SSDStats()
-        self._ssd_engine = DelayStage(comm, settings, self._ssd_params, self._ssd_buffers,
-                                      compression, self.ssd_stats, name)
+        self._ssd_engine = DelayStage(
+            comm, settings, self._ssd_params, self._ssd_buffers, compression, self.ssd_stats, name,
+            [f"parameter {n!r}" for n in self._ssd_param_names] + [f"buffer {n!r}" for n in self._ssd_buffer_names])
         self._ssd_step = 0
         self._ssd_checked = False
         self._ssd_warned_scaler = False
@@ -421,6 +422,7 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         """At the first step (and the first after ``load_state_dict``), on every rank: fail if ranks
         disagree on the model or the settings; where only rank 0 loaded a checkpoint (Horovod's
         resume: load on rank 0, then ``hvd.broadcast_optimizer_state``), take its SSD-SGD state."""
+        self._ssd_engine.check_layout()
         tensors = self._ssd_params + self._ssd_buffers
         mine = {"name": self._ssd_name, "settings": self._ssd_settings,
                 "position": (self._ssd_step, *self._ssd_engine.position),
