@@ -274,3 +274,9 @@ def test_a_skipped_nonfinite_window_recovers_on_real_ranks():
     for line in lines:
         assert (line[1], line[2], line[3]) == ("7", "1", "True"), out
     assert lines[0][4] == lines[1][4]
+
+
+def test_sparse_embedding_gradients_are_averaged_like_dense_ones():
+    out = run_ranks(horovodrun(2, str(WORKERS / "sparse_ranks.py")), timeout=120)
+    for r in (0, 1):
+        assert re.search(rf"rank {r}: max \|sparse - dense\| [0-9.e-]+, warm-up allreduces 3", out), out

@@ -64,35 +64,52 @@ class GradientAverager:
 
     def average_(self) -> None:
         """Every rank calls it at the same step; a parameter without a gradient sends zeros
-        (another rank may have one: dynamic graphs)."""
+        (another rank may have one: dynamic graphs). Sparse gradients are gathered and stay sparse,
+        as Horovod does, unless ``sparse_as_dense``."""
         with record_function("ssd_allreduce.warmup_allreduce"):
-            sparse = self._densify_grads()
             t0 = time.perf_counter()
+            sparse, densified = self._prepare_grads()
             pending = []
             for i, group in enumerate(self.groups):
-                wire, contexts = compress(self.compression, [p.grad for p in group])
+                dense = [p for p in group if p not in sparse]
+                if not dense:
+                    continue
+                wire, contexts = compress(self.compression, [p.grad for p in dense])
                 handle = self.comm.allreduce_async_(wire, name=f"{self.name}.grad.{i}", op=ReduceOp.AVERAGE,
                                                     prescale_factor=self.prescale,
                                                     postscale_factor=self.postscale)
                 self.stats.bytes_allreduced += payload_bytes(wire)
-                pending.append((group, handle, wire, contexts))
-            for group, handle, wire, contexts in pending:
-                self.comm.synchronize(handle)
-                decompress_into_(self.compression, [p.grad for p in group], wire, contexts)
+                pending.append((dense, handle, wire, contexts))
             for p in sparse:
+                self._average_sparse_(p)
+            for dense, handle, wire, contexts in pending:
+                self.comm.synchronize(handle)
+                decompress_into_(self.compression, [p.grad for p in dense], wire, contexts)
+            for p in densified:
                 p.grad = p.grad.to_sparse()
             self.stats.comm_wait_seconds += time.perf_counter() - t0
             self.stats.warmup_allreduces += 1
 
-    def _densify_grads(self) -> list[Tensor]:
-        sparse = []
+    def _prepare_grads(self) -> tuple[set[Tensor], list[Tensor]]:
+        """Zeros for missing gradients; sparse ones kept sparse (returned first) or densified for
+        the allreduce (``sparse_as_dense``; returned second, to be made sparse again)."""
+        sparse, densified = set(), []
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             elif p.grad.is_sparse:
-                if not self.sparse_as_dense:
-                    raise ValueError("sparse gradients cannot be averaged in place: pass "
-                                     "sparse_as_dense=True")
-                p.grad = p.grad.to_dense()
-                sparse.append(p)
-        return sparse
+                if self.sparse_as_dense:
+                    p.grad = p.grad.to_dense()
+                    densified.append(p)
+                else:
+                    sparse.add(p)
+        return sparse, densified
+
+    def _average_sparse_(self, p: Tensor) -> None:
+        """The mean of every rank's sparse gradient: their entries gathered, summed, divided."""
+        grad = p.grad.coalesce()
+        everyone = self.comm.allgather_object((grad.indices().cpu(), grad.values().cpu()))
+        indices = torch.cat([i for i, _ in everyone], dim=1).to(grad.device)
+        values = torch.cat([v for _, v in everyone]).to(grad.device)
+        self.stats.bytes_allreduced += grad.indices().nbytes + grad.values().nbytes
+        p.grad = torch.sparse_coo_tensor(indices, values / len(everyone), grad.shape).coalesce()
