@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import WORKERS, horovodrun, mpirun, run_ranks, torchrun
+from conftest import REPO, WORKERS, horovodrun, launcher_env, mpirun, run_ranks, torchrun
 from reference import ReferenceSSD
 from ssd_allreduce.bench.netns import ShapedNetwork, namespaces_available
 from ssd_allreduce.simulator import Simulator
@@ -280,3 +281,14 @@ def test_sparse_embedding_gradients_are_averaged_like_dense_ones():
     out = run_ranks(horovodrun(2, str(WORKERS / "sparse_ranks.py")), timeout=120)
     for r in (0, 1):
         assert re.search(rf"rank {r}: max \|sparse - dense\| [0-9.e-]+, warm-up allreduces 3", out), out
+
+
+@pytest.mark.parametrize("at, stop, launched", [(2, 2, 2), (5, 7, 5)], ids=["warm-up", "delay stage"])
+def test_a_step_without_gradients_on_one_rank_stops_every_rank_with_the_same_error(at, stop, launched):
+    """In the warm-up the flag rides with the gradients (all stop at once); after it, with the window
+    launched at step 5, which lands 2 steps later."""
+    proc = subprocess.run(horovodrun(2, str(WORKERS / "one_rank_error.py"), "--at", str(at)), env=launcher_env(),
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    message = (f"stopped at step {stop}: 1 of 2 ranks called optimizer.step() without any gradient at or "
+               f"before step {launched}: call loss.backward() before optimizer.step() on every rank")
+    assert proc.returncode != 0 and all(f"rank {r} {message}" in proc.stdout for r in (0, 1)), proc.stdout

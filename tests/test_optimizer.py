@@ -111,7 +111,8 @@ def test_window_stays_in_flight_and_is_polled_then_lands():
     assert opt.window_in_flight and opt._ssd_engine.window.handle is not None
     _train(model, opt, 3, start=3)              # polled at 3 (pending), 4 (done), lands at 5
     assert opt.ssd_stats.polls_pending == 1 and opt.ssd_stats.windows_landed == 1
-    assert (f"{opt._ssd_name}.delta", 1) in comm.calls and (f"{opt._ssd_name}.global_weights", 1) in comm.calls
+    # one flat buffer, plus the flag that tells every rank whether one stepped without gradients
+    assert (f"{opt._ssd_name}.delta", 2) in comm.calls and (f"{opt._ssd_name}.global_weights", 1) in comm.calls
 
 
 def test_finish_lands_the_window_in_flight():
@@ -249,7 +250,7 @@ def test_groups_split_the_warmup_allreduce():
     _train(model, opt, 1)
     grads = [c for c in comm.calls if ".grad." in c[0]]
     assert [name for name, _ in grads] == [f"{opt._ssd_name}.grad.0", f"{opt._ssd_name}.grad.1"]
-    assert sum(n for _, n in grads) == len(list(model.parameters()))
+    assert sum(n for _, n in grads) == len(list(model.parameters())) + 1     # and the flag
     with pytest.raises(ValueError, match="a parameter can only appear once in groups"):
         w = model[0].weight
         _wrap(_model(), groups=[[w], [w]])

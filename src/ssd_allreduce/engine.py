@@ -23,12 +23,18 @@ from .stats import SSDStats
 
 @dataclass
 class Window:
-    """A launched window: in flight while ``handle`` is set, then its result sits in the delta."""
+    """A launched window: in flight while ``handle`` is set, then its result sits in the delta.
+    ``flag`` travels with it: the share of ranks that stepped without gradients in the window."""
 
     launched_at: int
     handle: Optional[Handle]
     wire: list[Tensor]
     contexts: list[Any]
+    flag: Optional[Tensor] = None
+
+
+MISSING_GRADIENTS = ("{n} of {size} ranks called optimizer.step() without any gradient at or before step "
+                     "{step}: call loss.backward() before optimizer.step() on every rank")
 
 
 class DelayStage:
@@ -50,6 +56,7 @@ class DelayStage:
         self.delta: Optional[FlatSpace] = None
         self.window: Optional[Window] = None
         self.skipped_in_a_row = 0
+        self.steps_without_gradients = 0   # on this rank, since the last launch
 
     @property
     def local(self) -> list[Tensor]:
@@ -93,10 +100,12 @@ class DelayStage:
         with torch.no_grad():
             torch._foreach_copy_(self.local, self.global_.views)
 
-    def after_local_step(self, step: int) -> bool:
+    def after_local_step(self, step: int, without_gradients: bool = False) -> bool:
         """The schedule at ``step``, after the local update: poll, land what is due, launch.
-        True when a skipped window brought non-finite local weights back to ``W``."""
+        True when a skipped window brought non-finite local weights back to ``W``. A step
+        ``without_gradients`` is reported to every rank with the window and raises there."""
         sched = self.settings.schedule
+        self.steps_without_gradients += without_gradients
         self._poll()
         reset = sched.lands_at(step) and self.land(elapsed=sched.delay)
         if sched.launches_at(step):
@@ -116,8 +125,11 @@ class DelayStage:
         with record_function("ssd_allreduce.launch"):
             launch_window(self.local, self.global_, self.snapshot, self.delta)
             wire, contexts = compress(self.compression, self.delta.buffers)
-            handle = self.comm.allreduce_async_(wire, name=f"{self.name}.delta", op=ReduceOp.AVERAGE)
-            self.window = Window(step, handle, wire, contexts)
+            flag = torch.full((1,), float(self.steps_without_gradients > 0), dtype=wire[0].dtype,
+                              device=wire[0].device)
+            self.steps_without_gradients = 0
+            handle = self.comm.allreduce_async_(wire + [flag], name=f"{self.name}.delta", op=ReduceOp.AVERAGE)
+            self.window = Window(step, handle, wire, contexts, flag)
             self.stats.windows_launched += 1
             self.stats.bytes_allreduced += payload_bytes(wire)
 
@@ -148,6 +160,9 @@ class DelayStage:
         self.wait()
         with record_function("ssd_allreduce.land"):
             self.window = None
+            if window.flag is not None and float(window.flag) > 0:
+                raise RuntimeError(MISSING_GRADIENTS.format(n=round(float(window.flag) * self.comm.size),
+                                                            size=self.comm.size, step=window.launched_at))
             if not self.delta.is_finite():
                 return self._skip(window)
             self.skipped_in_a_row = 0

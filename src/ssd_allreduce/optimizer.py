@@ -37,7 +37,7 @@ from torch.profiler import record_function
 
 from .comm import Communicator, ReduceOp, make_communicator
 from .compression import Compression, compression_name
-from .engine import DelayStage
+from .engine import MISSING_GRADIENTS, DelayStage
 from .settings import DEFAULT_GLU_BETA, SSDSettings
 from .stats import SSDStats
 from .warmup import GradientAverager, Groups
@@ -45,6 +45,8 @@ from .warmup import GradientAverager, Groups
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "ssd_sgd"
+NO_GRADIENTS = ("optimizer.step() was called but no parameter has a gradient: call loss.backward() "
+                "before optimizer.step()")
 STATE_VERSION = 2
 
 _live_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
@@ -321,8 +323,15 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
     def synchronize(self) -> None:
         """Average the gradients across ranks during warm-up (after it, SSD-SGD steps on local
         gradients and this only marks the step as synchronised)."""
+        self._ssd_synchronize(without_gradients=False)
+
+    def _ssd_synchronize(self, without_gradients: bool) -> None:
+        """``synchronize()``; a rank that steps without gradients makes every rank raise."""
         if self._ssd_comm.member and self._ssd_settings.schedule.in_warmup(self._ssd_step):
-            self._ssd_averager.average_()
+            erred = self._ssd_averager.average_(without_gradients)
+            if erred:
+                raise RuntimeError(MISSING_GRADIENTS.format(n=erred, size=self._ssd_comm.size,
+                                                            step=self._ssd_step))
         self._synchronized = True
 
     @contextmanager
@@ -343,9 +352,9 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if all(p.grad is None for p in self._ssd_params):
-            raise RuntimeError("optimizer.step() was called but no parameter has a gradient: "
-                               "call loss.backward() before optimizer.step()")
+        without_gradients = all(p.grad is None for p in self._ssd_params)
+        if without_gradients and (self._ssd_comm.size == 1 or not self._ssd_comm.member):
+            raise RuntimeError(NO_GRADIENTS)
         if not self._ssd_comm.member:   # outside the process set: a local step, as with Horovod
             self._ssd_local_update(averaged=False)
             self._ssd_end_step()
@@ -359,13 +368,13 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
                     warnings.warn("optimizer.step() called without optimizer.skip_synchronize() "
                                   "after optimizer.synchronize(); the gradients are averaged once.")
                 else:
-                    self.synchronize()
+                    self._ssd_synchronize(without_gradients)
             self._ssd_local_update(averaged=True)
         else:
             if not self._ssd_engine.started:
                 self._ssd_engine.start()
             self._ssd_local_update(averaged=False)
-            if self._ssd_engine.after_local_step(t):
+            if self._ssd_engine.after_local_step(t, without_gradients):
                 self._ssd_zero_nonfinite_state()
         self._ssd_end_step()
         return loss

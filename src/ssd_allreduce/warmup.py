@@ -62,33 +62,42 @@ class GradientAverager:
         self.compression, self.sparse_as_dense, self.stats = compression, sparse_as_dense, stats
         self.name = name
 
-    def average_(self) -> None:
+    def average_(self, without_gradients: bool = False) -> int:
         """Every rank calls it at the same step; a parameter without a gradient sends zeros
         (another rank may have one: dynamic graphs). Sparse gradients are gathered and stay sparse,
-        as Horovod does, unless ``sparse_as_dense``."""
+        as Horovod does, unless ``sparse_as_dense``. Returns how many ranks said they stepped
+        ``without_gradients`` (a flag fused into the first allreduce), so every rank can stop."""
         with record_function("ssd_allreduce.warmup_allreduce"):
             t0 = time.perf_counter()
             sparse, densified = self._prepare_grads()
             pending = []
+            flag = None
             for i, group in enumerate(self.groups):
                 dense = [p for p in group if p not in sparse]
                 if not dense:
                     continue
                 wire, contexts = compress(self.compression, [p.grad for p in dense])
+                self.stats.bytes_allreduced += payload_bytes(wire)
+                if flag is None:
+                    flag = torch.full((1,), float(without_gradients), dtype=wire[0].dtype, device=wire[0].device)
+                    wire, contexts = wire + [flag], contexts + [None]
                 handle = self.comm.allreduce_async_(wire, name=f"{self.name}.grad.{i}", op=ReduceOp.AVERAGE,
                                                     prescale_factor=self.prescale,
                                                     postscale_factor=self.postscale)
-                self.stats.bytes_allreduced += payload_bytes(wire)
                 pending.append((dense, handle, wire, contexts))
             for p in sparse:
                 self._average_sparse_(p)
             for dense, handle, wire, contexts in pending:
                 self.comm.synchronize(handle)
                 decompress_into_(self.compression, [p.grad for p in dense], wire, contexts)
+            if flag is None:   # every gradient sparse: the flag travels alone
+                flag = torch.full((1,), float(without_gradients))
+                self.comm.synchronize(self.comm.allreduce_async_([flag], name=f"{self.name}.flag"))
             for p in densified:
                 p.grad = p.grad.to_sparse()
             self.stats.comm_wait_seconds += time.perf_counter() - t0
             self.stats.warmup_allreduces += 1
+            return round(float(flag) * self.comm.size)
 
     def _prepare_grads(self) -> tuple[set[Tensor], list[Tensor]]:
         """Zeros for missing gradients; sparse ones kept sparse (returned first) or densified for
