@@ -349,3 +349,26 @@ def test_a_model_cast_after_wrapping_is_named_with_what_to_do(after_steps):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
+
+
+def test_a_frozen_layer_stays_put_and_joins_the_windows_once_unfrozen():
+    model = _model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    model[0].requires_grad_(False)
+    opt = ssd_allreduce.DistributedOptimizer(sgd, named_parameters=model.named_parameters(),
+                                             backend=LocalCommunicator(), sync_every=2, warmup_steps=2)
+    frozen = model[0].weight.detach().clone()
+    _train(model, opt, 6)                           # warm-up and two windows
+    assert torch.equal(model[0].weight, frozen)
+    index = opt._ssd_param_names.index("0.weight")
+    assert torch.equal(opt.global_weights[index], frozen)
+    model[0].requires_grad_(True)
+    _train(model, opt, 4, start=6)                  # launched at 7, landed at 9: carries its delta
+    assert not torch.equal(opt.global_weights[index], frozen)
+
+
+def test_add_param_group_after_wrapping_says_what_to_do_instead():
+    model, extra = _model(), nn.Linear(2, 2)
+    opt = _wrap(model)
+    with pytest.raises(ValueError, match="Add every parameter group before wrapping"):
+        opt.add_param_group({"params": extra.parameters()})

@@ -281,7 +281,8 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
                 opt._ssd_count_backward(p)
 
         for p in self._ssd_params:
-            p.register_post_accumulate_grad_hook(count_backward)
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(count_backward)
         _live_optimizers.add(self)
         _register_exit_hook()
 
@@ -289,7 +290,8 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
                            named_buffers: Optional[Iterable[tuple[str, Tensor]]]) -> None:
         """Trainable parameters, then floating-point buffers, each sorted by name: the order every
         rank's flat buffers share."""
-        opt_params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        # frozen parameters too: one unfrozen later must join the windows (its delta is 0 till then)
+        opt_params = [p for g in self.param_groups for p in g["params"]]
         if named_parameters is None:
             named = [(f"param.{i}.{j}", p) for i, g in enumerate(self.param_groups)
                      for j, p in enumerate(g["params"])]
@@ -308,6 +310,13 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
                          key=lambda nb: nb[0])
         self._ssd_buffer_names = [n for n, _ in buffers]
         self._ssd_buffers = [b for _, b in buffers]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "_ssd_params"):   # torch's own __init__ adds the first groups
+            raise ValueError("add_param_group() after wrapping: SSD-SGD keeps global copies of the parameters "
+                             "it was built with. Add every parameter group before wrapping; a group that "
+                             "should train later can be frozen (requires_grad=False) and unfrozen then")
+        self._ssd_base.add_param_group(self, param_group)
 
     # ------------------------------------------------------------------ Horovod protocol
     def _ssd_count_backward(self, p: Tensor) -> None:

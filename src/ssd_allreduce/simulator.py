@@ -20,9 +20,9 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def ordered_tensors(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
-    """(trainable parameters, floating-point buffers), each sorted by name, as the optimizer
-    orders them when given ``named_parameters`` and ``named_buffers``."""
-    params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
+    """(parameters, floating-point buffers), each sorted by name, as the optimizer orders them
+    when given ``named_parameters`` and ``named_buffers``."""
+    params = [p for _, p in sorted(model.named_parameters())]
     buffers = [b for _, b in sorted(model.named_buffers()) if b.is_floating_point()]
     return params, buffers
 
@@ -91,10 +91,13 @@ class Simulator:
             self._land(self.step_index - 1 - self.launched_at)
 
     def _average_gradients(self) -> None:
+        """The mean gradient of every trainable parameter (zeros where a worker has none)."""
         grads = [[p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                  for params, _ in self.tensors]
         with torch.no_grad():
             for j in range(len(grads[0])):
+                if not self.tensors[0][0][j].requires_grad:
+                    continue
                 mean = torch.stack([g[j] for g in grads]).sum(0) / self.num_workers
                 for params, _ in self.tensors:
                     params[j].grad = mean.clone()

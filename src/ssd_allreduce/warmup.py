@@ -73,7 +73,7 @@ class GradientAverager:
             pending = []
             flag = None
             for i, group in enumerate(self.groups):
-                dense = [p for p in group if p not in sparse]
+                dense = [p for p in group if p.requires_grad and not p.grad.is_sparse]
                 if not dense:
                     continue
                 wire, contexts = compress(self.compression, [p.grad for p in dense])
@@ -99,11 +99,14 @@ class GradientAverager:
             self.stats.warmup_allreduces += 1
             return round(float(flag) * self.comm.size)
 
-    def _prepare_grads(self) -> tuple[set[Tensor], list[Tensor]]:
-        """Zeros for missing gradients; sparse ones kept sparse (returned first) or densified for
-        the allreduce (``sparse_as_dense``; returned second, to be made sparse again)."""
-        sparse, densified = set(), []
+    def _prepare_grads(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Zeros for missing gradients of trainable parameters (frozen ones take no part). Returns
+        the sparse gradients' parameters, and those densified for the allreduce
+        (``sparse_as_dense``), to be made sparse again."""
+        sparse, densified = [], []
         for p in self.params:
+            if not p.requires_grad:
+                continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             elif p.grad.is_sparse:
@@ -111,7 +114,7 @@ class GradientAverager:
                     p.grad = p.grad.to_dense()
                     densified.append(p)
                 else:
-                    sparse.add(p)
+                    sparse.append(p)
         return sparse, densified
 
     def _average_sparse_(self, p: Tensor) -> None:
