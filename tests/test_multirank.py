@@ -292,3 +292,16 @@ def test_a_step_without_gradients_on_one_rank_stops_every_rank_with_the_same_err
     message = (f"stopped at step {stop}: 1 of 2 ranks called optimizer.step() without any gradient at or "
                f"before step {launched}: call loss.backward() before optimizer.step() on every rank")
     assert proc.returncode != 0 and all(f"rank {r} {message}" in proc.stdout for r in (0, 1)), proc.stdout
+
+
+@pytest.mark.parametrize("flags", [[], ["--fp16-allreduce", "--batches-per-allreduce", "2",
+                                        "--gradient-predivide-factor", "2"]], ids=["plain", "fp16-accumulate"])
+def test_a_horovod_example_script_learns_with_the_optimizer_line_switched(flags):
+    """The same script, Horovod's optimizer and then SSD-SGD's: both learn the digits alike."""
+    accuracy = {}
+    for optimizer in ("horovod", "ssd"):
+        out = run_ranks(horovodrun(2, str(WORKERS / "horovod_mnist_style.py"), "--optimizer", optimizer, *flags),
+                        timeout=180)
+        accuracy[optimizer] = float(re.findall(r"epoch 2: test accuracy ([0-9.]+)", out)[-1])
+    assert accuracy["horovod"] > 0.85 and accuracy["ssd"] > 0.85, accuracy
+    assert abs(accuracy["ssd"] - accuracy["horovod"]) < 0.05, accuracy
