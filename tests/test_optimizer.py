@@ -372,3 +372,19 @@ def test_add_param_group_after_wrapping_says_what_to_do_instead():
     opt = _wrap(model)
     with pytest.raises(ValueError, match="Add every parameter group before wrapping"):
         opt.add_param_group({"params": extra.parameters()})
+
+
+def test_a_plain_optimizer_state_loads_and_starts_at_the_warmup():
+    model = _model()
+    plain = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, plain, 2)
+    opt = _wrap(model, sync_every=2, warmup_steps=3)
+    _train(model, opt, 5)
+    assert opt.global_weights is not None
+    opt.finish()
+    opt.load_state_dict(plain.state_dict())
+    assert opt.ssd_stats.steps == 0 and opt.global_weights is None and not opt.window_in_flight
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], plain.state[p]["momentum_buffer"])
+               for p in model.parameters())
+    _train(model, opt, 1)
+    assert opt.ssd_stats.warmup_allreduces == 1
