@@ -97,6 +97,17 @@ def test_horovod_matches_simulator_and_reference(horovod_ranks, spec):
     assert_global_weights_identical(horovod_ranks, spec)
 
 
+def test_four_ranks_match_the_simulator_and_the_reference(tmp_path):
+    specs = ["3,2,0.5,2", "2,2,0.25,0"]
+    run_ranks(horovodrun(4, WORKER, "--backend", "horovod", "--out", str(tmp_path), "--configs", ";".join(specs)),
+              timeout=180)
+    ranks = load(tmp_path, 4)
+    for spec in specs:
+        assert_matches_simulator(ranks, spec)
+        assert_matches_reference(ranks, spec)
+        assert_global_weights_identical(ranks, spec)
+
+
 def test_fp16_compressed_delta_is_averaged_on_real_ranks(tmp_path):
     """The delta (and the warm-up's gradients) travel as float16: the result follows the float32
     oracle to within 1e-2 while the weights move by about 0.3 over the run (measured: 4e-3), W
@@ -229,15 +240,16 @@ def test_two_optimizers_in_one_process_with_windows_in_flight_together():
         assert lines[0][2] == lines[1][2]            # W the same on both ranks
 
 
-def test_horovods_resume_pattern_loads_on_rank_0_and_broadcasts(tmp_path):
+@pytest.mark.parametrize("size", [2, 4])
+def test_horovods_resume_pattern_loads_on_rank_0_and_broadcasts(tmp_path, size):
     """Rank 0 alone loads a checkpoint saved with a window in flight, then Horovod's broadcasts:
     every rank continues from rank 0's SSD-SGD state, exactly as if each had loaded the file."""
     worker = str(WORKERS / "horovod_resume.py")
-    run_ranks(horovodrun(2, worker, "--out", str(tmp_path), "--phase", "save"), timeout=120)
+    run_ranks(horovodrun(size, worker, "--out", str(tmp_path), "--phase", "save"), timeout=180)
     for phase in ("broadcast", "everyone"):
-        out = run_ranks(horovodrun(2, worker, "--out", str(tmp_path), "--phase", phase), timeout=120)
-        assert all(f"rank {r} resumed by {phase}: 14 steps" in out for r in (0, 1)), out
-    for r in (0, 1):
+        out = run_ranks(horovodrun(size, worker, "--out", str(tmp_path), "--phase", phase), timeout=180)
+        assert all(f"rank {r} resumed by {phase}: 14 steps" in out for r in range(size)), out
+    for r in range(size):
         broadcast = torch.load(tmp_path / f"broadcast_rank{r}.pt", weights_only=False)
         everyone = torch.load(tmp_path / f"everyone_rank{r}.pt", weights_only=False)
         assert all(torch.equal(a, b) for a, b in zip(broadcast["final"], everyone["final"])), f"rank {r}"
