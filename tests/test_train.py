@@ -1,8 +1,10 @@
 """The training driver as users run it: every mode under real launchers, resume, bad input."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -134,17 +136,60 @@ def test_missing_cifar10_names_the_expected_files(tmp_path):
     assert r.returncode != 0 and "data_batch_1" in r.stderr and "test_batch" in r.stderr
 
 
-def test_corrupt_checkpoint_is_reported_and_the_previous_one_kept(tmp_path):
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_newest_intact_one(tmp_path, damage):
     run = tmp_path / "run"
-    assert _single(tmp_path, "--out", str(run)).returncode == 0
+    assert _single(tmp_path, "--out", str(run), "--epochs", "3", "--keep-checkpoints", "3").returncode == 0
     checkpoints = sorted((run / "checkpoints").glob("step-*"))
-    assert len(checkpoints) == 2                       # one per epoch, both kept
-    (checkpoints[-1] / "rank-0.pt").write_bytes(b"not a checkpoint")
-    r = _single(tmp_path, "--out", str(run), "--resume", "--epochs", "3")
-    assert r.returncode != 0 and "corrupt" in r.stderr and "older step-*" in r.stderr
-    r = _single(tmp_path, "--out", str(run), "--resume", str(checkpoints[0]), "--epochs", "3")
-    assert r.returncode == 0, r.stderr
-    assert "resumed from" in r.stdout and summary(run)["steps"] == 3 * 44
+    assert [c.name for c in checkpoints] == ["step-00000044", "step-00000088", "step-00000132"]
+    newest = checkpoints[-1] / "rank-0.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(b"not a checkpoint" if damage == "garbage" else data[:len(data) // 2])
+    r = _single(tmp_path, "--out", str(run), "--resume", "--epochs", "4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"passed over a damaged checkpoint: {checkpoints[-1]}" in r.stdout
+    assert "is corrupt or truncated" in r.stdout
+    assert f"resumed from {checkpoints[-2]} at epoch 2, step 88" in r.stdout
+    assert summary(run)["steps"] == 4 * 44
+    # only damaged ones left: every rank stops, naming each and what to do
+    for c in sorted((run / "checkpoints").glob("step-*")):
+        (c / "rank-0.pt").write_bytes(b"x")
+    r = _single(tmp_path, "--out", str(run), "--resume", "--epochs", "5")
+    assert r.returncode != 0 and "no intact checkpoint to resume from" in r.stderr
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    """A file planted in a shared run directory, even with a matching checksum in the manifest,
+    is not unpickled: loading accepts tensors and plain values only."""
+    run, marker = tmp_path / "run", tmp_path / "executed"
+    assert _single(tmp_path, "--out", str(run), "--epochs", "1").returncode == 0
+    (directory,) = (run / "checkpoints").glob("step-*")
+    planted = subprocess.run([PYTHON, "-c", f"""
+import os, torch
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+torch.save({{"model": Payload()}}, "{directory / 'rank-0.pt'}")
+"""], capture_output=True, text=True, timeout=60)
+    assert planted.returncode == 0, planted.stderr
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["files"]["rank-0.pt"] = hashlib.sha256((directory / "rank-0.pt").read_bytes()).hexdigest()
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    r = _single(tmp_path, "--out", str(run), "--resume", "--epochs", "2")
+    assert r.returncode != 0 and "was refused: it holds more than tensors and plain values" in r.stderr
+    assert not marker.exists()
+
+
+def test_an_unwritable_checkpoint_directory_stops_every_rank_before_the_first_step(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = subprocess.run(horovodrun(2, *TRAIN, "--out", str(blocker / "run")), env=launcher_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert re.search(rf"\[{rank}\]<stderr>:.*cannot write checkpoints to {blocker}/run/checkpoints "
+                         rf"\(rank 0: NotADirectoryError.*rank 1: NotADirectoryError", proc.stdout), proc.stdout
+    assert '"kind": "step"' not in proc.stdout
 
 
 def test_checkpoint_of_another_model_or_world_size_is_refused(tmp_path):

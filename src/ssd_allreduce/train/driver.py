@@ -88,7 +88,15 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every random generator's state as tensors and plain values (checkpoints load them with
+    ``weights_only=True``)."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -96,8 +104,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -150,9 +161,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, ctx: DistContext) -> None:
         self.args, self.ctx = args, ctx
         self.out = Path(args.out)
-        if ctx.is_root:
-            self.out.mkdir(parents=True, exist_ok=True)
-        ctx.barrier()
+        checkpoint.check_writable(self.out / "checkpoints", ctx.rank, ctx.comm.allgather_object)
         seed_everything(args.seed)
         self.batches, self.test, shape = load_data(args, ctx)
         self.model = build_model(args.model, **shape).to(ctx.device)
@@ -174,20 +183,24 @@ class Trainer:
         return min(self.args.max_steps or math.inf, self.args.epochs * self.batches.steps_per_epoch)
 
     def resume(self, where: str) -> None:
-        """Continue from the newest checkpoint of ``where`` (a fresh start when there is none)."""
-        found = checkpoint.find(where)
+        """Continue from the newest intact checkpoint of ``where`` (a fresh start when there is none)."""
+        ctx = self.ctx
+        found, state, passed_over = checkpoint.resume_state(where, ctx.rank, ctx.size, self.manifest,
+                                                            ctx.comm.allgather_object, map_location=ctx.device)
+        if ctx.is_root:
+            for reason in passed_over:
+                print(f"passed over a damaged checkpoint: {reason}", flush=True)
         if found is None:
-            if self.ctx.is_root:
+            if ctx.is_root:
                 print(f"no checkpoint in {where}: starting a new run", flush=True)
             return
-        state, _ = checkpoint.load(found, self.ctx.rank, self.ctx.size, self.manifest, map_location=self.ctx.device)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.position = Position(**state["position"])
-        if self.ctx.is_root:
+        if ctx.is_root:
             print(f"resumed from {found} at epoch {self.position.epoch}, step {self.position.global_step}", flush=True)
 
     def save_checkpoint(self) -> Path:
@@ -195,7 +208,8 @@ class Trainer:
                  "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
                  "position": asdict(self.position)}
         return checkpoint.save(self.out / "checkpoints", self.position.global_step, self.ctx.rank, self.ctx.size,
-                               state, dict(self.manifest, label=self.args.label), self.ctx.barrier)
+                               state, dict(self.manifest, label=self.args.label), self.ctx.comm.allgather_object,
+                               keep=self.args.keep_checkpoints)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
         """Forward, backward and the mode's step on one batch; returns the step's log record."""

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue from the latest checkpoint of --out (or the one given); "
                          "starts fresh when there is none")
     ap.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints (0: end only)")
+    ap.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
     ap.add_argument("--signal-check-every", type=int, default=20,
                     help="steps between the ranks' agreement on a preemption signal")
     ap.add_argument("--preempt-at-step", type=int, default=None, help=argparse.SUPPRESS)
@@ -67,6 +68,6 @@ def check_args(args: argparse.Namespace, backend: str) -> None:
                          "pass --backend torch, or use --mode horovod")
     if args.data in ("cifar10", "imagefolder") and not args.data_dir:
         raise SystemExit(f"--data {args.data} needs --data-dir (no download happens here)")
-    for name in ("epochs", "batch_size", "sync_every"):
+    for name in ("epochs", "batch_size", "sync_every", "keep_checkpoints", "signal_check_every"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
