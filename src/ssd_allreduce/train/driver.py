@@ -37,8 +37,13 @@ from .launch import DistContext, init_distributed, shutdown
 from .models import MODEL_NAMES, build_model, count_parameters
 from .modes import Mode, make_mode
 from .options import build_parser, check_args
+from .watchdog import Watchdog, fault_timeout, stop_label
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PHASES = {"warmup": "step {step} (warm-up: gradients averaged every step)",
+          "window": "step {step} (a window in flight)", "step": "step {step}",
+          "checkpoint": "the checkpoint at step {step}", "evaluation": "the evaluation after step {step}"}
+FAULT_SIGNALS = {"stop": signal.SIGSTOP, "kill": signal.SIGKILL}
 
 
 # ---------------------------------------------------------------------------------- set-up
@@ -158,8 +163,12 @@ class PreemptionFlag:
 class Trainer:
     """One rank's run: the model, its mode, schedule, scaler and position, and what is saved."""
 
-    def __init__(self, args: argparse.Namespace, ctx: DistContext) -> None:
-        self.args, self.ctx = args, ctx
+    def __init__(self, args: argparse.Namespace, ctx: DistContext, watchdog: Watchdog) -> None:
+        self.args, self.ctx, self.watchdog = args, ctx, watchdog
+        self.fault = None
+        if args.fault_at:
+            sig, kind, step, rank = args.fault_at.split(":")
+            self.fault = (FAULT_SIGNALS[sig], kind, int(step), int(rank))
         self.out = Path(args.out)
         checkpoint.check_writable(self.out / "checkpoints", ctx.rank, ctx.comm.allgather_object)
         seed_everything(args.seed)
@@ -177,6 +186,14 @@ class Trainer:
                          "parameters": [[n, list(p.shape)] for n, p in sorted(self.model.named_parameters())]}
         self.timing = {"run": StepTiming(), "steady": StepTiming()}
         self.crit = nn.CrossEntropyLoss()
+
+    def mark(self, kind: str, step: int) -> None:
+        """Training reached phase ``kind`` (a key of PHASES) at ``step``: tell the watchdog (and, in
+        tests, send the fault asked for with --fault-at to this very process)."""
+        self.watchdog.progress(PHASES[kind].format(step=step))
+        if self.fault is not None and self.fault[1:] == (kind, step, self.ctx.rank):
+            (self.out / f"fault-rank{self.ctx.rank}.time").write_text(repr(time.time()))
+            os.kill(os.getpid(), self.fault[0])
 
     @property
     def total_steps(self) -> float:
@@ -204,6 +221,7 @@ class Trainer:
             print(f"resumed from {found} at epoch {self.position.epoch}, step {self.position.global_step}", flush=True)
 
     def save_checkpoint(self) -> Path:
+        self.mark("checkpoint", self.position.global_step)
         state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                  "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
                  "position": asdict(self.position)}
@@ -239,6 +257,7 @@ class Trainer:
 
     def evaluate(self) -> tuple[float, float]:
         """(accuracy, mean loss) over the whole test set, each rank scoring its shard."""
+        self.mark("evaluation", self.position.global_step)
         self.mode.before_evaluation()
         net, ctx = self.mode.net, self.ctx
         net.eval()
@@ -248,6 +267,7 @@ class Trainer:
         with torch.no_grad(), torch.autocast(ctx.device.type, dtype=self.amp_dtype,
                                              enabled=self.amp_dtype is not None):
             for x, y in batches:
+                self.watchdog.progress(self.watchdog.phase)
                 x, y = x.to(ctx.device), y.to(ctx.device)
                 out = net(x).float()
                 loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
@@ -291,9 +311,23 @@ def _total(values: Any) -> Optional[float]:
 
 # ---------------------------------------------------------------------------------- the run
 def train(args: argparse.Namespace) -> int:
-    ctx = init_distributed(args.backend, args.device)
+    timeout = fault_timeout(args.fault_timeout)
+    ctx = init_distributed(args.backend, args.device, timeout)
     check_args(args, ctx.backend)
-    trainer = Trainer(args, ctx)
+    watchdog = Watchdog(timeout, ctx.rank)
+    try:
+        run(args, ctx, watchdog)
+    except Exception as exc:   # a lost peer shows here as the backend's error: say where it hit
+        print(f"{stop_label(ctx.rank)} stopped during {watchdog.phase}: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
+        raise                  # the watchdog still bounds what exit hooks may wait for
+    watchdog.stop()
+    return 0
+
+
+def run(args: argparse.Namespace, ctx: DistContext, watchdog: Watchdog) -> None:
+    """Set-up, resume, the epoch loop, the summary."""
+    trainer = Trainer(args, ctx, watchdog)
     if args.resume is not None:
         trainer.resume(args.resume or str(trainer.out))
     pos = trainer.position
@@ -308,6 +342,7 @@ def train(args: argparse.Namespace) -> int:
     accuracy = test_loss = None
     while pos.epoch < args.epochs and stopped_by is None:
         for x, y in trainer.batches.epoch(pos.epoch, pos.step_in_epoch):
+            trainer.mark(trainer.mode.phase(), pos.global_step)
             record = trainer.train_step(x, y)
             log.write("step", **{k: v for k, v in record.items() if k != "images_per_sec"})
             bar.update(1)
@@ -346,7 +381,6 @@ def train(args: argparse.Namespace) -> int:
             runlog.plot([trainer.out], trainer.out / "curves.png")
     log.close()
     shutdown(ctx)
-    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ..comm import BACKENDS, Communicator, ReduceOp, make_communicator
+from .watchdog import set_backend_timeouts, torch_timeout
 
 TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "GROUP_RANK")
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "HOROVOD_RANK")
@@ -67,7 +68,7 @@ def _slurm_master_addr() -> str:
         return nodes.split(",")[0]
 
 
-def _init_torch_distributed(use_cuda: bool) -> tuple[int, int, int]:
+def _init_torch_distributed(use_cuda: bool, timeout: float) -> tuple[int, int, int]:
     import torch.distributed as dist
 
     env = os.environ
@@ -83,12 +84,14 @@ def _init_torch_distributed(use_cuda: bool) -> tuple[int, int, int]:
     local_rank = int(env.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    kwargs = {"timeout": torch_timeout(timeout)} if timeout > 0 else {}
+    dist.init_process_group("nccl" if use_cuda else "gloo", **kwargs)
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
-def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext:
-    """Initialise ``backend`` ("auto", "horovod", "torch", "mpi") and pin one GPU per local rank."""
+def init_distributed(backend: str = "auto", device: str = "auto", fault_timeout: float = 0.0) -> DistContext:
+    """Initialise ``backend`` ("auto", "horovod", "torch", "mpi") and pin one GPU per local rank;
+    ``fault_timeout`` > 0 bounds the backend's own waits on a lost peer (see ``watchdog``)."""
     if backend == "auto":
         backend = detect_backend()
     if backend not in BACKENDS:
@@ -101,12 +104,13 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if backend == "horovod":
         import horovod.torch as hvd
+        set_backend_timeouts(fault_timeout)
         hvd.init()
         rank, size, local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
         if use_cuda:
             torch.cuda.set_device(local_rank)
     elif backend == "torch":
-        rank, size, local_rank = _init_torch_distributed(use_cuda)
+        rank, size, local_rank = _init_torch_distributed(use_cuda, fault_timeout)
     else:
         if use_cuda:
             raise ValueError("the mpi backend reduces CPU tensors only: use --backend horovod or torch on GPUs")

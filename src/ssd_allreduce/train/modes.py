@@ -59,6 +59,10 @@ class Mode:
     def before_evaluation(self) -> None:
         """Make every rank's model what should be evaluated."""
 
+    def phase(self) -> str:
+        """What the next step does, for fault reports: "warmup", "window" (one in flight) or "step"."""
+        return "step"
+
     def bytes_per_step(self, steps: int) -> float:
         return 0.0
 
@@ -131,6 +135,11 @@ class SSDMode(Mode):
 
     def before_evaluation(self) -> None:
         self.optimizer.finish()   # land the window in flight on every rank
+
+    def phase(self) -> str:
+        if self.optimizer.ssd_stats.steps < self.args.warmup_steps:
+            return "warmup"
+        return "window" if self.optimizer.window_in_flight else "step"
 
     def bytes_per_step(self, steps: int) -> float:
         """The payload per step after the warm-up (which sends gradients every step)."""

@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--signal-check-every", type=int, default=20,
                     help="steps between the ranks' agreement on a preemption signal")
     ap.add_argument("--preempt-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--fault-timeout", type=float, default=None,
+                    help="seconds without progress after which a rank stops, naming the step and phase "
+                         "(a peer died or froze); default $SSD_FAULT_TIMEOUT or 60, 0 disables")
+    # tests: "stop|kill:PHASE:STEP:RANK" sends that signal to this rank at that point (PHASE: warmup,
+    # window, step, checkpoint, evaluation)
+    ap.add_argument("--fault-at", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--label", default="", help="free text stored with the run (e.g. the network)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
