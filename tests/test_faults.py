@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, horovodrun, launcher_env, mpirun, run_ranks, torchrun
+from conftest import REPO, horovodrun, launcher_env, mpirun, run_ranks, torchrun
 
 pytestmark = pytest.mark.multirank
 BOUND = 6            # --fault-timeout of these runs, seconds

@@ -5,7 +5,6 @@ import os
 import sys
 
 import horovod.torch as hvd
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import problem  # noqa: E402
