@@ -77,3 +77,19 @@ def test_synthetic_mode_runs_ssd_windows_and_prints_horovod_style_img_per_sec():
     model = build_model("cnn", 10, 3, 32)
     state_bytes = 4 * sum(t.numel() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
     assert f"SSD-SGD: 5 steps, 2 windows launched, 2 landed, {2 * state_bytes} bytes sent per rank" in out
+
+
+def test_overhead_benchmark_reports_each_wrapper_against_the_plain_optimizer():
+    proc = subprocess.run([PYTHON, "-m", "ssd_allreduce.bench", "overhead", "--steps", "3", "--rounds", "2"],
+                          env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = re.findall(r"\| (.+?) \| (plain|horovod|ssd warm-up|ssd delay stage) \| ([0-9.]+) \| ([-+][0-9.]+) \| "
+                      r"([0-9.]+) \|", proc.stdout)
+    assert [r[1] for r in rows] == ["plain", "horovod", "ssd warm-up", "ssd delay stage"] * 2, proc.stdout
+    for model in ("many small tensors (162)", "few large tensors (6)"):
+        ms = {r[1]: float(r[2]) for r in rows if r[0] == model}
+        over = {r[1]: float(r[3]) for r in rows if r[0] == model}
+        ratio = {r[1]: float(r[4]) for r in rows if r[0] == model}
+        for kind in ms:
+            assert over[kind] == pytest.approx(ms[kind] - ms["plain"], abs=2e-3)
+            assert ratio[kind] == pytest.approx(ms[kind] / ms["horovod"], abs=2e-3)

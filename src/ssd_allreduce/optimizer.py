@@ -272,7 +272,9 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         self._ssd_warned_scaler = False
         self._synchronized = False
         self._should_synchronize = True
-        self._ssd_backward_passes = {p: 0 for p in self._ssd_params}
+        # per parameter: (step, backward passes in it); a new step restarts the count, so no
+        # per-step pass over every parameter resets them
+        self._ssd_backward_passes: dict[Tensor, tuple[int, int]] = {}
         this = weakref.ref(self)  # hooks must not keep a discarded optimizer alive
 
         def count_backward(p: Tensor) -> None:
@@ -320,8 +322,10 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ Horovod protocol
     def _ssd_count_backward(self, p: Tensor) -> None:
-        self._ssd_backward_passes[p] += 1
-        if self._ssd_backward_passes[p] > self.backward_passes_per_step:
+        step, passes = self._ssd_backward_passes.get(p, (-1, 0))
+        passes = passes + 1 if step == self._ssd_step else 1
+        self._ssd_backward_passes[p] = (self._ssd_step, passes)
+        if passes > self.backward_passes_per_step:
             raise RuntimeError("Gradients were computed more than backward_passes_per_step times "
                                "before call to step(). Increase backward_passes_per_step to "
                                "accumulate gradients locally.")
@@ -390,8 +394,6 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
 
     def _ssd_end_step(self) -> None:
         self._synchronized = False
-        for p in self._ssd_backward_passes:
-            self._ssd_backward_passes[p] = 0
         self._ssd_step += 1
         self.ssd_stats.steps = self._ssd_step
 
@@ -517,6 +519,7 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         self._ssd_engine.load_state_dict(ssd or {})
         self._ssd_base.load_state_dict(self, state_dict)
         self._synchronized = False
+        self._ssd_backward_passes.clear()
         self._ssd_checked = False   # the next step compares positions across ranks
         if ssd is None:
             logger.warning("optimizer state has no SSD-SGD part: starting at step 0 (warm-up)")

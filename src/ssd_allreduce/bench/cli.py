@@ -5,6 +5,7 @@ synthetic benchmark.
     python -m ssd_allreduce.bench --bandwidths 100mbit --epochs 4   # the README's short comparison
     python -m ssd_allreduce.bench --ablation                        # GLU ablation (simulator, 8 workers)
     horovodrun -np 4 python -m ssd_allreduce.bench synthetic --model resnet50 --mode ssd
+    python -m ssd_allreduce.bench overhead                          # the wrapper's cost per step
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from . import ablation, compare, synthetic
+from . import ablation, compare, overhead, synthetic
 from .compare import DEFAULT_BANDWIDTHS
 
 
@@ -21,6 +22,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["synthetic"]:
         synthetic.main(argv[1:])
+        return
+    if argv[:1] == ["overhead"]:
+        overhead.main(argv[1:])
         return
     ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.bench", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
