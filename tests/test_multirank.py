@@ -317,3 +317,15 @@ def test_a_horovod_example_script_learns_with_the_optimizer_line_switched(flags)
         accuracy[optimizer] = float(re.findall(r"epoch 2: test accuracy ([0-9.]+)", out)[-1])
     assert accuracy["horovod"] > 0.85 and accuracy["ssd"] > 0.85, accuracy
     assert abs(accuracy["ssd"] - accuracy["horovod"]) < 0.05, accuracy
+
+
+@pytest.mark.parametrize("what, message", [
+    ("settings", "rank 1 runs SSD-SGD with other settings than rank 0 (rank 0 vs rank 1: sync_every: 2 vs 3; "
+                 "delay: 2 vs 3): pass the same settings on every rank"),
+    ("model", "rank 1's model differs from rank 0's at tensor #4: rank 0 has ('4.bias', (10,), 'torch.float32'), "
+              "rank 1 has ('4.bias', (12,), 'torch.float32') (name, shape, dtype); every rank must build the same model"),
+])
+def test_ranks_that_built_different_optimizers_all_stop_at_the_first_step(what, message):
+    proc = subprocess.run(horovodrun(2, str(WORKERS / "mismatch.py"), "--what", what), env=launcher_env(), cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert proc.returncode != 0 and all(f"rank {r} refused: {message}" in proc.stdout for r in (0, 1)), proc.stdout

@@ -202,6 +202,18 @@ def test_checkpoint_of_another_model_or_world_size_is_refused(tmp_path):
     assert out.returncode != 0 and "written by 1 ranks and this job has 2" in out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--sync-every", "0"], "--sync-every must be >= 1, got 0"),
+    (["--sync-every", "4", "--delay", "9"], "delay must be an integer in [0, sync_every=4], got 9"),
+    (["--glu-beta", "2"], "glu_beta must be a number in [0, 1], got 2.0"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1, got 0"),
+    (["--batch-size", "5000"], "batch_size 5000 is larger than the shard"),
+])
+def test_out_of_range_flags_say_what_to_change(tmp_path, flags, message):
+    r = _single(tmp_path, *flags)
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+
+
 def test_incompatible_mode_and_backend_say_what_to_do(tmp_path):
     r = _single(tmp_path, "--mode", "ddp", "--backend", "horovod")
     assert r.returncode != 0 and "--mode ddp needs torch.distributed" in r.stderr
