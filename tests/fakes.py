@@ -1,5 +1,6 @@
-"""A one-rank communicator for single-process tests: averages are identities, and an allreduce
-can be made to stay "in flight" for a number of polls."""
+"""A communicator for single-process tests: one rank, or ``mirrors`` identical ranks (every rank
+holds what this one holds), so averages are identities; an allreduce can be made to stay "in
+flight" for a number of polls."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -16,10 +17,10 @@ class _LocalHandle(Handle):
 
 class LocalCommunicator(Communicator):
     name = "local"
-    rank, size = 0, 1
+    rank = 0
 
-    def __init__(self, pending_polls: int = 0) -> None:
-        self.pending_polls = pending_polls
+    def __init__(self, pending_polls: int = 0, mirrors: int = 1) -> None:
+        self.pending_polls, self.size = pending_polls, mirrors
         self.calls: list[tuple[str, int]] = []
 
     def allreduce_async_(self, tensors: Sequence[Tensor], name: str, op: ReduceOp = ReduceOp.AVERAGE,
@@ -42,4 +43,4 @@ class LocalCommunicator(Communicator):
         self.calls.append((name, len(tensors)))
 
     def allgather_object(self, obj: Any) -> list[Any]:
-        return [obj]
+        return [obj] * self.size

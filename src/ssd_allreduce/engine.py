@@ -124,13 +124,16 @@ class DelayStage:
         self.check_layout()
         with record_function("ssd_allreduce.launch"):
             launch_window(self.local, self.global_, self.snapshot, self.delta)
+            self.stats.windows_launched += 1
+            if self.comm.size == 1:   # the delta is its own average: nothing to send or wait for
+                self.window = Window(step, None, [], [])
+                return
             wire, contexts = compress(self.compression, self.delta.buffers)
             flag = torch.full((1,), float(self.steps_without_gradients > 0), dtype=wire[0].dtype,
                               device=wire[0].device)
             self.steps_without_gradients = 0
             handle = self.comm.allreduce_async_(wire + [flag], name=f"{self.name}.delta", op=ReduceOp.AVERAGE)
             self.window = Window(step, handle, wire, contexts, flag)
-            self.stats.windows_launched += 1
             self.stats.bytes_allreduced += payload_bytes(wire)
 
     def _poll(self) -> None:

@@ -67,6 +67,9 @@ class GradientAverager:
         (another rank may have one: dynamic graphs). Sparse gradients are gathered and stay sparse,
         as Horovod does, unless ``sparse_as_dense``. Returns how many ranks said they stepped
         ``without_gradients`` (a flag fused into the first allreduce), so every rank can stop."""
+        if self.comm.size == 1:   # a rank's gradients are their own average: no collective, as Horovod
+            self.stats.warmup_allreduces += 1
+            return int(without_gradients)
         with record_function("ssd_allreduce.warmup_allreduce"):
             t0 = time.perf_counter()
             sparse, densified = self._prepare_grads()
