@@ -3,7 +3,8 @@ digits bundled with scikit-learn stand in for MNIST), where ``--optimizer ssd`` 
 line that builds the distributed optimizer. Every other line is what a Horovod user writes:
 DistributedSampler, lr scaled by the world size, broadcasts before wrapping, fp16 compression,
 gradient accumulation with backward_passes_per_step, hvd.broadcast_object of the start epoch,
-per-batch lr adjustment, and metric averaging with hvd.allreduce.
+per-batch lr adjustment or an LR scheduler built before wrapping, and metric averaging with
+hvd.allreduce.
 """
 import argparse
 
@@ -25,6 +26,7 @@ parser.add_argument("--lr", type=float, default=0.02)
 parser.add_argument("--momentum", type=float, default=0.5)
 parser.add_argument("--fp16-allreduce", action="store_true")
 parser.add_argument("--gradient-predivide-factor", type=float, default=1.0)
+parser.add_argument("--scheduler", action="store_true", help="an LR scheduler built before wrapping")
 args = parser.parse_args()
 
 hvd.init()
@@ -64,6 +66,7 @@ resume_from_epoch = hvd.broadcast_object(0, root_rank=0, name="resume_from_epoch
 hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
+scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7) if args.scheduler else None
 compression = hvd.Compression.fp16 if args.fp16_allreduce else hvd.Compression.none
 if args.optimizer == "horovod":
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
@@ -93,12 +96,15 @@ for epoch in range(resume_from_epoch, args.epochs):
     model.train()
     train_sampler.set_epoch(epoch)
     for batch_idx, (data, target) in enumerate(train_loader):
-        adjust_learning_rate(epoch, batch_idx)
+        if scheduler is None:
+            adjust_learning_rate(epoch, batch_idx)
         optimizer.zero_grad()
         for i in range(0, len(data), args.batch_size):   # gradient accumulation, as in the ImageNet example
             loss = F.nll_loss(model(data[i:i + args.batch_size]), target[i:i + args.batch_size])
             (loss / args.batches_per_allreduce).backward()
         optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
     if hasattr(optimizer, "finish"):
         optimizer.finish()
     model.eval()
