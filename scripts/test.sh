@@ -13,4 +13,5 @@ if [ "${1:-}" = --fast ]; then
   shift
   set -- -m "not multirank and not slurm and not gpu" "$@"
 fi
+echo "test.sh: running the suite with $VENV/bin/python"
 exec "$VENV/bin/python" -m pytest -ra --durations=15 "$@"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,17 @@ def test_python_requirement_matches_the_readme_and_torch_floor_the_code():
     assert hasattr(torch.Tensor, "register_post_accumulate_grad_hook")   # why torch >= 2.1
     assert "torch>=2.1" in cfg
     assert sys.version_info >= (3, 9)
+
+
+def test_the_scripts_use_the_environment_ssd_venv_names(tmp_path):
+    """SSD_VENV picks the virtual environment for set-up and for the suite alike."""
+    venv = Path(PYTHON).parent.parent
+    link = tmp_path / "venv-elsewhere"
+    link.symlink_to(venv)
+    proc = subprocess.run([str(REPO / "scripts" / "test.sh"), "--fast", "-q", "-p", "no:cacheprovider",
+                           "tests/test_algorithm.py::test_schedule_positions"], env={**os.environ, "SSD_VENV": str(link)},
+                          capture_output=True, text=True, timeout=110, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"setup: ready ({link};" in proc.stdout + proc.stderr
+    assert f"test.sh: running the suite with {link}/bin/python" in proc.stdout
+    assert "1 passed" in proc.stdout

@@ -217,3 +217,14 @@ def test_out_of_range_flags_say_what_to_change(tmp_path, flags, message):
 def test_incompatible_mode_and_backend_say_what_to_do(tmp_path):
     r = _single(tmp_path, "--mode", "ddp", "--backend", "horovod")
     assert r.returncode != 0 and "--mode ddp needs torch.distributed" in r.stderr
+
+
+def test_a_straggler_rank_computes_slower_by_the_fraction_asked(tmp_path):
+    """--slow-rank/--slow-fraction (the benchmark's --straggler): alone (no-comm), rank 1 runs at
+    about 1 / (1 + fraction) of rank 0's pace; sleeps of a millisecond overshoot on a busy 2-core
+    machine, so the bounds are loose, but a slowdown that compounds step after step fails them."""
+    run_ranks(horovodrun(2, *TRAIN, "--mode", "no-comm", "--epochs", "2", "--warmup-steps", "0",
+                         "--out", str(tmp_path / "run"),
+                         "--slow-rank", "1", "--slow-fraction", "1.0"))
+    fast, slow = summary(tmp_path / "run")["rank_images_per_sec"]
+    assert 0.15 < slow / fast < 0.75, (fast, slow)

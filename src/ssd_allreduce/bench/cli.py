@@ -46,6 +46,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--latency-us", type=float, default=-1.0,
                     help="per-hop latency for the cost model (negative: calibrated on local SGD's blocking wait)")
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
+    ap.add_argument("--straggler", type=float, default=0.0,
+                    help="make rank 1 a straggler: its compute takes this fraction longer (0.5: 50 %%)")
     ap.add_argument("--run-timeout", type=float, default=1800)
     ap.add_argument("--out", default=f"results/bench-{time.strftime('%Y%m%d-%H%M%S')}")
     ap.add_argument("--ablation", action="store_true", help="run the GLU ablation instead")

@@ -81,7 +81,8 @@ def run_mode(spec: ModeSpec, a: argparse.Namespace, prefix: list[str], run_dir: 
                     "--model", a.model, "--data", a.data, "--epochs", str(a.epochs), "--batch-size",
                     str(a.batch_size), "--lr", str(a.lr), "--warmup-steps", str(a.warmup_steps),
                     "--glu-beta", str(a.glu_beta), "--checkpoint-every", "0", "--out", str(run_dir),
-                    "--label", label, *spec.args(), *(["--data-dir", a.data_dir] if a.data_dir else [])]
+                    "--label", label, *spec.args(), *(["--data-dir", a.data_dir] if a.data_dir else []),
+                    *(["--slow-rank", "1", "--slow-fraction", str(a.straggler)] if a.straggler else [])]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONUNBUFFERED="1")
     tx0 = _lo_tx_bytes(prefix) if prefix else None
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.run_timeout, env=env)
@@ -308,7 +309,9 @@ def render_markdown(results: dict[str, Any]) -> str:
              f"Machine: {results['machine']['host']}, {results['machine']['cpus']} CPUs, Python "
              f"{results['machine']['python']}; {c['ranks']} ranks (horovodrun, Gloo over loopback); "
              f"{c['model']} on {c['data']}, {c['epochs']} epochs, batch {c['batch_size']} per rank, "
-             f"{c['repeats']} repeat(s); target accuracy {c['target_accuracy']}.", ""]
+             f"{c['repeats']} repeat(s); target accuracy {c['target_accuracy']}"
+             + (f"; rank 1 a straggler, its compute {c['straggler']:.0%} slower" if c.get("straggler") else "")
+             + ".", ""]
     for s in results["bandwidths"]:
         measured = f", measured {s['measured_mbps']:.0f} Mbit/s" if s["measured_mbps"] else ""
         lines += [f"### {s['rate']}{measured}", "", markdown_table(s["rows"], FULL_TABLE), ""]

@@ -186,6 +186,7 @@ class Trainer:
                          "parameters": [[n, list(p.shape)] for n, p in sorted(self.model.named_parameters())]}
         self.timing = {"run": StepTiming(), "steady": StepTiming()}
         self.crit = nn.CrossEntropyLoss()
+        self._compute_seconds = 0.0   # forward and backward of the last step
 
     def mark(self, kind: str, step: int) -> None:
         """Training reached phase ``kind`` (a key of PHASES) at ``step``: tell the watchdog (and, in
@@ -237,7 +238,12 @@ class Trainer:
         self.opt.zero_grad()
         with torch.autocast(ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             loss = self.crit(self.mode.net(x), y)
+        slept = 0.0
+        if self.args.slow_rank == ctx.rank:   # a straggler: its compute takes (1 + fraction) times as long
+            slept = self.args.slow_fraction * self._compute_seconds
+            time.sleep(slept)
         self.scaler.scale(loss).backward()
+        self._compute_seconds = time.perf_counter() - t0 - slept
         cost = self.mode.step(self.scaler)
         self.scaler.update()
         self.sched.step()

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     # tests: "stop|kill:PHASE:STEP:RANK" sends that signal to this rank at that point (PHASE: warmup,
     # window, step, checkpoint, evaluation)
     ap.add_argument("--fault-at", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--slow-rank", type=int, default=-1,
+                    help="emulate a straggler: this rank's compute takes --slow-fraction longer")
+    ap.add_argument("--slow-fraction", type=float, default=0.0)
     ap.add_argument("--label", default="", help="free text stored with the run (e.g. the network)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
