@@ -68,7 +68,7 @@ fi
 VPY=$VENV/bin/python
 PIP_SOURCE=()
 [ -z "${SSD_WHEELS:-}" ] || PIP_SOURCE=(--no-index --find-links "$SSD_WHEELS")
-pip_install() { "$VPY" -m pip install -q --disable-pip-version-check "${PIP_SOURCE[@]}" "$@"; }
+pip_install() { "$VPY" -m pip install -q --disable-pip-version-check ${PIP_SOURCE[@]+"${PIP_SOURCE[@]}"} "$@"; }
 
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   step "torch ($TORCH_SPEC)"

@@ -27,7 +27,7 @@ LAUNCHERS = {
     "mpi4py": lambda *a: mpirun(2, *a, "--backend", "mpi"),
 }
 EXPECTED_PHASE = {"warmup": re.escape("step 5 (warm-up: gradients averaged every step)"),
-                  "window": r"step 3[0-9] \(a window in flight\)|step 3[0-9]",
+                  "window": r"step 3[0-9] \(a window in flight\)",
                   "checkpoint": "the checkpoint at step 22", "evaluation": "the evaluation after step 22"}
 
 

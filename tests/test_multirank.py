@@ -325,7 +325,7 @@ def test_a_horovod_example_script_learns_with_the_optimizer_line_switched(flags)
                  "delay: 2 vs 3): pass the same settings on every rank"),
     ("model", "rank 1's model differs from rank 0's at tensor #4: rank 0 has ('4.bias', (10,), 'torch.float32'), "
               "rank 1 has ('4.bias', (12,), 'torch.float32') (name, shape, dtype); every rank must build the same model"),
-    ("cast", "parameter '0.bias' is now torch.float64 on cpu, it was torch.float32 on cpu when the optimizer was "
+    ("cast", "rank 0: parameter '0.bias' is now torch.float64 on cpu, it was torch.float32 on cpu when the optimizer was "
              "built: the model was moved or cast after wrapping"),
 ])
 def test_ranks_that_built_different_optimizers_all_stop_at_the_first_step(what, message):

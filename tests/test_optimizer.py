@@ -401,3 +401,10 @@ def test_alone_nothing_is_sent_gradients_and_deltas_are_their_own_averages():
     assert [name for name, _ in comm.calls] == [f"{opt._ssd_name}.global_weights"]
     assert opt.ssd_stats.bytes_allreduced == 0 and opt.ssd_stats.windows_landed == 2   # launched at 4, 6, 8
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), mirrored.state_dict().values()))
+
+
+def test_synchronize_without_gradients_stops_every_rank_too():
+    model = _model()
+    opt = _wrap(model, LocalCommunicator(mirrors=2), warmup_steps=3)
+    with pytest.raises(RuntimeError, match="2 of 2 ranks called optimizer.step\\(\\) without any gradient"):
+        opt.synchronize()

@@ -158,6 +158,18 @@ def test_a_damaged_newest_checkpoint_is_passed_over_for_the_newest_intact_one(tm
     assert r.returncode != 0 and "no intact checkpoint to resume from" in r.stderr
 
 
+def test_resuming_from_an_older_checkpoint_drops_the_abandoned_later_ones(tmp_path):
+    run = tmp_path / "run"
+    assert _single(tmp_path, "--out", str(run), "--epochs", "3", "--keep-checkpoints", "3").returncode == 0
+    r = _single(tmp_path, "--out", str(run), "--resume", str(run / "checkpoints" / "step-00000044"),
+                "--epochs", "2", "--keep-checkpoints", "2")
+    assert r.returncode == 0, r.stderr
+    assert sorted(c.name for c in (run / "checkpoints").glob("step-*")) == ["step-00000044", "step-00000088"]
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000088"
+    # alone nothing is sent: the payload per step is 0, not the warm-up's gradients subtracted
+    assert summary(run)["bytes_per_step"] == 0 and summary(run)["ssd_stats"]["warmup_bytes_allreduced"] == 0
+
+
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     """A file planted in a shared run directory, even with a matching checksum in the manifest,
     is not unpickled: loading accepts tensors and plain values only."""

@@ -197,13 +197,15 @@ class DelayStage:
         return True
 
     @property
-    def position(self) -> tuple[bool, Optional[int]]:
-        """(delay stage started, step its window in flight was launched at) for cross-rank checks."""
-        return self.started, None if self.window is None else self.window.launched_at
+    def position(self) -> tuple[bool, Optional[int], int]:
+        """(delay stage started, step its window in flight was launched at, windows skipped in a
+        row) for cross-rank checks."""
+        return self.started, None if self.window is None else self.window.launched_at, self.skipped_in_a_row
 
-    def adopt_root_state(self, root_position: tuple[bool, Optional[int]]) -> None:
+    def adopt_root_state(self, root_position: tuple[bool, Optional[int], int]) -> None:
         """Every rank takes rank 0's ``W`` and window (collective; rank 0's window has arrived)."""
-        started, launched_at = root_position
+        started, launched_at, skipped_in_a_row = root_position
+        self.skipped_in_a_row = skipped_in_a_row
         if not started:
             self.load_state_dict({})
             return

@@ -331,12 +331,14 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
                                "accumulate gradients locally.")
 
     def set_backward_passes_per_step(self, passes: int) -> None:
+        if not isinstance(passes, int) or passes < 1:
+            raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {passes!r}")
         self.backward_passes_per_step = passes
 
     def synchronize(self) -> None:
         """Average the gradients across ranks during warm-up (after it, SSD-SGD steps on local
         gradients and this only marks the step as synchronised)."""
-        self._ssd_synchronize(without_gradients=False)
+        self._ssd_synchronize(all(p.grad is None for p in self._ssd_params))
 
     def _ssd_synchronize(self, without_gradients: bool) -> None:
         """``synchronize()``; a rank that steps without gradients makes every rank raise."""
@@ -442,28 +444,35 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         """At the first step (and the first after ``load_state_dict``), on every rank: fail if ranks
         disagree on the model or the settings; where only rank 0 loaded a checkpoint (Horovod's
         resume: load on rank 0, then ``hvd.broadcast_optimizer_state``), take its SSD-SGD state."""
-        self._ssd_engine.check_layout()
+        try:
+            self._ssd_engine.check_layout()
+            moved = None
+        except RuntimeError as exc:
+            moved = str(exc)
         tensors = self._ssd_params + self._ssd_buffers
-        mine = {"name": self._ssd_name, "settings": self._ssd_settings,
+        mine = {"moved": moved, "name": self._ssd_name, "settings": self._ssd_settings,
                 "position": (self._ssd_step, *self._ssd_engine.position),
                 "tensors": [(n, tuple(t.shape), str(t.dtype)) for n, t in
                             zip(self._ssd_param_names + self._ssd_buffer_names, tensors)]}
         everyone = self._ssd_comm.allgather_object(mine)
+        moved = [(r, e["moved"]) for r, e in enumerate(everyone) if e["moved"]]
+        if moved:   # raised on every rank, not only where the model moved
+            raise RuntimeError("; ".join(f"rank {r}: {m}" if len(everyone) > 1 else m for r, m in moved))
         ref = everyone[0]
         for rank, theirs in enumerate(everyone[1:], start=1):
             _check_same_optimizer(ref, theirs, rank)
         self._ssd_agree_on_position([e["position"] for e in everyone])
         self._ssd_checked = True
 
-    def _ssd_agree_on_position(self, positions: list[tuple[int, bool, Optional[int]]]) -> None:
+    def _ssd_agree_on_position(self, positions: list[tuple[int, bool, Optional[int], int]]) -> None:
         root = positions[0]
         strays = [r for r, p in enumerate(positions) if p != root]
         if not strays:
             return
-        if any(positions[r] != (0, False, None) for r in strays):
+        if any(positions[r] != (0, False, None, 0) for r in strays):
             where = ", ".join(f"rank {r}: {p}" for r, p in enumerate(positions))
             raise ValueError(f"ranks are at different SSD-SGD positions (step, delay stage started, window "
-                             f"launched at): {where}. Load the same checkpoint on every rank, or load it on "
+                             f"launched at, windows skipped in a row): {where}. Load the same checkpoint on every rank, or load it on "
                              "rank 0 alone and call hvd.broadcast_optimizer_state(optimizer, root_rank=0)")
         if self._ssd_comm.rank in strays:
             logger.warning("SSD-SGD state taken from rank 0 (step %d): this rank started afresh, as after "

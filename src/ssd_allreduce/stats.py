@@ -18,6 +18,7 @@ class SSDStats:
     windows_landed: int = 0
     windows_skipped: int = 0
     bytes_allreduced: int = 0
+    warmup_bytes_allreduced: int = 0
     comm_wait_seconds: float = 0.0
     polls_pending: int = 0
 

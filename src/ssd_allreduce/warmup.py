@@ -80,7 +80,7 @@ class GradientAverager:
                 if not dense:
                     continue
                 wire, contexts = compress(self.compression, [p.grad for p in dense])
-                self.stats.bytes_allreduced += payload_bytes(wire)
+                self._count_bytes(payload_bytes(wire))
                 if flag is None:
                     flag = torch.full((1,), float(without_gradients), dtype=wire[0].dtype, device=wire[0].device)
                     wire, contexts = wire + [flag], contexts + [None]
@@ -94,13 +94,17 @@ class GradientAverager:
                 self.comm.synchronize(handle)
                 decompress_into_(self.compression, [p.grad for p in dense], wire, contexts)
             if flag is None:   # every gradient sparse: the flag travels alone
-                flag = torch.full((1,), float(without_gradients))
+                flag = torch.full((1,), float(without_gradients), device=self.params[0].device)
                 self.comm.synchronize(self.comm.allreduce_async_([flag], name=f"{self.name}.flag"))
             for p in densified:
                 p.grad = p.grad.to_sparse()
             self.stats.comm_wait_seconds += time.perf_counter() - t0
             self.stats.warmup_allreduces += 1
             return round(float(flag) * self.comm.size)
+
+    def _count_bytes(self, nbytes: int) -> None:
+        self.stats.bytes_allreduced += nbytes
+        self.stats.warmup_bytes_allreduced += nbytes
 
     def _prepare_grads(self) -> tuple[list[Tensor], list[Tensor]]:
         """Zeros for missing gradients of trainable parameters (frozen ones take no part). Returns
@@ -126,6 +130,6 @@ class GradientAverager:
         everyone = self.comm.allgather_object((grad.indices().cpu(), grad.values().cpu()))
         indices = torch.cat([i for i, _ in everyone], dim=1).to(grad.device)
         values = torch.cat([v for _, v in everyone]).to(grad.device)
-        self.stats.bytes_allreduced += grad.indices().nbytes + grad.values().nbytes
+        self._count_bytes(grad.indices().nbytes + grad.values().nbytes)
         p.grad = torch.sparse_coo_tensor(indices, values / len(everyone), grad.shape,
                                          check_invariants=False).coalesce()   # valid: from coalesced ones

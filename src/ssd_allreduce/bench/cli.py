@@ -15,6 +15,7 @@ import time
 from typing import Optional, Sequence
 
 from . import ablation, compare, overhead, synthetic
+from ..settings import DEFAULT_GLU_BETA
 from .compare import DEFAULT_BANDWIDTHS
 
 
@@ -40,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--warmup-steps", type=int, default=20)
-    ap.add_argument("--glu-beta", type=float, default=0.5)
+    ap.add_argument("--glu-beta", type=float, default=DEFAULT_GLU_BETA)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--target-accuracy", type=float, default=0.9)
     ap.add_argument("--latency-us", type=float, default=-1.0,

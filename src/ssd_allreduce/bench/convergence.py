@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..settings import DEFAULT_GLU_BETA
 from ..simulator import Simulator
 from ..train.data import load_digits_split, shard_indices
 from ..train.models import build_model
@@ -54,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--sync-every", type=int, default=8)
     ap.add_argument("--delay", type=int, default=None, help="default: sync-every")
     ap.add_argument("--warmup-steps", type=int, default=20)
-    ap.add_argument("--glu-beta", type=float, default=0.5)
+    ap.add_argument("--glu-beta", type=float, default=DEFAULT_GLU_BETA)
     ap.add_argument("--compensation", choices=("glu", "overwrite"), default="glu")
     ap.add_argument("--shards", choices=("shuffle", "label-skew"), default="shuffle")
     ap.add_argument("--epochs", type=int, default=20)

@@ -78,17 +78,35 @@ def save(root: Union[str, Path], step: int, rank: int, world_size: int, state: d
     directory = root / f"step-{step:08d}"
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"rank-{rank}.pt"
-    _atomic_write(path, lambda f: torch.save(state, f))
-    digests = allgather(_sha256(path))          # also: every rank's file is in place
+    try:
+        _atomic_write(path, lambda f: torch.save(state, f))
+        mine: tuple[Optional[str], Optional[str]] = (_sha256(path), None)
+    except OSError as exc:                      # a full disk on one rank: every rank must hear of it
+        mine = (None, f"{type(exc).__name__}: {exc}")
+    gathered = allgather(mine)                  # also: every rank's file is in place
+    failed = [f"rank {r}: {problem}" for r, (_, problem) in enumerate(gathered) if problem]
+    if failed:
+        raise CheckpointError(f"the checkpoint at step {step} could not be written ({'; '.join(failed)}); "
+                              "the previous one is intact")
     if rank == 0:
         manifest = dict(manifest, step=step, world_size=world_size,
-                        files={f"rank-{r}.pt": d for r, d in enumerate(digests)})
+                        files={f"rank-{r}.pt": digest for r, (digest, _) in enumerate(gathered)})
         _atomic_write(directory / MANIFEST, lambda f: json.dump(manifest, f, indent=1), mode="w")
         _atomic_write(root / LATEST, lambda f: f.write(directory.name), mode="w")
-        for old in complete(root)[keep:]:
+        for old in _superseded(root, directory, keep):
             shutil.rmtree(old, ignore_errors=True)
     allgather(None)
     return directory
+
+
+def _superseded(root: Path, newest: Path, keep: int) -> list[Path]:
+    """What a save of ``newest`` makes obsolete: complete checkpoints beyond the ``keep`` newest up
+    to it, and every later one (left by a run that was resumed from an earlier step: a later
+    --resume must not go back to that abandoned future)."""
+    others = [d for d in complete(root) if d != newest]
+    later = [d for d in others if d.name > newest.name]
+    earlier = [d for d in others if d.name < newest.name]
+    return later + earlier[keep - 1:]
 
 
 def complete(root: Path) -> list[Path]:

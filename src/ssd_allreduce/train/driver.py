@@ -108,14 +108,15 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore ``rng_state()``'s output (loaded on any device: generator states live on the CPU)."""
+    torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 # ---------------------------------------------------------------------------------- bookkeeping
@@ -239,10 +240,13 @@ class Trainer:
         with torch.autocast(ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             loss = self.crit(self.mode.net(x), y)
         slept = 0.0
-        if self.args.slow_rank == ctx.rank:   # a straggler: its compute takes (1 + fraction) times as long
+        straggler = self.args.slow_rank == ctx.rank
+        if straggler:   # its compute takes (1 + fraction) times as long
             slept = self.args.slow_fraction * self._compute_seconds
             time.sleep(slept)
         self.scaler.scale(loss).backward()
+        if straggler and ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)   # time the kernels, not their launch
         self._compute_seconds = time.perf_counter() - t0 - slept
         cost = self.mode.step(self.scaler)
         self.scaler.update()
@@ -319,7 +323,7 @@ def _total(values: Any) -> Optional[float]:
 def train(args: argparse.Namespace) -> int:
     timeout = fault_timeout(args.fault_timeout)
     ctx = init_distributed(args.backend, args.device, timeout)
-    check_args(args, ctx.backend)
+    check_args(args, ctx.backend, ctx.size)
     watchdog = Watchdog(timeout, ctx.rank)
     try:
         run(args, ctx, watchdog)

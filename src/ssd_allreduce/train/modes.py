@@ -145,8 +145,7 @@ class SSDMode(Mode):
         """The payload per step after the warm-up (which sends gradients every step)."""
         stats = self.optimizer.ssd_stats
         after = steps - stats.warmup_allreduces
-        warmup_bytes = stats.warmup_allreduces * self.gradient_bytes
-        return (stats.bytes_allreduced - warmup_bytes) / after if after > 0 else 0.0
+        return (stats.bytes_allreduced - stats.warmup_bytes_allreduced) / after if after > 0 else 0.0
 
     def summary(self) -> dict[str, Any]:
         return {"extra_state_bytes": self.optimizer.extra_state_bytes,

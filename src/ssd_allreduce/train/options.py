@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def check_args(args: argparse.Namespace, backend: str) -> None:
-    """Reject combinations that cannot work, saying what to change."""
+def check_args(args: argparse.Namespace, backend: str, size: int) -> None:
+    """Reject combinations that cannot work, saying what to change (every rank alike)."""
     if args.mode == "horovod" and backend != "horovod":
         raise SystemExit(f"--mode horovod needs the Horovod backend (got {backend}); under torchrun use --mode ddp")
     if args.mode == "ddp" and backend != "torch":
@@ -77,6 +77,9 @@ def check_args(args: argparse.Namespace, backend: str) -> None:
                          "pass --backend torch, or use --mode horovod")
     if args.data in ("cifar10", "imagefolder") and not args.data_dir:
         raise SystemExit(f"--data {args.data} needs --data-dir (no download happens here)")
+    if args.slow_fraction < 0 or args.slow_rank >= size:
+        raise SystemExit(f"--slow-rank must be a rank below {size} and --slow-fraction >= 0, got "
+                         f"{args.slow_rank} and {args.slow_fraction}")
     for name in ("epochs", "batch_size", "sync_every", "keep_checkpoints", "signal_check_every"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

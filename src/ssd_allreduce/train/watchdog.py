@@ -52,12 +52,13 @@ def torch_timeout(timeout: float) -> Optional[timedelta]:
 
 
 class Watchdog:
-    """Call ``progress(phase)`` whenever training moves on; ``stop()`` at the end."""
+    """Call ``progress(phase)`` whenever training moves on; ``stop()`` at the end. It watches from
+    the first ``progress``: set-up (data, model, resume) may take as long as it needs."""
 
     def __init__(self, timeout: float, rank: int) -> None:
         self.timeout, self.rank = timeout, rank
         self.phase = "start-up"
-        self._last = time.monotonic()
+        self._last: Optional[float] = None
         self._done = threading.Event()
         self._thread: Optional[threading.Thread] = None
         if timeout > 0:
@@ -73,6 +74,8 @@ class Watchdog:
 
     def _watch(self) -> None:
         while not self._done.wait(min(1.0, self.timeout / 10)):
+            if self._last is None:
+                continue
             idle = time.monotonic() - self._last
             if idle > self.timeout:
                 print(f"{stop_label(self.rank)} no progress for {idle:.0f} s during {self.phase}: another rank "
