@@ -126,4 +126,5 @@ def shutdown(ctx: Optional[DistContext]) -> None:
     if ctx is not None and ctx.backend == "torch":
         import torch.distributed as dist
         if dist.is_initialized():
+            dist.barrier()   # no rank tears its connections down while a peer still uses them
             dist.destroy_process_group()
