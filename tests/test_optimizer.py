@@ -156,9 +156,12 @@ def test_nonfinite_delta_can_be_skipped_with_a_warning():
     assert all(torch.equal(a, b) for a, b in zip(opt.global_weights, global_before))
 
 
-def test_state_dict_resume_in_a_new_optimizer_continues_exactly():
+@pytest.mark.parametrize("compression", [ssd_allreduce.Compression.none, ssd_allreduce.Compression.fp16])
+def test_state_dict_resume_in_a_new_optimizer_continues_exactly(compression):
+    """fp16 also carries the error-feedback residual through the checkpoint."""
     model = _model()
-    opt = _wrap(model, comm=LocalCommunicator(pending_polls=5, mirrors=2), sync_every=3, delay=2, warmup_steps=2)
+    opt = _wrap(model, comm=LocalCommunicator(pending_polls=5, mirrors=2), sync_every=3, delay=2, warmup_steps=2,
+                compression=compression)
     _train(model, opt, 5)                            # window launched at step 4, in flight
     assert opt.window_in_flight and opt._ssd_engine.window.handle is not None
     saved = pickle.loads(pickle.dumps({"model": model.state_dict(), "opt": opt.state_dict()}))
@@ -167,7 +170,7 @@ def test_state_dict_resume_in_a_new_optimizer_continues_exactly():
 
     resumed = _model()
     resumed.load_state_dict(saved["model"])
-    opt2 = _wrap(resumed, sync_every=3, delay=2, warmup_steps=2)
+    opt2 = _wrap(resumed, LocalCommunicator(mirrors=2), sync_every=3, delay=2, warmup_steps=2, compression=compression)
     opt2.load_state_dict(saved["opt"])
     _train(resumed, opt2, 7, start=5)
     for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
@@ -408,3 +411,25 @@ def test_synchronize_without_gradients_stops_every_rank_too():
     opt = _wrap(model, LocalCommunicator(mirrors=2), warmup_steps=3)
     with pytest.raises(RuntimeError, match="2 of 2 ranks called optimizer.step\\(\\) without any gradient"):
         opt.synchronize()
+
+
+def test_a_lossy_wire_format_sends_what_rounding_lost_with_the_next_window():
+    """Error feedback: at each launch the wire carries Q(s - W + e) and e becomes what Q lost, so
+    what was sent plus the residual is exactly the delta plus the residual before."""
+    model = _model()
+    opt = _wrap(model, LocalCommunicator(pending_polls=10**6, mirrors=2), sync_every=2, delay=2, warmup_steps=0,
+                compression=ssd_allreduce.Compression.fp16)
+    engine = opt._ssd_engine
+    residual_before = None
+    for launch in range(3):
+        _train(model, opt, 2, start=2 * launch)          # a window launches at steps 1, 3, 5
+        window = engine.window
+        sent = [w.float() for w in window.wire]
+        expected = [s - w for s, w in zip(engine.snapshot.buffers, engine.global_.buffers)]
+        if residual_before is not None:
+            expected = [x + e for x, e in zip(expected, residual_before)]
+        assert all(torch.equal(x, d) for x, d in zip(expected, engine.delta.buffers))   # s - W + e
+        assert all(torch.equal(q + e, d) for q, e, d in zip(sent, engine.residual.buffers, engine.delta.buffers))
+        assert any(bool(e.abs().max() > 0) for e in engine.residual.buffers)       # fp16 did round
+        residual_before = [e.clone() for e in engine.residual.buffers]
+        engine.land(elapsed=2)               # what arrives is the float16 average, decompressed

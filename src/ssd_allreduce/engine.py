@@ -54,6 +54,7 @@ class DelayStage:
         self.global_: Optional[FlatSpace] = None
         self.snapshot: Optional[FlatSpace] = None
         self.delta: Optional[FlatSpace] = None
+        self.residual: Optional[FlatSpace] = None   # error feedback of a lossy wire format
         self.window: Optional[Window] = None
         self.skipped_in_a_row = 0
         self.steps_without_gradients = 0   # on this rank, since the last launch
@@ -72,8 +73,10 @@ class DelayStage:
 
     @property
     def extra_state_bytes(self) -> int:
-        """W, the snapshot and the in-flight buffer: 0 before ``start()``, then 3 model copies."""
-        return sum(s.nbytes for s in (self.global_, self.snapshot, self.delta) if s is not None)
+        """W, the snapshot and the in-flight buffer: 0 before ``start()``, then 3 model copies (4
+        with a lossy wire format: its residual)."""
+        spaces = (self.global_, self.snapshot, self.delta, self.residual)
+        return sum(s.nbytes for s in spaces if s is not None)
 
     def check_layout(self) -> None:
         """Raise if a tensor changed dtype or device since the optimizer was built: moving or
@@ -128,13 +131,27 @@ class DelayStage:
             if self.comm.size == 1:   # the delta is its own average: nothing to send or wait for
                 self.window = Window(step, None, [], [])
                 return
-            wire, contexts = compress(self.compression, self.delta.buffers)
+            wire, contexts = self._compress_with_feedback()
             flag = torch.full((1,), float(self.steps_without_gradients > 0), dtype=wire[0].dtype,
                               device=wire[0].device)
             self.steps_without_gradients = 0
             handle = self.comm.allreduce_async_(wire + [flag], name=f"{self.name}.delta", op=ReduceOp.AVERAGE)
             self.window = Window(step, handle, wire, contexts, flag)
             self.stats.bytes_allreduced += payload_bytes(wire)
+
+    def _compress_with_feedback(self) -> tuple[list[Tensor], list[Any]]:
+        """The delta on the wire. A lossy format keeps what rounding lost in ``residual`` and adds
+        it to the next window's delta (SPEC's error feedback: lost for one window, not for good)."""
+        if self.residual is not None:
+            torch._foreach_add_(self.delta.buffers, self.residual.buffers)
+        wire, contexts = compress(self.compression, self.delta.buffers)
+        if any(w is not d for w, d in zip(wire, self.delta.buffers)):
+            if self.residual is None:
+                self.residual = FlatSpace(self.local)
+            with torch.no_grad():
+                for e, d, w, c in zip(self.residual.buffers, self.delta.buffers, wire, contexts):
+                    torch.sub(d, self.compression.decompress(w, c), out=e)
+        return wire, contexts
 
     def _poll(self) -> None:
         if self.window is not None and self.window.handle is not None:
@@ -226,6 +243,7 @@ class DelayStage:
         window = self.window
         return {
             "skipped_in_a_row": self.skipped_in_a_row,
+            "residual": None if self.residual is None else list(self.residual.buffers),
             "global_weights": None if self.global_ is None else list(self.global_.buffers),
             "window": None if window is None else {
                 "launched_at": window.launched_at,
@@ -237,8 +255,11 @@ class DelayStage:
         """Restore ``state_dict()``'s output; ``{}`` (or None values) resets to before ``start()``."""
         if self.window is not None and self.window.handle is not None:
             raise RuntimeError("load_state_dict() while a window is in flight: call finish() first")
-        self.global_ = self.snapshot = self.delta = self.window = None
+        self.global_ = self.snapshot = self.delta = self.window = self.residual = None
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+        if state.get("residual") is not None:
+            self.residual = FlatSpace(self.local)
+            _copy_buffers(self.residual.buffers, state["residual"], "residual")
         if state.get("global_weights") is None:
             return
         self._allocate()
