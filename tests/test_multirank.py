@@ -332,3 +332,18 @@ def test_ranks_that_built_different_optimizers_all_stop_at_the_first_step(what, 
     proc = subprocess.run(horovodrun(2, str(WORKERS / "mismatch.py"), "--what", what), env=launcher_env(), cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
     assert proc.returncode != 0 and all(f"rank {r} refused: {message}" in proc.stdout for r in (0, 1)), proc.stdout
+
+
+def test_with_adamw_the_warmup_is_synchronous_adamw_and_the_windows_are_not(tmp_path):
+    """Averaging gradients then stepping AdamW (the warm-up) is Horovod's AdamW exactly; averaging
+    weights after local AdamW steps (k = 1, d = 0) is not, as Adam is not linear in the gradient:
+    SSD-SGD with AdamW keeps the moments local and only the weights are averaged."""
+    spec = "1,0,0.5,3"
+    run_ranks(horovodrun(2, WORKER, "--backend", "horovod", "--out", str(tmp_path), "--configs", spec,
+                         "--optimizer", "adamw", "--horovod-baseline"))
+    for rec in load(tmp_path, 2):
+        ssd, hvd_steps = rec["configs"][spec]["after_step"], rec["horovod_baseline"]
+        for step in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(ssd[step][:N_PARAMS], hvd_steps[step][:N_PARAMS])), step
+        later = max(float((a - b).abs().max()) for a, b in zip(ssd[STEPS - 1][:N_PARAMS], hvd_steps[STEPS - 1][:N_PARAMS]))
+        assert later > 1e-4, later

@@ -49,6 +49,16 @@ def test_each_mode_learns_the_digits_under_horovodrun(tmp_path, mode, min_accura
         assert s["bytes_per_step"] == pytest.approx(s["parameter_bytes"] / 5, rel=0.01)
 
 
+@pytest.mark.parametrize("mode", ["horovod", "ssd"])
+def test_adamw_learns_the_digits_wrapped_by_either(tmp_path, mode):
+    run = tmp_path / mode
+    run_ranks(horovodrun(2, *TRAIN, "--mode", mode, "--optimizer", "adamw", "--lr", "0.002", "--epochs", "4",
+                         "--warmup-steps", "20", "--out", str(run)))
+    assert summary(run)["test_accuracy"] >= 0.9, summary(run)
+    state = final_states(run, 2)[0]["optimizer"]
+    assert {"exp_avg", "exp_avg_sq"} <= set(next(iter(state["state"].values())))
+
+
 def test_torchrun_ssd_and_ddp(tmp_path):
     for mode in ("ssd", "ddp"):
         run_ranks(torchrun(2, *TRAIN, "--mode", mode, "--backend", "torch", "--epochs", "10",

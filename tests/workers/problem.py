@@ -34,6 +34,13 @@ def make_sgd(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
 
+def make_adamw(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=0.01, weight_decay=WEIGHT_DECAY)
+
+
+OPTIMIZERS = {"sgd": make_sgd, "adamw": make_adamw}
+
+
 def batch(rank: int, step: int) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(1000 * rank + step)
     return torch.randn(BATCH, 1, 8, 8, generator=g), torch.randint(0, 10, (BATCH,), generator=g)

@@ -45,12 +45,12 @@ def init_backend(name: str, subset: int, torch_backend: str, process_set: str = 
 
 
 def build(backend, k: int, d: int, beta: float, warmup: int, big: int, device: str,
-          compression: str = "none"):
+          compression: str = "none", optimizer: str = "sgd"):
     """``backend``: a backend name, or a Horovod process set (the optimizer runs on it)."""
     model = problem.make_model(big).to(device)
     where = dict(backend=backend) if isinstance(backend, str) else dict(backend="horovod", process_set=backend)
     opt = ssd_allreduce.DistributedOptimizer(
-        problem.make_sgd(model.parameters()), named_parameters=model.named_parameters(),
+        problem.OPTIMIZERS[optimizer](model.parameters()), named_parameters=model.named_parameters(),
         named_buffers=model.named_buffers(), sync_every=k, delay=d, warmup_steps=warmup,
         glu_beta=beta, compression=getattr(ssd_allreduce.Compression, compression), **where)
     return model, opt
@@ -64,7 +64,7 @@ def train_step(model, opt, rank: int, step: int, device: str = "cpu") -> None:
 
 
 def run_config(args, rank: int, backend: str, k: int, d: int, beta: float, warmup: int) -> dict:
-    model, opt = build(backend, k, d, beta, warmup, args.big, args.device, args.compression)
+    model, opt = build(backend, k, d, beta, warmup, args.big, args.device, args.compression, args.optimizer)
     if args.resume_from:
         ckpt = torch.load(os.path.join(args.resume_from, f"ckpt_rank{rank}.pt"), weights_only=False,
                           map_location=args.device)
@@ -93,10 +93,10 @@ def run_config(args, rank: int, backend: str, k: int, d: int, beta: float, warmu
     return record
 
 
-def horovod_baseline(rank: int, steps: int) -> list:
+def horovod_baseline(rank: int, steps: int, optimizer: str = "sgd") -> list:
     import horovod.torch as hvd
     model = problem.make_model()
-    opt = hvd.DistributedOptimizer(problem.make_sgd(model.parameters()),
+    opt = hvd.DistributedOptimizer(problem.OPTIMIZERS[optimizer](model.parameters()),
                                    named_parameters=model.named_parameters())
     out = []
     for step in range(steps):
@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--save-at", type=int)
     ap.add_argument("--resume-from")
     ap.add_argument("--compression", choices=("none", "fp16"), default="none")
+    ap.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="the wrapped optimizer")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (every rank on the one visible GPU)")
     ap.add_argument("--torch-backend", default="gloo", help="torch.distributed backend: gloo or nccl")
     args = ap.parse_args()
@@ -132,7 +133,7 @@ def main() -> None:
         k, d, beta, warmup = spec.split(",")
         result["configs"][spec] = run_config(args, rank, backend, int(k), int(d), float(beta), int(warmup))
     if args.horovod_baseline:
-        result["horovod_baseline"] = horovod_baseline(rank, args.steps)
+        result["horovod_baseline"] = horovod_baseline(rank, args.steps, args.optimizer)
     if args.process_set:
         import horovod.torch as hvd
         hvd.allreduce(torch.zeros(1), name="done")   # every rank stays until the set has finished

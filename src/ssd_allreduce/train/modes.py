@@ -37,9 +37,10 @@ class Mode:
 
     def base_optimizer(self) -> torch.optim.Optimizer:
         a = self.args
-        scale = 1 if a.no_lr_scaling else self.ctx.size
-        return torch.optim.SGD(self.model.parameters(), lr=a.lr * scale, momentum=a.momentum,
-                               weight_decay=a.weight_decay)
+        lr = a.lr * (1 if a.no_lr_scaling else self.ctx.size)
+        if a.optimizer == "adamw":   # SSD-SGD keeps Adam's moments local, like SGD's momentum
+            return torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=a.weight_decay)
+        return torch.optim.SGD(self.model.parameters(), lr=lr, momentum=a.momentum, weight_decay=a.weight_decay)
 
     def make_optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return opt

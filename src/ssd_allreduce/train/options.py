@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=32, help="per rank")
     ap.add_argument("--lr", type=float, default=0.05, help="learning rate of one rank; scaled by the rank count")
     ap.add_argument("--no-lr-scaling", action="store_true")
+    ap.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                    help="the optimizer every mode wraps (AdamW: --momentum is not used)")
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear ramp from the one-rank lr")
