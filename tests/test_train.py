@@ -230,6 +230,8 @@ def test_checkpoint_of_another_model_or_world_size_is_refused(tmp_path):
     (["--glu-beta", "2"], "glu_beta must be a number in [0, 1], got 2.0"),
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1, got 0"),
     (["--batch-size", "5000"], "batch_size 5000 is larger than the shard"),
+    (["--slow-rank", "3"], "--slow-rank must be a rank below 1 and --slow-fraction >= 0, got 3 and 0.0"),
+    (["--slow-rank", "0", "--slow-fraction", "-1"], "--slow-fraction >= 0, got 0 and -1.0"),
 ])
 def test_out_of_range_flags_say_what_to_change(tmp_path, flags, message):
     r = _single(tmp_path, *flags)
