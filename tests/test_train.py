@@ -252,3 +252,12 @@ def test_a_straggler_rank_computes_slower_by_the_fraction_asked(tmp_path):
                          "--slow-rank", "1", "--slow-fraction", "1.0"))
     fast, slow = summary(tmp_path / "run")["rank_images_per_sec"]
     assert 0.15 < slow / fast < 0.75, (fast, slow)
+
+
+def test_gpu_training_through_a_horovod_without_nccl_is_refused_with_what_to_do():
+    from ssd_allreduce.train.launch import check_horovod_gpu_support
+
+    check_horovod_gpu_support(use_cuda=False, nccl_built=False)     # CPU training needs no NCCL
+    check_horovod_gpu_support(use_cuda=True, nccl_built=True)
+    with pytest.raises(SystemExit, match="built without NCCL.*--backend torch"):
+        check_horovod_gpu_support(use_cuda=True, nccl_built=False)

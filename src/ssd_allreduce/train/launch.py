@@ -104,6 +104,7 @@ def init_distributed(backend: str = "auto", device: str = "auto", fault_timeout:
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if backend == "horovod":
         import horovod.torch as hvd
+        check_horovod_gpu_support(use_cuda, hvd.nccl_built())
         set_backend_timeouts(fault_timeout)
         hvd.init()
         rank, size, local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
@@ -119,6 +120,14 @@ def init_distributed(backend: str = "auto", device: str = "auto", fault_timeout:
         local_rank = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistContext(backend, rank, size, local_rank, dev, make_communicator(backend))
+
+
+def check_horovod_gpu_support(use_cuda: bool, nccl_built: bool) -> None:
+    """GPU training through Horovod needs its NCCL operations; say so before any rank starts."""
+    if use_cuda and not nccl_built:
+        raise SystemExit("this Horovod was built without NCCL, so it cannot reduce GPU tensors: rebuild it "
+                         "with scripts/setup.sh where torch has CUDA (it builds NCCL in), or train on the "
+                         "GPU with --backend torch (NCCL through torch.distributed), or on CPUs with --device cpu")
 
 
 def shutdown(ctx: Optional[DistContext]) -> None:
