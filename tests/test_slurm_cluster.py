@@ -191,13 +191,16 @@ def test_train_template_requeues_and_resumes(slurm_env: dict[str, str], tmp_path
             if time.monotonic() > deadline:
                 pytest.fail(f"job {job_id} did not requeue itself\n{_diagnostics(outs)}")
             time.sleep(1)
-        # A requeued job is held back ~2 min (BeginTime); let it start now.
-        run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], env, timeout=30, files=outs)
+        # A requeued job is held back ~2 min (BeginTime); let it start now. An update sent while the
+        # job is still completing its first run does not stick, so repeat it while it pends.
         deadline = time.monotonic() + 150
         while (state := _job_field(job_id, "JobState", env, outs)) not in (
                 "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             if time.monotonic() > deadline:
                 pytest.fail(f"job {job_id} stuck in {state}\n{_diagnostics(outs)}")
+            if state == "PENDING":
+                run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], env, timeout=30, files=outs,
+                    check=False)
             time.sleep(1)
         text = outs[0].read_text()
         assert state == "COMPLETED", f"{state}\n{_diagnostics(outs)}"
