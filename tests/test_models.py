@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssd_allreduce.train.models import MODEL_NAMES, build_model, count_parameters
+from ssd_allreduce.train.models import MODEL_NAMES, build_language_model, build_model, count_parameters
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -122,3 +122,55 @@ def test_torchvision_model() -> None:
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
     with pytest.raises(ValueError, match="mlp"):
         build_model("no_such_torchvision_model", num_classes=5)
+
+
+def _gpt(context: int = 16) -> nn.Module:
+    torch.manual_seed(0)
+    return build_language_model("gpt", vocab_size=256, context=context, width=64, layers=2, heads=4)
+
+
+def test_the_gpt_is_causal() -> None:
+    """Changing a byte changes no prediction before it."""
+    model = _gpt().eval()
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    changed = idx.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % 256
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    assert a.shape == (2, 16, 256)
+    torch.testing.assert_close(a[:, :9], b[:, :9])
+    assert (a[:, 9:] - b[:, 9:]).abs().max() > 1e-4
+
+
+def test_the_gpt_overfits_a_tiny_corpus() -> None:
+    text = b"def add(a, b):\n    return a + b\n" * 4
+    data = torch.tensor(list(text))
+    x = torch.stack([data[i:i + 16] for i in range(0, len(data) - 17, 4)])
+    y = torch.stack([data[i + 1:i + 17] for i in range(0, len(data) - 17, 4)])
+    model = _gpt()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.1, float(loss.detach())
+
+
+def test_the_gpt_mask_is_no_floating_point_state() -> None:
+    """SSD-SGD averages floating-point buffers with the weights: the causal mask must not be one."""
+    model = _gpt()
+    assert [name for name, b in model.named_buffers() if b.is_floating_point()] == []
+    assert 30_000 < count_parameters(model) < 200_000
+
+
+@pytest.mark.parametrize("kw, message", [(dict(width=30, heads=4), "multiple of its heads"),
+                                         (dict(layers=0), "layers must be a positive integer")])
+def test_gpt_settings_that_cannot_work_are_refused(kw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_language_model("gpt", 256, 16, **kw)
+
+
+def test_a_longer_sequence_than_the_context_is_refused() -> None:
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        _gpt(context=8)(torch.zeros(1, 9, dtype=torch.long))

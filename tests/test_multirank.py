@@ -55,10 +55,10 @@ def assert_matches_simulator(ranks: list[dict], spec: str, steps: int = STEPS, r
                                    rtol=rtol, atol=atol, msg=lambda m: f"{spec} rank {r} after finish(): {m}")
 
 
-def assert_matches_reference(ranks: list[dict], spec: str, steps: int = STEPS) -> None:
+def assert_matches_reference(ranks: list[dict], spec: str, steps: int = STEPS, optimizer: str = "sgd") -> None:
     """The same against SPEC's formulas written out anew (no code shared with the library)."""
     k, d, beta, warmup = parse(spec)
-    ref = ReferenceSSD(problem.make_model, problem.make_sgd, len(ranks), k=k, d=d, T=warmup, beta=beta)
+    ref = ReferenceSSD(problem.make_model, problem.OPTIMIZERS[optimizer], len(ranks), k=k, d=d, T=warmup, beta=beta)
     for step in range(steps):
         ref.step([problem.batch(r, step) for r in range(len(ranks))], problem.loss_fn)
         for r, rec in enumerate(ranks):
@@ -334,16 +334,30 @@ def test_ranks_that_built_different_optimizers_all_stop_at_the_first_step(what, 
     assert proc.returncode != 0 and all(f"rank {r} refused: {message}" in proc.stdout for r in (0, 1)), proc.stdout
 
 
-def test_with_adamw_the_warmup_is_synchronous_adamw_and_the_windows_are_not(tmp_path):
-    """Averaging gradients then stepping AdamW (the warm-up) is Horovod's AdamW exactly; averaging
+def test_with_adamw_the_warmup_is_synchronous_adamw_and_the_windows_average_local_adamw_steps(tmp_path):
+    """Averaging gradients then stepping AdamW (the warm-up) is Horovod's AdamW exactly. Averaging
     weights after local AdamW steps (k = 1, d = 0) is not, as Adam is not linear in the gradient:
-    SSD-SGD with AdamW keeps the moments local and only the weights are averaged."""
-    spec = "1,0,0.5,3"
-    run_ranks(horovodrun(2, WORKER, "--backend", "horovod", "--out", str(tmp_path), "--configs", spec,
+    what holds is SPEC's formula with the moments kept on each rank, which the reference computes."""
+    specs = ["1,0,0.5,3", "3,2,0.5,2"]
+    run_ranks(horovodrun(2, WORKER, "--backend", "horovod", "--out", str(tmp_path), "--configs", ";".join(specs),
                          "--optimizer", "adamw", "--horovod-baseline"))
-    for rec in load(tmp_path, 2):
-        ssd, hvd_steps = rec["configs"][spec]["after_step"], rec["horovod_baseline"]
+    ranks = load(tmp_path, 2)
+    for spec in specs:
+        assert_matches_reference(ranks, spec, optimizer="adamw")
+    for rec in ranks:
+        ssd, hvd_steps = rec["configs"][specs[0]]["after_step"], rec["horovod_baseline"]
         for step in range(3):
             assert all(torch.equal(a, b) for a, b in zip(ssd[step][:N_PARAMS], hvd_steps[step][:N_PARAMS])), step
         later = max(float((a - b).abs().max()) for a, b in zip(ssd[STEPS - 1][:N_PARAMS], hvd_steps[STEPS - 1][:N_PARAMS]))
         assert later > 1e-4, later
+
+
+def test_with_adamw_and_the_same_data_on_every_rank_k1_d0_is_synchronous_adamw(tmp_path):
+    """Where every rank sees the same gradient, the local moments agree and the averaged AdamW
+    steps are synchronous AdamW's, step for step."""
+    run_ranks(horovodrun(2, WORKER, "--backend", "horovod", "--out", str(tmp_path), "--configs", "1,0,0.5,0",
+                         "--optimizer", "adamw", "--same-data", "--horovod-baseline"))
+    for rec in load(tmp_path, 2):
+        for step, (ssd, hvd_step) in enumerate(zip(rec["configs"]["1,0,0.5,0"]["after_step"], rec["horovod_baseline"])):
+            torch.testing.assert_close(ssd[:N_PARAMS], hvd_step[:N_PARAMS], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"step {step}: {m}")

@@ -59,6 +59,32 @@ def test_adamw_learns_the_digits_wrapped_by_either(tmp_path, mode):
     assert {"exp_avg", "exp_avg_sq"} <= set(next(iter(state["state"].values())))
 
 
+GPT = ["-m", "ssd_allreduce.train", "--no-progress", "--data", "stdlib", "--model", "gpt", "--corpus-bytes", "300000",
+       "--context", "32", "--gpt-width", "64", "--gpt-layers", "2", "--epochs", "1", "--checkpoint-every", "0"]
+
+
+def test_a_gpt_learns_the_standard_library_with_adamw_and_by_package_shards(tmp_path):
+    run_ranks(horovodrun(2, *GPT, "--mode", "ssd", "--optimizer", "adamw", "--lr", "0.003", "--no-lr-scaling",
+                         "--shards", "by-package", "--max-steps", "60", "--eval-every", "20", "--eval-samples", "256",
+                         "--warmup-steps", "10", "--out", str(tmp_path)))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    curve = [r["test_loss"] for r in records if r["kind"] == "eval"]
+    assert len(curve) == 3 and curve[0] > curve[-1] and curve[-1] < 3.3, curve   # ln 256 = 5.55 at the start
+    s = summary(tmp_path)
+    assert s["ssd_stats"]["windows_landed"] >= 9 and s["steps"] == 60, s
+
+
+def test_ranks_with_different_corpora_all_stop_saying_why(tmp_path):
+    """Each rank builds the corpus from its own Python: here rank 1's is another size."""
+    cmd = " ".join([PYTHON, *GPT, "--max-steps", "2", "--out", str(tmp_path),
+                    "--corpus-bytes", "$((300000 + 1000 * HOROVOD_RANK))"])
+    proc = subprocess.run(horovodrun(2)[:-1] + ["bash", "-c", f"exec {cmd}"], env=launcher_env(),
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    for rank in (0, 1):
+        assert f"rank {rank}: the standard-library corpus of rank(s) [1] differs from rank 0's" in proc.stdout, proc.stdout
+    assert proc.returncode != 0
+
+
 def test_torchrun_ssd_and_ddp(tmp_path):
     for mode in ("ssd", "ddp"):
         run_ranks(torchrun(2, *TRAIN, "--mode", mode, "--backend", "torch", "--epochs", "10",
@@ -232,6 +258,12 @@ def test_checkpoint_of_another_model_or_world_size_is_refused(tmp_path):
     (["--batch-size", "5000"], "batch_size 5000 is larger than the shard"),
     (["--slow-rank", "3"], "--slow-rank must be a rank below 1 and --slow-fraction >= 0, got 3 and 0.0"),
     (["--slow-rank", "0", "--slow-fraction", "-1"], "--slow-fraction >= 0, got 0 and -1.0"),
+    (["--model", "gpt"], "--model gpt trains on --data stdlib and nothing else"),
+    (["--data", "stdlib", "--model", "gpt", "--shards", "label-skew"],
+     "--shards label-skew does not apply to --data stdlib: use label-skew for images, by-package for stdlib"),
+    (["--shards", "by-package"], "--shards by-package does not apply to --data digits"),
+    (["--data", "stdlib", "--model", "gpt", "--gpt-width", "30"], "--gpt-width (30) must be a multiple of --gpt-heads (4)"),
+    (["--eval-every", "-1"], "--eval-every must be >= 0, got -1"),
 ])
 def test_out_of_range_flags_say_what_to_change(tmp_path, flags, message):
     r = _single(tmp_path, *flags)

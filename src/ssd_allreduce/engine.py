@@ -153,6 +153,10 @@ class DelayStage:
                     torch.sub(d, self.compression.decompress(w, c), out=e)
         return wire, contexts
 
+    def discard_window(self) -> None:
+        """Forget the window in flight without waiting for it (its collective died with a lost rank)."""
+        self.window = None
+
     def _poll(self) -> None:
         if self.window is not None and self.window.handle is not None:
             if not self.comm.poll(self.window.handle):

@@ -487,6 +487,21 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         if self._ssd_engine.finish(self._ssd_step):
             self._ssd_zero_nonfinite_state()
 
+    def discard_window(self) -> None:
+        """Forget the window in flight without waiting for it: its collective failed with a lost
+        rank, and the state is about to be restored from the last commit (``SSDState.restore``)."""
+        self._ssd_engine.discard_window()
+
+    def membership_changed(self) -> None:
+        """After Horovod elastic re-initialised with other ranks: take the new rank and size, and
+        compare ranks at the next step, where a rank that joined takes rank 0's SSD-SGD state
+        (``SSDState`` calls it)."""
+        self.discard_window()
+        self._ssd_comm.refresh()
+        self._ssd_checked = False
+        self._synchronized = False
+        self._ssd_backward_passes.clear()
+
     @property
     def window_in_flight(self) -> bool:
         """True between a window's launch and its landing."""

@@ -75,8 +75,9 @@ def run_config(args, rank: int, backend: str, k: int, d: int, beta: float, warmu
         start = 0
     record = {"after_step": [], "global_weights": [], "landed_at": []}
     landed = opt.ssd_stats.windows_landed
+    data_rank = 0 if args.same_data else rank
     for step in range(start, args.steps):
-        train_step(model, opt, rank, step, args.device)
+        train_step(model, opt, data_rank, step, args.device)
         record["after_step"].append(problem.model_tensors(model))
         if opt.ssd_stats.windows_landed != landed:
             landed = opt.ssd_stats.windows_landed
@@ -119,6 +120,7 @@ def main() -> None:
     ap.add_argument("--resume-from")
     ap.add_argument("--compression", choices=("none", "fp16"), default="none")
     ap.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="the wrapped optimizer")
+    ap.add_argument("--same-data", action="store_true", help="every rank trains on rank 0's batches")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (every rank on the one visible GPU)")
     ap.add_argument("--torch-backend", default="gloo", help="torch.distributed backend: gloo or nccl")
     args = ap.parse_args()
@@ -133,7 +135,7 @@ def main() -> None:
         k, d, beta, warmup = spec.split(",")
         result["configs"][spec] = run_config(args, rank, backend, int(k), int(d), float(beta), int(warmup))
     if args.horovod_baseline:
-        result["horovod_baseline"] = horovod_baseline(rank, args.steps, args.optimizer)
+        result["horovod_baseline"] = horovod_baseline(0 if args.same_data else rank, args.steps, args.optimizer)
     if args.process_set:
         import horovod.torch as hvd
         hvd.allreduce(torch.zeros(1), name="done")   # every rank stays until the set has finished

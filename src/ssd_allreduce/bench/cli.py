@@ -6,6 +6,7 @@ synthetic benchmark.
     python -m ssd_allreduce.bench --ablation                        # GLU ablation (simulator, 8 workers)
     horovodrun -np 4 python -m ssd_allreduce.bench synthetic --model resnet50 --mode ssd
     python -m ssd_allreduce.bench overhead                          # the wrapper's cost per step
+    python -m ssd_allreduce.bench --workload gpt                    # a small GPT on the stdlib corpus
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from . import ablation, compare, overhead, synthetic
+from . import ablation, compare, language, overhead, synthetic
 from ..settings import DEFAULT_GLU_BETA
 from .compare import DEFAULT_BANDWIDTHS
 
@@ -27,7 +28,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if argv[:1] == ["overhead"]:
         overhead.main(argv[1:])
         return
-    ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.bench", description=__doc__.split("\n")[0],
+    workload = _pop_workload(argv)
+    if workload == "gpt":
+        language.main(argv)
+        return
+    ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.bench [--workload images|gpt]", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--bandwidths", nargs="+", default=list(DEFAULT_BANDWIDTHS), help="tc rates, e.g. 100mbit 1gbit")
@@ -63,3 +68,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         ablation.ablation(a)
     else:
         compare.compare(a)
+
+
+def _pop_workload(argv: list[str]) -> str:
+    """Remove ``--workload NAME`` (or ``--workload=NAME``) from ``argv``; "images" when absent."""
+    for i, arg in enumerate(argv):
+        if arg == "--workload" or arg.startswith("--workload="):
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            del argv[i:i + (1 if "=" in arg else 2)]
+            if value not in ("images", "gpt"):
+                raise SystemExit(f"--workload takes images (the default comparison) or gpt, got {value!r}")
+            return value
+    return "images"

@@ -73,23 +73,30 @@ def _lo_tx_bytes(prefix: list[str]) -> Optional[int]:
         return None
 
 
-def run_mode(spec: ModeSpec, a: argparse.Namespace, prefix: list[str], run_dir: Path, label: str) -> dict[str, Any]:
-    """Launch one training run with horovodrun (Gloo over loopback); returns its summary + curve."""
+def launch_training(train_args: Sequence[str], ranks: int, prefix: list[str], run_dir: Path, threads: int,
+                    timeout: float, what: str) -> list[dict[str, Any]]:
+    """One training run of ``ranks`` ranks with horovodrun (Gloo over loopback, inside ``prefix``'s
+    network namespace when given); returns its metrics records."""
     horovodrun = str(Path(sys.executable).with_name("horovodrun"))
-    cmd = prefix + [horovodrun, "-np", str(a.ranks), "-H", f"localhost:{a.ranks}", "--gloo",
-                    "--network-interface", "lo", sys.executable, "-m", "ssd_allreduce.train", "--no-progress",
-                    "--model", a.model, "--data", a.data, "--epochs", str(a.epochs), "--batch-size",
-                    str(a.batch_size), "--lr", str(a.lr), "--warmup-steps", str(a.warmup_steps),
-                    "--glu-beta", str(a.glu_beta), "--checkpoint-every", "0", "--out", str(run_dir),
-                    "--label", label, *spec.args(), *(["--data-dir", a.data_dir] if a.data_dir else []),
-                    *(["--slow-rank", "1", "--slow-fraction", str(a.straggler)] if a.straggler else [])]
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONUNBUFFERED="1")
-    tx0 = _lo_tx_bytes(prefix) if prefix else None
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.run_timeout, env=env)
+    cmd = prefix + [horovodrun, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", "--network-interface", "lo",
+                    sys.executable, "-m", "ssd_allreduce.train", "--no-progress", "--checkpoint-every", "0",
+                    "--out", str(run_dir), *train_args]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"{spec.name} failed ({' '.join(cmd)}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{what} failed ({' '.join(cmd)}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return runlog.read(run_dir)
+
+
+def run_mode(spec: ModeSpec, a: argparse.Namespace, prefix: list[str], run_dir: Path, label: str) -> dict[str, Any]:
+    """Run one mode of the comparison; returns its summary + curve."""
+    train_args = ["--model", a.model, "--data", a.data, "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
+                  "--lr", str(a.lr), "--warmup-steps", str(a.warmup_steps), "--glu-beta", str(a.glu_beta),
+                  "--label", label, *spec.args(), *(["--data-dir", a.data_dir] if a.data_dir else []),
+                  *(["--slow-rank", "1", "--slow-fraction", str(a.straggler)] if a.straggler else [])]
+    tx0 = _lo_tx_bytes(prefix) if prefix else None
+    records = launch_training(train_args, a.ranks, prefix, run_dir, a.threads, a.run_timeout, spec.name)
     tx1 = _lo_tx_bytes(prefix) if prefix else None
-    records = runlog.read(run_dir)
     summary = [r for r in records if r["kind"] == "summary"][-1]
     summary["curve"] = [(r["wall"], r["test_accuracy"]) for r in records if r["kind"] == "epoch"]
     summary["wire_bytes_per_step_per_rank"] = (

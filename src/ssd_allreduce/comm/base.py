@@ -56,6 +56,11 @@ class Communicator(ABC):
     def allgather_object(self, obj: Any) -> list[Any]:
         """Every rank's picklable ``obj``, in rank order (blocking)."""
 
+    def refresh(self) -> None:
+        """Re-read ``rank`` and ``size`` after the job's membership changed (Horovod elastic)."""
+        raise NotImplementedError(f"the {self.name} backend has a fixed membership: elastic training "
+                                  "needs Horovod (horovodrun --min-np/--max-np)")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size})"
 

@@ -28,12 +28,16 @@ class HorovodCommunicator(Communicator):
             raise RuntimeError("Horovod is not initialised: call hvd.init() before building the optimizer")
         self._hvd = hvd
         self.process_set = process_set if process_set is not None else hvd.global_process_set
+        self._ops = {ReduceOp.AVERAGE: hvd.Average, ReduceOp.SUM: hvd.Sum, ReduceOp.ADASUM: hvd.Adasum}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read this process's place, e.g. after ``hvd.elastic.run`` re-initialised Horovod."""
         self.member = bool(self.process_set.included())
         self.size = self.process_set.size()
         self.rank = self.process_set.rank() if self.member else -1
         # Horovod reads a broadcast's root as a global rank; ours is a rank in the set
-        self._global_ranks = list(self.process_set.ranks or range(hvd.size()))
-        self._ops = {ReduceOp.AVERAGE: hvd.Average, ReduceOp.SUM: hvd.Sum, ReduceOp.ADASUM: hvd.Adasum}
+        self._global_ranks = list(self.process_set.ranks or range(self._hvd.size()))
 
     def allreduce_async_(self, tensors: Sequence[Tensor], name: str,
                          op: ReduceOp = ReduceOp.AVERAGE, prescale_factor: float = 1.0,

@@ -1,4 +1,5 @@
-"""Data sets kept in memory (digits, CIFAR-10, synthetic), ImageNet-style folders, and per-rank sharding."""
+"""Data sets kept in memory (digits, CIFAR-10, synthetic, the standard-library text corpus),
+ImageNet-style folders, and per-rank sharding."""
 from __future__ import annotations
 
 import os
@@ -13,8 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-DATASET_NAMES: tuple[str, ...] = ("digits", "cifar10", "imagefolder", "synthetic")
-SHARD_MODES: tuple[str, ...] = ("shuffle", "label-skew")
+DATASET_NAMES: tuple[str, ...] = ("digits", "cifar10", "imagefolder", "synthetic", "stdlib")
+# non-IID modes hand each shard a contiguous run of the data sorted by a group: the label for
+# images, the source package for text
+NON_IID_MODES: dict[str, str] = {"label-skew": "label", "by-package": "package"}
+SHARD_MODES: tuple[str, ...] = ("shuffle", *NON_IID_MODES)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_DIRNAME = "cifar-10-batches-py"
@@ -56,6 +60,36 @@ class FolderData:
     in_channels: int = 3
     image_size: int = 224
     name: str = "imagefolder"
+
+
+@dataclass(eq=False)
+class TextSplit:
+    """Byte-level language modelling: int64 (N, context) inputs and next-byte targets, and the
+    source group of every training sequence (for ``by-package`` shards)."""
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    train_groups: Tensor
+    group_names: list[str]
+    fingerprint: str
+    vocab_size: int
+    context: int
+    name: str = "stdlib"
+
+
+def load_stdlib_text(context: int = 64, max_bytes: int = 2_000_000) -> TextSplit:
+    """The standard-library corpus (see ``corpus``) cut into sequences of ``context`` bytes."""
+    from . import corpus
+
+    text = corpus.build_corpus(max_bytes)
+    train, groups = corpus.chunk(text.train, context)
+    test, _ = corpus.chunk(text.validation, context)
+    train, test = train.long(), test.long()
+    return TextSplit(train_x=train[:, :-1], train_y=train[:, 1:], test_x=test[:, :-1], test_y=test[:, 1:],
+                     train_groups=groups, group_names=text.group_names, fingerprint=text.fingerprint(),
+                     vocab_size=corpus.VOCAB_SIZE, context=context)
 
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> DataSplit:
@@ -227,14 +261,16 @@ def load_imagefolder(root: str | os.PathLike) -> FolderData:
     return FolderData(train=train, test=test, num_classes=len(train.classes))
 
 
-def load_dataset(name: str, root: str | os.PathLike | None = None, **kw: Any) -> DataSplit | FolderData:
-    """Load data set ``name`` (digits, cifar10, imagefolder, synthetic); ``kw`` go to its loader."""
+def load_dataset(name: str, root: str | os.PathLike | None = None, **kw: Any) -> DataSplit | FolderData | TextSplit:
+    """Load data set ``name`` (digits, cifar10, imagefolder, synthetic, stdlib); ``kw`` go to its loader."""
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown data set {name!r}; valid names are {', '.join(DATASET_NAMES)}")
     if name == "digits":
         return load_digits_split(**kw)
     if name == "synthetic":
         return load_synthetic(**kw)
+    if name == "stdlib":
+        return load_stdlib_text(**kw)
     if root is None:
         raise ValueError(f"data set {name!r} reads files from disk: pass --data-dir (root=...) pointing at it")
     if name == "cifar10":
@@ -246,8 +282,9 @@ def shard_indices(labels: Tensor, num_shards: int, shard: int, epoch: int, seed:
                   mode: str = "shuffle") -> Tensor:
     """Indices of ``shard`` for ``epoch``: equal-length, disjoint, identical on every rank for (seed, epoch).
 
-    "shuffle" matches DistributedSampler(drop_last=True); "label-skew" hands each shard a contiguous
-    chunk of the label-sorted data, so it sees mostly one or two classes.
+    "shuffle" matches DistributedSampler(drop_last=True); the non-IID modes ("label-skew",
+    "by-package") hand each shard a contiguous chunk of the data sorted by ``labels`` (the class,
+    or the source group), so it sees mostly one or two of them.
     """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
@@ -286,13 +323,17 @@ class _ShardBatches:
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.labels = labels
-        self.batch_size, self.num_shards, self.shard = batch_size, num_shards, shard
-        self.seed, self.mode = seed, mode
-        shard_size = shard_indices(labels, num_shards, shard, 0, seed, mode).numel()
-        self.steps_per_epoch: int = shard_size // batch_size
+        self.batch_size, self.seed, self.mode = batch_size, seed, mode
+        self.reshard(num_shards, shard)
+
+    def reshard(self, num_shards: int, shard: int) -> None:
+        """Become shard ``shard`` of ``num_shards`` (at start, and when an elastic job changes size)."""
+        self.num_shards, self.shard = num_shards, shard
+        shard_size = shard_indices(self.labels, num_shards, shard, 0, self.seed, self.mode).numel()
+        self.steps_per_epoch: int = shard_size // self.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"batch_size {batch_size} is larger than the shard ({shard_size} samples = "
-                             f"{labels.numel()} // {num_shards} shards); use a batch_size <= {shard_size}")
+            raise ValueError(f"batch_size {self.batch_size} is larger than the shard ({shard_size} samples = "
+                             f"{self.labels.numel()} // {num_shards} shards); use a batch_size <= {shard_size}")
 
     def _indices(self, epoch: int, start_step: int) -> Tensor:
         """This shard's sample indices of ``epoch``, checking the position first."""
@@ -304,13 +345,13 @@ class _ShardBatches:
 
 
 class ShardedBatches(_ShardBatches):
-    """Per-rank mini-batches of in-memory tensors."""
+    """Per-rank mini-batches of in-memory tensors; non-IID shards follow ``groups`` (default ``y``)."""
 
     def __init__(self, x: Tensor, y: Tensor, batch_size: int, num_shards: int, shard: int, seed: int = 0,
-                 mode: str = "shuffle", augment: Augment | None = None) -> None:
+                 mode: str = "shuffle", augment: Augment | None = None, groups: Tensor | None = None) -> None:
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x and y must have the same length, got {x.shape[0]} and {y.shape[0]}")
-        super().__init__(y, batch_size, num_shards, shard, seed, mode)
+        super().__init__(y if groups is None else groups, batch_size, num_shards, shard, seed, mode)
         self.x, self.y, self.augment = x, y, augment
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,8 +34,9 @@ from tqdm import tqdm
 from . import checkpoint, runlog
 from .data import DataSplit, FolderBatches, ShardedBatches, cifar_augment, load_dataset
 from .launch import DistContext, init_distributed, shutdown
-from .models import MODEL_NAMES, build_model, count_parameters
+from .models import MODEL_NAMES, build_language_model, build_model, count_parameters
 from .modes import Mode, make_mode
+from .elastic import fit_elastic
 from .options import build_parser, check_args
 from .watchdog import Watchdog, fault_timeout, stop_label
 
@@ -47,8 +48,16 @@ FAULT_SIGNALS = {"stop": signal.SIGSTOP, "kill": signal.SIGKILL}
 
 
 # ---------------------------------------------------------------------------------- set-up
-def load_data(args: argparse.Namespace, ctx: DistContext) -> tuple[Any, Any, dict[str, int]]:
-    """(this rank's training batches, its shard of the test set, the model's input shape)."""
+def load_data(args: argparse.Namespace, ctx: DistContext) -> tuple[Any, Any, Callable[[], nn.Module], Optional[str]]:
+    """(this rank's training batches, the whole test set, a builder of the model, the text corpus's
+    fingerprint or None)."""
+    if args.data == "stdlib":
+        text = load_dataset("stdlib", context=args.context, max_bytes=args.corpus_bytes)
+        train = ShardedBatches(text.train_x, text.train_y, args.batch_size, ctx.size, ctx.rank, args.seed,
+                               args.shards, groups=text.train_groups)
+        return train, (text.test_x, text.test_y), lambda: build_language_model(
+            args.model, text.vocab_size, text.context, args.gpt_width, args.gpt_layers, args.gpt_heads), \
+            text.fingerprint
     kw: dict[str, Any] = {}
     if args.data == "synthetic":  # like Horovod's synthetic benchmark: ImageNet classes for zoo models
         kw = dict(num_samples=args.synthetic_samples, image_size=args.image_size, in_channels=3,
@@ -59,12 +68,30 @@ def load_data(args: argparse.Namespace, ctx: DistContext) -> tuple[Any, Any, dic
         augment = cifar_augment if args.augment else None
         train = ShardedBatches(data.train_x, data.train_y, args.batch_size, ctx.size, ctx.rank, args.seed,
                                args.shards, augment)
-        test = (data.test_x[ctx.rank::ctx.size], data.test_y[ctx.rank::ctx.size])
-    else:
-        train = FolderBatches(data.train, args.batch_size, ctx.size, ctx.rank, args.seed, args.shards, args.workers)
-        test = torch.utils.data.DataLoader(torch.utils.data.Subset(data.test, range(ctx.rank, len(data.test), ctx.size)),
-                                           batch_size=256, num_workers=args.workers)
-    return train, test, shape
+        return train, (data.test_x, data.test_y), lambda: build_model(args.model, **shape), None
+    train = FolderBatches(data.train, args.batch_size, ctx.size, ctx.rank, args.seed, args.shards, args.workers)
+    return train, data.test, lambda: build_model(args.model, **shape), None
+
+
+def shard_test(test: Any, ctx: DistContext, args: argparse.Namespace) -> Any:
+    """This rank's share of the first ``--eval-samples`` test samples (all of them when 0)."""
+    if isinstance(test, tuple):
+        x, y = test
+        end = args.eval_samples or len(y)
+        return x[ctx.rank:end:ctx.size], y[ctx.rank:end:ctx.size]
+    end = min(len(test), args.eval_samples or len(test))
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(test, range(ctx.rank, end, ctx.size)),
+                                       batch_size=256, num_workers=args.workers)
+
+
+def check_same_corpus(fingerprint: str, ctx: DistContext) -> None:
+    """Every rank must have built the same text corpus (it comes from each node's own Python)."""
+    prints = ctx.comm.allgather_object(fingerprint)
+    differ = [r for r, f in enumerate(prints) if f != prints[0]]
+    if differ:
+        raise SystemExit(f"rank {ctx.rank}: the standard-library corpus of rank(s) {differ} differs from rank 0's "
+                         f"(each rank reads its own Python's library): run every rank with the same Python "
+                         f"installation (this one: {sys.version.split()[0]} at {sys.base_prefix})")
 
 
 def make_lr_schedule(args: argparse.Namespace, opt: torch.optim.Optimizer, steps_per_epoch: int,
@@ -84,6 +111,14 @@ def make_lr_schedule(args: argparse.Namespace, opt: torch.optim.Optimizer, steps
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def set_schedule_step(sched: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put ``sched`` (and its optimizer's learning rates) where it stands after ``step`` steps."""
+    lrs = [base * factor(step) for base, factor in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group, lr in zip(sched.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched.last_epoch, sched._last_lr = step, lrs
 
 
 def seed_everything(seed: int) -> None:
@@ -171,12 +206,14 @@ class Trainer:
             sig, kind, step, rank = args.fault_at.split(":")
             self.fault = (FAULT_SIGNALS[sig], kind, int(step), int(rank))
         self.out = Path(args.out)
-        checkpoint.check_writable(self.out / "checkpoints", ctx.rank, ctx.comm.allgather_object)
         seed_everything(args.seed)
-        self.batches, self.test, shape = load_data(args, ctx)
-        self.model = build_model(args.model, **shape).to(ctx.device)
-        # every rank starts from rank 0's weights
-        ctx.comm.broadcast_(list(self.model.state_dict().values()), root_rank=0, name="train.init")
+        self.batches, self.test_set, make_model, self.corpus_fingerprint = load_data(args, ctx)
+        self.test = shard_test(self.test_set, ctx, args)
+        self.model = make_model().to(ctx.device)
+        if not args.elastic:   # an elastic rank may join late: no collective before hvd.elastic.run
+            self.check_ranks()
+            # every rank starts from rank 0's weights (an elastic job's first sync does it)
+            ctx.comm.broadcast_(list(self.model.state_dict().values()), root_rank=0, name="train.init")
         self.mode: Mode = make_mode(args, self.model, ctx)
         self.opt = self.mode.optimizer
         self.sched = make_lr_schedule(args, self.opt, self.batches.steps_per_epoch, ctx.size)
@@ -189,6 +226,12 @@ class Trainer:
         self.crit = nn.CrossEntropyLoss()
         self._compute_seconds = 0.0   # forward and backward of the last step
 
+    def check_ranks(self) -> None:
+        """Collective checks of what each rank found: a writable checkpoint directory, the same corpus."""
+        checkpoint.check_writable(self.out / "checkpoints", self.ctx.rank, self.ctx.comm.allgather_object)
+        if self.corpus_fingerprint is not None:
+            check_same_corpus(self.corpus_fingerprint, self.ctx)
+
     def mark(self, kind: str, step: int) -> None:
         """Training reached phase ``kind`` (a key of PHASES) at ``step``: tell the watchdog (and, in
         tests, send the fault asked for with --fault-at to this very process)."""
@@ -196,6 +239,25 @@ class Trainer:
         if self.fault is not None and self.fault[1:] == (kind, step, self.ctx.rank):
             (self.out / f"fault-rank{self.ctx.rank}.time").write_text(repr(time.time()))
             os.kill(os.getpid(), self.fault[0])
+
+    def adopt_world(self, rank: int, size: int, position: Position, committed_size: int) -> None:
+        """Continue at ``position``, committed when there were ``committed_size`` ranks, as rank
+        ``rank`` of ``size`` (elastic training): the data is resharded and the epoch goes on after
+        the samples already seen (exactly with shuffled shards, to within one global batch), and
+        the learning rate follows the new world size."""
+        ctx, args = self.ctx, self.args
+        ctx.rank, ctx.size = rank, size
+        ctx.comm.refresh()
+        self.batches.reshard(size, rank)
+        self.test = shard_test(self.test_set, ctx, args)
+        if committed_size != size:
+            position.step_in_epoch = min(position.step_in_epoch * committed_size // size,
+                                         self.batches.steps_per_epoch)
+        self.position = position
+        for group in self.opt.param_groups:
+            group["initial_lr"] = args.lr * (1 if args.no_lr_scaling else size)
+        self.sched = make_lr_schedule(args, self.opt, self.batches.steps_per_epoch, size)
+        set_schedule_step(self.sched, position.global_step)
 
     @property
     def total_steps(self) -> float:
@@ -238,7 +300,7 @@ class Trainer:
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         self.opt.zero_grad()
         with torch.autocast(ctx.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss = self.crit(self.mode.net(x), y)
+            loss = self.crit(self.mode.net(x).flatten(0, -2), y.flatten())   # (B, T, V) for text
         slept = 0.0
         straggler = self.args.slow_rank == ctx.rank
         if straggler:   # its compute takes (1 + fraction) times as long
@@ -266,7 +328,7 @@ class Trainer:
                 "lr": self.sched.get_last_lr()[0], "images_per_sec": ctx.size * len(y) / step_time}
 
     def evaluate(self) -> tuple[float, float]:
-        """(accuracy, mean loss) over the whole test set, each rank scoring its shard."""
+        """(accuracy, mean loss) over the test set, each rank scoring its shard (per token for text)."""
         self.mark("evaluation", self.position.global_step)
         self.mode.before_evaluation()
         net, ctx = self.mode.net, self.ctx
@@ -279,7 +341,7 @@ class Trainer:
             for x, y in batches:
                 self.watchdog.progress(self.watchdog.phase)
                 x, y = x.to(ctx.device), y.to(ctx.device)
-                out = net(x).float()
+                out, y = net(x).float().flatten(0, -2), y.flatten()
                 loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
                 correct += float((out.argmax(1) == y).sum())
                 count += len(y)
@@ -348,6 +410,26 @@ def run(args: argparse.Namespace, ctx: DistContext, watchdog: Watchdog) -> None:
     preempt = PreemptionFlag()
     bar = tqdm(total=trainer.total_steps, initial=pos.global_step, unit="step", mininterval=1.0,
                disable=not ctx.is_root or args.no_progress, dynamic_ncols=True)
+    if args.elastic:
+        stopped_by, accuracy, test_loss = fit_elastic(trainer, log, preempt, bar, fit)
+    else:
+        stopped_by, accuracy, test_loss = fit(trainer, log, preempt, bar)
+    bar.close()
+    if stopped_by != "preemption":
+        summary = trainer.summary(accuracy, test_loss)
+        log.write("summary", **summary)
+        if ctx.is_root:
+            print(runlog.format_table([summary]))
+            runlog.plot([trainer.out], trainer.out / "curves.png")
+    log.close()
+    shutdown(ctx)
+
+
+def fit(trainer: Trainer, log: runlog.RunLog, preempt: PreemptionFlag, bar: tqdm,
+        commit: Optional[Callable[[], None]] = None) -> tuple[Optional[str], Optional[float], Optional[float]]:
+    """The epoch loop from ``trainer.position`` on: (what stopped it early, if anything; the last
+    accuracy and test loss). ``commit`` (elastic training) runs every ``--commit-every`` steps."""
+    args, ctx, pos = trainer.args, trainer.ctx, trainer.position
     stopped_by: Optional[str] = None
     accuracy = test_loss = None
     while pos.epoch < args.epochs and stopped_by is None:
@@ -358,11 +440,17 @@ def run(args: argparse.Namespace, ctx: DistContext, watchdog: Watchdog) -> None:
             bar.update(1)
             if bar.n % 10 == 0:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_sec']:.0f}", refresh=False)
+            if args.eval_every and pos.global_step % args.eval_every == 0:
+                accuracy, test_loss = trainer.evaluate()
+                log.write("eval", step=pos.global_step, wall=round(pos.train_seconds, 6), test_accuracy=accuracy,
+                          test_loss=test_loss)
             if args.preempt_at_step == pos.global_step and ctx.is_root:
                 preempt.raised = True
             if pos.global_step % args.signal_check_every == 0 and ctx.all_sum([float(preempt.raised)])[0] > 0:
                 stopped_by = "preemption"
                 break
+            if commit is not None and pos.global_step % args.commit_every == 0:
+                commit()
             if args.max_steps and pos.global_step >= args.max_steps:
                 stopped_by = "max-steps"
                 break
@@ -382,15 +470,7 @@ def run(args: argparse.Namespace, ctx: DistContext, watchdog: Watchdog) -> None:
         last = pos.epoch >= args.epochs or stopped_by is not None
         if last or (args.checkpoint_every and pos.epoch % args.checkpoint_every == 0 and finished_epoch):
             trainer.save_checkpoint()
-    bar.close()
-    if stopped_by != "preemption":
-        summary = trainer.summary(accuracy, test_loss)
-        log.write("summary", **summary)
-        if ctx.is_root:
-            print(runlog.format_table([summary]))
-            runlog.plot([trainer.out], trainer.out / "curves.png")
-    log.close()
-    shutdown(ctx)
+    return stopped_by, accuracy, test_loss
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,4 +1,4 @@
-"""Model zoo: small built-in networks, the CIFAR ResNets of He et al. (2016), torchvision models."""
+"""Model zoo: small built-in networks, the CIFAR ResNets of He et al. (2016), a small GPT, torchvision models."""
 from __future__ import annotations
 
 import torch
@@ -112,6 +112,41 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(out, 1))
 
 
+class GPT(nn.Module):
+    """A GPT-style decoder of PyTorch's own modules: token and learned position embeddings,
+    pre-norm transformer blocks under a causal mask, a final LayerNorm and a linear head."""
+
+    def __init__(self, vocab_size: int, context: int, width: int = 128, layers: int = 4, heads: int = 4,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"the GPT's width ({width}) must be a multiple of its heads ({heads})")
+        self.context = context
+        self.tokens = nn.Embedding(vocab_size, width)
+        self.positions = nn.Embedding(context, width)
+        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab_size, bias=False)
+        # a bool buffer: not a floating-point state, so it never travels with SSD-SGD's deltas
+        self.register_buffer("causal", torch.ones(context, context, dtype=torch.bool).triu(1), persistent=False)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, T, vocab) of byte sequences ``idx`` (B, T), T <= context."""
+        t = idx.shape[1]
+        if t > self.context:
+            raise ValueError(f"sequence of {t} tokens is longer than the model's context ({self.context})")
+        x = self.tokens(idx) + self.positions(torch.arange(t, device=idx.device))
+        x = self.blocks(x, mask=self.causal[:t, :t], is_causal=True)
+        return self.head(self.norm(x))
+
+
 def _torchvision_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
     """Build ``name`` from torchvision.models, with errors that name the built-in alternatives."""
     builtins = ", ".join(MODEL_NAMES)
@@ -148,6 +183,18 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
             raise ValueError(f"{name} needs image_size >= 8, got {image_size}")
         return CifarResNet(RESNET_DEPTHS[name], num_classes, in_channels)
     return _torchvision_model(name, num_classes, in_channels)
+
+
+def build_language_model(name: str, vocab_size: int, context: int, width: int = 128, layers: int = 4,
+                         heads: int = 4) -> nn.Module:
+    """A freshly initialised language model ``name`` (only ``gpt`` today)."""
+    if name != "gpt":
+        raise ValueError(f"unknown language model {name!r}: the text data set trains --model gpt")
+    for label, value in (("vocab_size", vocab_size), ("context", context), ("width", width), ("layers", layers),
+                         ("heads", heads)):
+        if value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value}")
+    return GPT(vocab_size, context, width, layers, heads)
 
 
 def count_parameters(model: nn.Module) -> int:

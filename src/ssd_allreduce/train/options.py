@@ -17,16 +17,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", choices=("auto", "horovod", "torch", "mpi"), default="auto",
                     help="auto: torch under torchrun, else horovod")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    ap.add_argument("--model", default="cnn", help="mlp, cnn, resnet20..resnet110, or a torchvision name")
+    ap.add_argument("--model", default="cnn",
+                    help="mlp, cnn, resnet20..resnet110 or a torchvision name; gpt for --data stdlib")
     ap.add_argument("--data", choices=DATASET_NAMES, default="digits")
     ap.add_argument("--data-dir", help="CIFAR-10 python-format directory or ImageNet-style folder")
     ap.add_argument("--synthetic-samples", type=int, default=4096)
     ap.add_argument("--image-size", type=int, default=32, help="synthetic data only")
-    ap.add_argument("--shards", choices=SHARD_MODES, default="shuffle")
+    ap.add_argument("--shards", choices=SHARD_MODES, default="shuffle",
+                    help="label-skew: each rank mostly a few classes; by-package (stdlib): each rank its own "
+                         "packages of the library")
+    ap.add_argument("--context", type=int, default=64, help="stdlib: bytes per sequence")
+    ap.add_argument("--corpus-bytes", type=int, default=2_000_000, help="stdlib: size of the corpus")
+    ap.add_argument("--gpt-width", type=int, default=144)
+    ap.add_argument("--gpt-layers", type=int, default=4)
+    ap.add_argument("--gpt-heads", type=int, default=4)
     ap.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR-10)")
     ap.add_argument("--workers", type=int, default=4, help="data-loading processes (image folders)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    ap.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: once per epoch)")
+    ap.add_argument("--eval-samples", type=int, default=0,
+                    help="evaluate on the first this many test samples (0: all of them)")
     ap.add_argument("--batch-size", type=int, default=32, help="per rank")
     ap.add_argument("--lr", type=float, default=0.05, help="learning rate of one rank; scaled by the rank count")
     ap.add_argument("--no-lr-scaling", action="store_true")
@@ -56,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--signal-check-every", type=int, default=20,
                     help="steps between the ranks' agreement on a preemption signal")
     ap.add_argument("--preempt-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--elastic", action="store_true",
+                    help="Horovod elastic training (horovodrun --min-np/--max-np --host-discovery-script): "
+                         "ranks may leave and join")
+    ap.add_argument("--commit-every", type=int, default=20,
+                    help="--elastic: steps between commits (a change of ranks goes back to the last one)")
     ap.add_argument("--fault-timeout", type=float, default=None,
                     help="seconds without progress after which a rank stops, naming the step and phase "
                          "(a peer died or froze); default $SSD_FAULT_TIMEOUT or 60, 0 disables")
@@ -77,11 +93,31 @@ def check_args(args: argparse.Namespace, backend: str, size: int) -> None:
     if args.mode == "ddp" and backend != "torch":
         raise SystemExit(f"--mode ddp needs torch.distributed (got {backend}): launch with torchrun or "
                          "pass --backend torch, or use --mode horovod")
+    if args.elastic and (backend != "horovod" or args.mode not in ("ssd", "local-sgd", "horovod")
+                         or args.data == "imagefolder"):
+        raise SystemExit(f"--elastic runs under Horovod elastic (horovodrun --min-np/--max-np) with --mode ssd, "
+                         f"local-sgd or horovod and an in-memory data set; got backend {backend}, --mode "
+                         f"{args.mode}, --data {args.data}")
+    if args.elastic and args.resume is not None:
+        raise SystemExit("--elastic keeps its state in memory and brings ranks that join up to date itself; "
+                         "--resume is for restarting a job that stopped: leave out one of them")
     if args.data in ("cifar10", "imagefolder") and not args.data_dir:
         raise SystemExit(f"--data {args.data} needs --data-dir (no download happens here)")
+    text, gpt = args.data == "stdlib", args.model == "gpt"
+    if text != gpt:
+        raise SystemExit("--model gpt trains on --data stdlib and nothing else: pass both, or neither")
+    if args.shards == ("label-skew" if text else "by-package"):
+        raise SystemExit(f"--shards {args.shards} does not apply to --data {args.data}: use label-skew for "
+                         "images, by-package for stdlib")
     if args.slow_fraction < 0 or args.slow_rank >= size:
         raise SystemExit(f"--slow-rank must be a rank below {size} and --slow-fraction >= 0, got "
                          f"{args.slow_rank} and {args.slow_fraction}")
-    for name in ("epochs", "batch_size", "sync_every", "keep_checkpoints", "signal_check_every"):
+    for name in ("epochs", "batch_size", "sync_every", "keep_checkpoints", "signal_check_every", "context", "commit_every",
+                 "gpt_width", "gpt_layers", "gpt_heads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("eval_every", "eval_samples", "max_steps"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.gpt_width % args.gpt_heads:
+        raise SystemExit(f"--gpt-width ({args.gpt_width}) must be a multiple of --gpt-heads ({args.gpt_heads})")

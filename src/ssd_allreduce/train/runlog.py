@@ -23,6 +23,8 @@ class RunLog:
 
     def __init__(self, run_dir: Union[str, Path], enabled: bool) -> None:
         self.path = Path(run_dir) / METRICS
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a") if enabled else None
 
     def write(self, kind: str, **record: Any) -> None:

@@ -1,0 +1,290 @@
+"""The language-modelling workload: a small GPT on the standard-library corpus, Horovod against
+SSD-SGD and blocking local SGD, with shuffled and with by-package (non-IID) shards, and the GLU
+ablation on real ranks and on the simulator.
+
+    python -m ssd_allreduce.bench --workload gpt                          # AdamW, about 10 minutes
+    python -m ssd_allreduce.bench --workload gpt --optimizers adamw sgd   # the full evidence
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..simulator import Simulator
+from ..train.data import ShardedBatches, TextSplit, load_stdlib_text
+from ..train.models import build_language_model
+from ..train.runlog import markdown_table
+from .compare import launch_training
+from .netns import ShapedNetwork, measure_bandwidth_mbps, namespaces_available
+
+DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.1}
+ABLATION = (("overwrite", "overwrite", 0.0), ("glu beta=1", "glu", 1.0), ("glu beta=0.5", "glu", 0.5),
+            ("glu beta=0.25", "glu", 0.25))
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the workload."""
+
+    optimizer: str
+    shards: str
+    mode: str
+    sync_every: int = 1
+    delay: int = 0
+    compensation: str = "glu"
+    glu_beta: float = 0.5
+
+    @property
+    def name(self) -> str:
+        if self.mode == "local-sgd":
+            return f"local-sgd k={self.sync_every}"
+        if self.mode != "ssd":
+            return self.mode
+        variant = "overwrite" if self.compensation == "overwrite" else f"beta={self.glu_beta:g}"
+        return f"ssd k={self.sync_every} d={self.delay} {variant}"
+
+    def args(self) -> list[str]:
+        return ["--mode", self.mode, "--optimizer", self.optimizer, "--shards", self.shards, "--sync-every",
+                str(self.sync_every), "--delay", str(self.delay), "--compensation", self.compensation,
+                "--glu-beta", str(self.glu_beta)]
+
+
+def plan(a: argparse.Namespace) -> list[Run]:
+    """Every run of the invocation: the comparison for each optimizer and sharding, then the ablation."""
+    runs = []
+    for opt in a.optimizers:
+        for shards in a.shards:
+            runs.append(Run(opt, shards, "horovod"))
+            for cfg in a.ssd_configs:
+                k, d = (int(v) for v in cfg.split(":"))
+                runs.append(Run(opt, shards, "ssd", k, d, "glu", a.glu_beta))
+            runs.append(Run(opt, shards, "local-sgd", a.local_sgd_every, 0))
+    if a.ablation_config:
+        k, d = (int(v) for v in a.ablation_config.split(":"))
+        for _, compensation, beta in ABLATION:
+            run = Run(a.optimizers[0], a.ablation_shards, "ssd", k, d, compensation, beta)
+            if run not in runs:
+                runs.append(run)
+    return runs
+
+
+def run_one(run: Run, a: argparse.Namespace, prefix: list[str], out: Path) -> dict[str, Any]:
+    """Train ``run`` on real ranks; its validation curve and summary."""
+    train_args = ["--data", "stdlib", "--model", "gpt", "--epochs", "1", "--max-steps", str(a.steps),
+                  "--eval-every", str(a.eval_every), "--eval-samples", str(a.eval_samples),
+                  "--batch-size", str(a.batch_size), "--context", str(a.context), "--gpt-width", str(a.width),
+                  "--gpt-layers", str(a.layers), "--lr", str(a.lr.get(run.optimizer, DEFAULT_LR[run.optimizer])),
+                  "--no-lr-scaling", "--weight-decay", "0.01" if run.optimizer == "adamw" else "0",
+                  "--warmup-steps", str(a.warmup_steps), *run.args()]
+    run_dir = out / "runs" / f"{run.optimizer}-{run.shards}-{run.name.replace(' ', '_').replace('=', '')}"
+    records = launch_training(train_args, a.ranks, prefix, run_dir, a.threads, a.run_timeout, run.name)
+    summary = [r for r in records if r["kind"] == "summary"][-1]
+    curve = [(r["step"], r["wall"], r["test_loss"]) for r in records if r["kind"] == "eval"]
+    return {"optimizer": run.optimizer, "shards": run.shards, "name": run.name, "mode": run.mode,
+            "curve": curve, "val_loss": curve[-1][2], "steps": summary["steps"],
+            "wall_seconds": summary["wall_seconds"], "step_ms": summary["step_ms"],
+            "bytes_per_step": summary["bytes_per_step"], "parameter_bytes": summary["parameter_bytes"]}
+
+
+def add_ratios(rows: list[dict[str, Any]], tolerance: float) -> None:
+    """Each run's final validation loss against Horovod's with the same optimizer and shards."""
+    for r in rows:
+        base = next((b for b in rows if b["mode"] == "horovod" and b["optimizer"] == r["optimizer"]
+                     and b["shards"] == r["shards"]), None)
+        r["vs_horovod"] = r["val_loss"] / base["val_loss"] - 1 if base else None
+        r["x_horovod_speed"] = base["wall_seconds"] / r["wall_seconds"] if base else None
+        r["verdict"] = ("-" if base is None or r is base else
+                        "met" if r["vs_horovod"] <= tolerance else f"MISSED by {r['vs_horovod'] - tolerance:+.1%}")
+
+
+TABLE = (("optimizer", "optimizer", "{}"), ("shards", "shards", "{}"), ("mode", "name", "{}"),
+         ("val loss", "val_loss", "{:.4f}"), ("vs horovod", "vs_horovod", "{:+.2%}"), ("within 2 %", "verdict", "{}"),
+         ("step ms", "step_ms", "{:.1f}"), ("wall s", "wall_seconds", "{:.1f}"),
+         ("x horovod (time)", "x_horovod_speed", "{:.2f}"), ("payload B/step", "bytes_per_step", "{:,.0f}"))
+
+
+# ---------------------------------------------------------------------------------- the simulator
+def _token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten())
+
+
+def simulate(text: TextSplit, workers: int, shards: str, optimizer: str, steps: int, warmup_steps: int,
+             sync_every: int, delay: int, compensation: str, glu_beta: float, lr: float, seed: int = 0) -> float:
+    """Validation loss of the global model after ``steps`` steps of ``workers`` simulated ranks
+    training a tiny GPT (width 64, 2 layers) on ``text``."""
+    torch.manual_seed(seed)
+    model = build_language_model("gpt", text.vocab_size, text.context, width=64, layers=2, heads=4)
+    if optimizer == "adamw":
+        def make(p: Any) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(p, lr=lr, weight_decay=0.01)
+    else:
+        def make(p: Any) -> torch.optim.Optimizer:
+            return torch.optim.SGD(p, lr=lr, momentum=0.9)
+    sim = Simulator(model, make, workers, sync_every=sync_every, delay=delay, warmup_steps=warmup_steps,
+                    glu_beta=glu_beta, compensation=compensation)
+    batches = [ShardedBatches(text.train_x, text.train_y, 16, workers, w, seed, shards, groups=text.train_groups)
+               for w in range(workers)]
+    streams = [b.epoch(0) for b in batches]
+    for _ in range(steps):
+        sim.step([next(s) for s in streams], _token_loss)
+    sim.finish()
+    net = sim.global_model().eval()
+    with torch.no_grad():
+        return float(_token_loss(net(text.test_x[:512]), text.test_y[:512]))
+
+
+def simulator_ablation(a: argparse.Namespace) -> list[dict[str, Any]]:
+    """The GLU ablation on this task with the simulator, against synchronous training (k = 1)."""
+    text = load_stdlib_text(context=32, max_bytes=a.corpus_bytes)
+    k, d = (int(v) for v in (a.ablation_config or "10:10").split(":"))
+    opt = a.optimizers[0]
+    lr = a.lr.get(opt, DEFAULT_LR[opt])
+    variants = [("synchronous (k=1)", 1, 0, "glu", 1.0)] + [(n, k, d, c, b) for n, c, b in ABLATION]
+    rows = []
+    for shards in a.shards:
+        for name, kk, dd, comp, beta in variants:
+            losses = [simulate(text, a.sim_workers, shards, opt, a.sim_steps, a.warmup_steps, kk, dd, comp, beta, lr,
+                               seed) for seed in range(a.sim_seeds)]
+            rows.append({"shards": shards, "variant": name, "val_loss": statistics.mean(losses),
+                         "stdev": statistics.stdev(losses) if len(losses) > 1 else 0.0})
+            print(f"   simulator {shards:<10} {name:<18} val loss {rows[-1]['val_loss']:.4f}", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------- report
+def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for opt, shards in sorted({(r["optimizer"], r["shards"]) for r in rows}):
+        fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+        for r in rows:
+            if (r["optimizer"], r["shards"]) == (opt, shards):
+                steps, walls, losses = zip(*r["curve"])
+                by_step.plot(steps, losses, "o-", ms=3, label=r["name"])
+                by_time.plot(walls, losses, "o-", ms=3, label=r["name"])
+        by_step.set(xlabel="step", ylabel="validation loss (nats/byte)", title=f"{opt}, {shards} shards")
+        by_time.set(xlabel="training wall time (s)", ylabel="validation loss (nats/byte)")
+        for ax in (by_step, by_time):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"gpt_{opt}_{shards}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def render(results: dict[str, Any]) -> str:
+    c = results["config"]
+    lines = [f"Command: `{results['command']}`", "",
+             f"Machine: {results['machine']}; {c['ranks']} ranks (horovodrun, Gloo), {results['network']}; GPT "
+             f"width {c['width']}, {c['layers']} layers, context {c['context']} bytes "
+             f"({results['parameters']:,} parameters), batch {c['batch_size']} sequences per rank, {c['steps']} "
+             f"steps, {c['warmup_steps']} warm-up steps, validation on {c['eval_samples']} held-out sequences; "
+             f"took {results['seconds'] / 60:.1f} min.", "", markdown_table(results["rows"], TABLE), ""]
+    if results["simulator"]:
+        sim = results["simulator"]
+        lines += [f"GLU ablation on the simulator ({c['sim_workers']} workers, tiny GPT width 64, 2 layers, context "
+                  f"32, {c['optimizers'][0]}, {c['sim_steps']} steps, k:d = {c['ablation_config']}, mean ± stdev "
+                  f"over {c['sim_seeds']} seeds; validation loss):", "",
+                  "| variant | " + " | ".join(f"{s} shards" for s in c["shards"]) + " |",
+                  "|---|" + "---|" * len(c["shards"])]
+        for variant in dict.fromkeys(r["variant"] for r in sim):
+            cells = [next(f"{r['val_loss']:.4f} ± {r['stdev']:.4f}" for r in sim
+                          if r["variant"] == variant and r["shards"] == s) for s in c["shards"]]
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_lr(values: Sequence[str]) -> dict[str, float]:
+    out = {}
+    for v in values:
+        name, _, lr = v.partition("=")
+        if name not in DEFAULT_LR or not lr:
+            raise SystemExit(f"--lr takes OPTIMIZER=VALUE (adamw=0.001 sgd=0.1), got {v!r}")
+        out[name] = float(lr)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.bench --workload gpt",
+                                 description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--optimizers", nargs="+", choices=tuple(DEFAULT_LR), default=["adamw"])
+    ap.add_argument("--shards", nargs="+", choices=("shuffle", "by-package"), default=["shuffle", "by-package"])
+    ap.add_argument("--ssd-configs", nargs="+", default=["5:5", "10:10"], help="k:d pairs")
+    ap.add_argument("--local-sgd-every", type=int, default=5)
+    ap.add_argument("--glu-beta", type=float, default=0.5)
+    ap.add_argument("--steps", type=int, default=160)
+    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--eval-samples", type=int, default=512)
+    ap.add_argument("--warmup-steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--context", type=int, default=64)
+    ap.add_argument("--width", type=int, default=144)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--corpus-bytes", type=int, default=2_000_000)
+    ap.add_argument("--lr", nargs="*", default=[], help="OPTIMIZER=VALUE overrides (defaults: adamw=0.001 sgd=0.1)")
+    ap.add_argument("--bandwidth", default="1gbit", help="tc rate of the emulated network ('none': plain loopback)")
+    ap.add_argument("--ablation-config", default="10:10", help="k:d of the GLU ablation on real ranks ('' to skip)")
+    ap.add_argument("--ablation-shards", default="by-package")
+    ap.add_argument("--sim-workers", type=int, default=4)
+    ap.add_argument("--sim-steps", type=int, default=150)
+    ap.add_argument("--sim-seeds", type=int, default=2)
+    ap.add_argument("--no-simulator", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
+    ap.add_argument("--tolerance", type=float, default=0.02, help="final validation loss vs Horovod's")
+    ap.add_argument("--run-timeout", type=float, default=900)
+    ap.add_argument("--out", default=f"results/gpt-{time.strftime('%Y%m%d-%H%M%S')}")
+    a = ap.parse_args(argv)
+    a.lr = parse_lr(a.lr)
+    if a.eval_every < 1 or a.steps % a.eval_every:
+        raise SystemExit(f"--steps ({a.steps}) must be a multiple of --eval-every ({a.eval_every})")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    ok, why = namespaces_available()
+    shaped = ok and a.bandwidth != "none"
+    if not shaped and a.bandwidth != "none":
+        print(f"NOTE: no emulated network ({why}); running on the unshaped loopback", flush=True)
+    rows = []
+    with (ShapedNetwork(a.bandwidth) if shaped else nullcontext()) as net:
+        prefix = net.prefix() if net is not None else []
+        measured = measure_bandwidth_mbps(prefix) if prefix else None
+        network = f"tbf {a.bandwidth}, measured {measured:.0f} Mbit/s" if measured else "unshaped loopback"
+        print(f"== {network}", flush=True)
+        for run in plan(a):
+            t = time.time()
+            rows.append(run_one(run, a, prefix, out))
+            print(f"   {run.optimizer:<5} {run.shards:<10} {run.name:<28} val loss {rows[-1]['val_loss']:.4f} "
+                  f"({time.time() - t:.0f} s)", flush=True)
+    add_ratios(rows, a.tolerance)
+    sim = [] if a.no_simulator else simulator_ablation(a)
+    results = {"config": vars(a), "rows": rows, "simulator": sim, "network": network,
+               "parameters": rows[0]["parameter_bytes"] // 4, "seconds": time.time() - t0,
+               "machine": f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+               "command": "python -m ssd_allreduce.bench " + " ".join(sys.argv[1:])}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    report = render(results)
+    (out / "results.md").write_text(report)
+    print(report)
+    for p in plot_curves(rows, out):
+        print(f"wrote {p}")
+    return results

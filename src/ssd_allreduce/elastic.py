@@ -1,0 +1,50 @@
+"""Horovod elastic training with SSD-SGD: the state object ``hvd.elastic.run`` needs.
+
+    state = ssd_allreduce.elastic.SSDState(model, optimizer, epoch=0, batch=0)
+    state.register_reset_callbacks([lambda: set_lr(base_lr * hvd.size())])
+
+    @hvd.elastic.run
+    def train(state):
+        for state.batch in range(state.batch, steps):
+            ...; optimizer.step()
+            if state.batch % commit_every == 0:
+                state.commit()
+
+``commit()`` first lands the window in flight on every rank (``optimizer.finish()``), so what is
+kept is the same global state everywhere. When a rank is lost, every survivor forgets its window in
+flight and restores the last commit; after Horovod re-initialises, rank 0's model and optimizer
+state are broadcast (``sync``) and a rank that joined takes rank 0's ``W`` at its first step.
+Windows then average over the new world size.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from horovod.torch.elastic import TorchState
+
+
+class SSDState(TorchState):
+    """``hvd.elastic.TorchState`` for a model trained with ``ssd_allreduce.DistributedOptimizer``;
+    ``kwargs`` are further state (epoch, batch, ...) committed and synchronised with it."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
+        if not hasattr(optimizer, "membership_changed"):
+            raise TypeError(f"SSDState needs an optimizer wrapped by ssd_allreduce.DistributedOptimizer, got "
+                            f"{type(optimizer).__name__}; for hvd.DistributedOptimizer use hvd.elastic.TorchState")
+        super().__init__(model=model, optimizer=optimizer, **kwargs)
+
+    def commit(self) -> None:
+        """Land the window in flight (collective), keep the state, check for host changes."""
+        self.optimizer.finish()
+        super().commit()
+
+    def restore(self) -> None:
+        """Back to the last commit after a failed collective; the window in flight is forgotten."""
+        self.optimizer.discard_window()
+        super().restore()
+
+    def reset(self) -> None:
+        """Horovod was re-initialised with other ranks: the optimizer takes the new world."""
+        self.optimizer.membership_changed()
+        super().reset()

@@ -1,0 +1,95 @@
+"""Horovod elastic training: a rank removed and added back through the host-discovery script, as
+on a cluster whose scheduler takes a node away and gives it back. Training must go on at each
+change, from the last commit, with the new world size, and finish with every rank alike."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BIN, PYTHON, REPO, launcher_env
+
+pytestmark = pytest.mark.multirank
+TRAIN = ["-m", "ssd_allreduce.train", "--no-progress", "--data", "digits", "--model", "cnn", "--elastic",
+         "--commit-every", "10", "--warmup-steps", "10", "--sync-every", "4", "--epochs", "400",
+         "--checkpoint-every", "0", "--fault-timeout", "60"]
+
+
+def records(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for(proc: subprocess.Popen, what: str, test, timeout: float, log: Path) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if test():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the job ended (exit {proc.returncode}) before {what}:\n{log.read_text()}")
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    pytest.fail(f"no {what} within {timeout:.0f} s:\n{log.read_text()}")
+
+
+def test_a_rank_removed_and_added_back_by_the_discovery_script(tmp_path):
+    """Slots 2 -> 1 -> 2: each change happens at a commit, so no step is lost or repeated; the
+    learning rate follows the size; the rank that joins takes rank 0's SSD-SGD state."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:2\n")
+    discover = tmp_path / "discover.sh"
+    discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
+    discover.chmod(0o755)
+    run, log = tmp_path / "run", tmp_path / "ranks.log"
+    # rank 0 sleeps 3 x its compute per step (about 50 steps/s), so the changes land mid-run
+    cmd = [str(BIN / "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2", "--host-discovery-script",
+           str(discover), "--gloo", "--network-interface", "lo", PYTHON, *TRAIN, "--mode", "ssd",
+           "--max-steps", "2000", "--slow-rank", "0", "--slow-fraction", "3", "--out", str(run)]
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, env=launcher_env(), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            def latest_step() -> int:
+                return max((r["step"] for r in records(run) if r["kind"] == "step"), default=0)
+
+            def membership(ranks: int) -> bool:
+                return any(r["kind"] == "membership" and r["ranks"] == ranks for r in records(run))
+
+            wait_for(proc, "step 100", lambda: latest_step() >= 100, 120, log)
+            hosts.write_text("localhost:1\n")
+            wait_for(proc, "the change to 1 rank", lambda: membership(1), 120, log)
+            hosts.write_text("localhost:2\n")
+            wait_for(proc, "the change back to 2 ranks", lambda: membership(2), 120, log)
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    output = log.read_text()
+    assert proc.returncode == 0, output
+    recs = records(run)
+    changes = [(r["were"], r["ranks"], r["step"]) for r in recs if r["kind"] == "membership"]
+    assert [c[:2] for c in changes] == [(2, 1), (1, 2)], (changes, output)
+    assert all(step % 10 == 0 for *_, step in changes), changes          # at a commit (--commit-every 10)
+    steps = [r["step"] for r in recs if r["kind"] == "step"]
+    assert steps == list(range(1, 2001)), output
+    removed, added = changes[0][2], changes[1][2]
+    lrs = {r["step"]: r["lr"] for r in recs if r["kind"] == "step"}
+    assert (lrs[removed], lrs[removed + 1], lrs[added], lrs[added + 1]) == pytest.approx((0.1, 0.05, 0.05, 0.1))
+    assert "SSD-SGD state taken from rank 0" in output, output
+    summary = [r for r in recs if r["kind"] == "summary"][-1]
+    assert summary["ranks"] == 2 and summary["test_accuracy"] > 0.9, summary
+    assert summary["ssd_stats"]["windows_landed"] > 300, summary
+
+
+def test_elastic_is_refused_where_it_cannot_work(tmp_path):
+    proc = subprocess.run([PYTHON, *TRAIN, "--mode", "ssd", "--resume", "--out", str(tmp_path)], env=launcher_env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--resume is for restarting a job that stopped" in proc.stderr, proc.stderr
