@@ -89,7 +89,13 @@ def test_a_rank_removed_and_added_back_by_the_discovery_script(tmp_path):
     assert summary["ssd_stats"]["windows_landed"] > 300, summary
 
 
-def test_elastic_is_refused_where_it_cannot_work(tmp_path):
-    proc = subprocess.run([PYTHON, *TRAIN, "--mode", "ssd", "--resume", "--out", str(tmp_path)], env=launcher_env(),
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "--resume is for restarting a job that stopped" in proc.stderr, proc.stderr
+@pytest.mark.parametrize("flags, message", [
+    (["--mode", "ssd", "--resume"], "--resume is for restarting a job that stopped"),
+    (["--mode", "no-comm"], "got backend horovod, --mode no-comm, --data digits"),
+    (["--mode", "ssd", "--backend", "mpi"], "got backend mpi, --mode ssd"),
+    (["--mode", "ssd", "--amp"], "no --amp (loss scales are not carried across a change of ranks)"),
+])
+def test_elastic_is_refused_where_it_cannot_work(tmp_path, flags, message):
+    proc = subprocess.run([PYTHON, *TRAIN, *flags, "--out", str(tmp_path)], env=launcher_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from horovod.torch import broadcast_optimizer_state
 from horovod.torch.elastic import TorchState
 
 
@@ -33,6 +34,13 @@ class SSDState(TorchState):
             raise TypeError(f"SSDState needs an optimizer wrapped by ssd_allreduce.DistributedOptimizer, got "
                             f"{type(optimizer).__name__}; for hvd.DistributedOptimizer use hvd.elastic.TorchState")
         super().__init__(model=model, optimizer=optimizer, **kwargs)
+
+    def sync(self) -> None:
+        """Rank 0's state everywhere. The optimizer goes first: a rank that joined with an empty
+        optimizer state steps it on zero gradients inside ``broadcast_optimizer_state`` (weight
+        decay moves its weights), and the weights broadcast after it undo that."""
+        broadcast_optimizer_state(self.optimizer, root_rank=0)
+        super().sync()
 
     def commit(self) -> None:
         """Land the window in flight (collective), keep the state, check for host changes."""

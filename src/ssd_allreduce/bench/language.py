@@ -29,6 +29,7 @@ from ..train.runlog import markdown_table
 from .compare import launch_training
 from .netns import ShapedNetwork, measure_bandwidth_mbps, namespaces_available
 
+SIMULATOR_DEFAULT_CONFIG = "10:10"
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.1}
 ABLATION = (("overwrite", "overwrite", 0.0), ("glu beta=1", "glu", 1.0), ("glu beta=0.5", "glu", 0.5),
             ("glu beta=0.25", "glu", 0.25))
@@ -91,6 +92,9 @@ def run_one(run: Run, a: argparse.Namespace, prefix: list[str], out: Path) -> di
     run_dir = out / "runs" / f"{run.optimizer}-{run.shards}-{run.name.replace(' ', '_').replace('=', '')}"
     records = launch_training(train_args, a.ranks, prefix, run_dir, a.threads, a.run_timeout, run.name)
     summary = [r for r in records if r["kind"] == "summary"][-1]
+    if summary["steps"] != a.steps:
+        raise RuntimeError(f"{run.name} ran {summary['steps']} steps, not {a.steps}: the corpus holds fewer "
+                           f"batches per epoch; lower --steps or --batch-size, or raise --corpus-bytes")
     curve = [(r["step"], r["wall"], r["test_loss"]) for r in records if r["kind"] == "eval"]
     return {"optimizer": run.optimizer, "shards": run.shards, "name": run.name, "mode": run.mode,
             "curve": curve, "val_loss": curve[-1][2], "steps": summary["steps"],
@@ -148,7 +152,7 @@ def simulate(text: TextSplit, workers: int, shards: str, optimizer: str, steps: 
 def simulator_ablation(a: argparse.Namespace) -> list[dict[str, Any]]:
     """The GLU ablation on this task with the simulator, against synchronous training (k = 1)."""
     text = load_stdlib_text(context=32, max_bytes=a.corpus_bytes)
-    k, d = (int(v) for v in (a.ablation_config or "10:10").split(":"))
+    k, d = (int(v) for v in (a.ablation_config or SIMULATOR_DEFAULT_CONFIG).split(":"))
     opt = a.optimizers[0]
     lr = a.lr.get(opt, DEFAULT_LR[opt])
     variants = [("synchronous (k=1)", 1, 0, "glu", 1.0)] + [(n, k, d, c, b) for n, c, b in ABLATION]
@@ -201,7 +205,8 @@ def render(results: dict[str, Any]) -> str:
     if results["simulator"]:
         sim = results["simulator"]
         lines += [f"GLU ablation on the simulator ({c['sim_workers']} workers, tiny GPT width 64, 2 layers, context "
-                  f"32, {c['optimizers'][0]}, {c['sim_steps']} steps, k:d = {c['ablation_config']}, mean ± stdev "
+                  f"32, {c['optimizers'][0]}, {c['sim_steps']} steps, k:d = {c['ablation_config'] or SIMULATOR_DEFAULT_CONFIG}, "
+                  f"mean ± stdev "
                   f"over {c['sim_seeds']} seeds; validation loss):", "",
                   "| variant | " + " | ".join(f"{s} shards" for s in c["shards"]) + " |",
                   "|---|" + "---|" * len(c["shards"])]
@@ -243,7 +248,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     ap.add_argument("--corpus-bytes", type=int, default=2_000_000)
     ap.add_argument("--lr", nargs="*", default=[], help="OPTIMIZER=VALUE overrides (defaults: adamw=0.001 sgd=0.1)")
     ap.add_argument("--bandwidth", default="1gbit", help="tc rate of the emulated network ('none': plain loopback)")
-    ap.add_argument("--ablation-config", default="10:10", help="k:d of the GLU ablation on real ranks ('' to skip)")
+    ap.add_argument("--ablation-config", default="10:10",
+                    help="k:d of the GLU ablation (real ranks and simulator); '' skips it on real ranks")
     ap.add_argument("--ablation-shards", default="by-package")
     ap.add_argument("--sim-workers", type=int, default=4)
     ap.add_argument("--sim-steps", type=int, default=150)

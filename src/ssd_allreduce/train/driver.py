@@ -257,7 +257,8 @@ class Trainer:
         for group in self.opt.param_groups:
             group["initial_lr"] = args.lr * (1 if args.no_lr_scaling else size)
         self.sched = make_lr_schedule(args, self.opt, self.batches.steps_per_epoch, size)
-        set_schedule_step(self.sched, position.global_step)
+        # the schedule counts epochs in this size's steps
+        set_schedule_step(self.sched, position.epoch * self.batches.steps_per_epoch + position.step_in_epoch)
 
     @property
     def total_steps(self) -> float:
@@ -449,11 +450,11 @@ def fit(trainer: Trainer, log: runlog.RunLog, preempt: PreemptionFlag, bar: tqdm
             if pos.global_step % args.signal_check_every == 0 and ctx.all_sum([float(preempt.raised)])[0] > 0:
                 stopped_by = "preemption"
                 break
-            if commit is not None and pos.global_step % args.commit_every == 0:
-                commit()
             if args.max_steps and pos.global_step >= args.max_steps:
                 stopped_by = "max-steps"
                 break
+            if commit is not None and pos.global_step % args.commit_every == 0:
+                commit()
         if stopped_by == "preemption":
             path = trainer.save_checkpoint()
             log.write("preempted", step=pos.global_step, checkpoint=str(path))

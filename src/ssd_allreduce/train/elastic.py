@@ -27,6 +27,7 @@ def fit_elastic(trainer: Any, log: runlog.RunLog, preempt: Any, bar: Any, fit: C
         before = trainer.ctx.size
         trainer.adopt_world(hvd.rank(), hvd.size(), type(trainer.position)(**state.position), state.ranks)
         trainer.check_ranks()
+        log.set_enabled(trainer.ctx.is_root)
         if hvd.size() != before:
             step = trainer.position.global_step
             print(f"rank {hvd.rank()}: {hvd.size()} ranks now (were {before}): continuing from the commit at "

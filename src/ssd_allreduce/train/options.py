@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=4, help="data-loading processes (image folders)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
-    ap.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: once per epoch)")
+    ap.add_argument("--eval-every", type=int, default=0, help="steps between evaluations, besides the one at each epoch's end (0: that one only)")
     ap.add_argument("--eval-samples", type=int, default=0,
                     help="evaluate on the first this many test samples (0: all of them)")
     ap.add_argument("--batch-size", type=int, default=32, help="per rank")
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Horovod elastic training (horovodrun --min-np/--max-np --host-discovery-script): "
                          "ranks may leave and join")
     ap.add_argument("--commit-every", type=int, default=20,
-                    help="--elastic: steps between commits (a change of ranks goes back to the last one)")
+                    help="--elastic: steps between commits (a change of ranks goes back to the last one); each "
+                         "commit lands SSD-SGD's window in flight, a blocking wait")
     ap.add_argument("--fault-timeout", type=float, default=None,
                     help="seconds without progress after which a rank stops, naming the step and phase "
                          "(a peer died or froze); default $SSD_FAULT_TIMEOUT or 60, 0 disables")
@@ -94,10 +95,11 @@ def check_args(args: argparse.Namespace, backend: str, size: int) -> None:
         raise SystemExit(f"--mode ddp needs torch.distributed (got {backend}): launch with torchrun or "
                          "pass --backend torch, or use --mode horovod")
     if args.elastic and (backend != "horovod" or args.mode not in ("ssd", "local-sgd", "horovod")
-                         or args.data == "imagefolder"):
+                         or args.data == "imagefolder" or args.amp):
         raise SystemExit(f"--elastic runs under Horovod elastic (horovodrun --min-np/--max-np) with --mode ssd, "
-                         f"local-sgd or horovod and an in-memory data set; got backend {backend}, --mode "
-                         f"{args.mode}, --data {args.data}")
+                         f"local-sgd or horovod, an in-memory data set and no --amp (loss scales are not "
+                         f"carried across a change of ranks); got backend {backend}, --mode {args.mode}, "
+                         f"--data {args.data}{', --amp' if args.amp else ''}")
     if args.elastic and args.resume is not None:
         raise SystemExit("--elastic keeps its state in memory and brings ranks that join up to date itself; "
                          "--resume is for restarting a job that stopped: leave out one of them")

@@ -23,9 +23,17 @@ class RunLog:
 
     def __init__(self, run_dir: Union[str, Path], enabled: bool) -> None:
         self.path = Path(run_dir) / METRICS
-        if enabled:
+        self._file = None
+        self.set_enabled(enabled)
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Write (this process is rank 0) or not; an elastic job's rank 0 may change."""
+        if enabled and self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a") if enabled else None
+            self._file = open(self.path, "a")
+        elif not enabled and self._file is not None:
+            self._file.close()
+            self._file = None
 
     def write(self, kind: str, **record: Any) -> None:
         if self._file is not None:
