@@ -227,11 +227,13 @@ def cost_model_check(rows: list[dict[str, Any]], specs: list[ModeSpec], ranks: i
     return out
 
 
-def _save(fig: Any, ax: Any, path: Path) -> Path:
+def save_figure(fig: Any, axes: Sequence[Any], path: Path) -> Path:
+    """Grid and legend on every axis, then write ``path`` and free the figure."""
     import matplotlib.pyplot as plt
 
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -254,13 +256,13 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
         c = results["config"]
         ax.set(xscale="log", xlabel="emulated bandwidth (Mbit/s, measured)", ylabel="img/s (all ranks)",
                title=f"{c['model']} on {c['data']}, {c['ranks']} ranks")
-        paths.append(_save(fig, ax, out / "throughput_vs_bandwidth.png"))
+        paths.append(save_figure(fig, [ax], out / "throughput_vs_bandwidth.png"))
     slowest = sections[-1]
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in slowest["rows"]:
         ax.plot([p[0] for p in r["curve"]], [p[1] for p in r["curve"]], "o-", label=r["name"])
     ax.set(xlabel="training wall time (s)", ylabel="test accuracy", title=f"accuracy vs time at {slowest['rate']}")
-    paths.append(_save(fig, ax, out / "accuracy_vs_time.png"))
+    paths.append(save_figure(fig, [ax], out / "accuracy_vs_time.png"))
     return paths
 
 

@@ -26,7 +26,7 @@ from ..simulator import Simulator
 from ..train.data import ShardedBatches, TextSplit, load_stdlib_text
 from ..train.models import build_language_model
 from ..train.runlog import markdown_table
-from .compare import launch_training
+from .compare import launch_training, save_figure
 from .netns import ShapedNetwork, measure_bandwidth_mbps, namespaces_available
 
 SIMULATOR_DEFAULT_CONFIG = "10:10"
@@ -183,14 +183,7 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                 by_time.plot(walls, losses, "o-", ms=3, label=r["name"])
         by_step.set(xlabel="step", ylabel="validation loss (nats/byte)", title=f"{opt}, {shards} shards")
         by_time.set(xlabel="training wall time (s)", ylabel="validation loss (nats/byte)")
-        for ax in (by_step, by_time):
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"gpt_{opt}_{shards}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, [by_step, by_time], out / f"gpt_{opt}_{shards}.png"))
     return paths
 
 
@@ -204,10 +197,10 @@ def render(results: dict[str, Any]) -> str:
              f"took {results['seconds'] / 60:.1f} min.", "", markdown_table(results["rows"], TABLE), ""]
     if results["simulator"]:
         sim = results["simulator"]
+        config = c["ablation_config"] or SIMULATOR_DEFAULT_CONFIG
         lines += [f"GLU ablation on the simulator ({c['sim_workers']} workers, tiny GPT width 64, 2 layers, context "
-                  f"32, {c['optimizers'][0]}, {c['sim_steps']} steps, k:d = {c['ablation_config'] or SIMULATOR_DEFAULT_CONFIG}, "
-                  f"mean ± stdev "
-                  f"over {c['sim_seeds']} seeds; validation loss):", "",
+                  f"32, {c['optimizers'][0]}, {c['sim_steps']} steps, k:d = {config}, mean ± stdev over "
+                  f"{c['sim_seeds']} seeds; validation loss):", "",
                   "| variant | " + " | ".join(f"{s} shards" for s in c["shards"]) + " |",
                   "|---|" + "---|" * len(c["shards"])]
         for variant in dict.fromkeys(r["variant"] for r in sim):

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=4, help="data-loading processes (image folders)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
-    ap.add_argument("--eval-every", type=int, default=0, help="steps between evaluations, besides the one at each epoch's end (0: that one only)")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="steps between evaluations, besides the one at each epoch's end (0: that one only)")
     ap.add_argument("--eval-samples", type=int, default=0,
                     help="evaluate on the first this many test samples (0: all of them)")
     ap.add_argument("--batch-size", type=int, default=32, help="per rank")
@@ -114,8 +115,8 @@ def check_args(args: argparse.Namespace, backend: str, size: int) -> None:
     if args.slow_fraction < 0 or args.slow_rank >= size:
         raise SystemExit(f"--slow-rank must be a rank below {size} and --slow-fraction >= 0, got "
                          f"{args.slow_rank} and {args.slow_fraction}")
-    for name in ("epochs", "batch_size", "sync_every", "keep_checkpoints", "signal_check_every", "context", "commit_every",
-                 "gpt_width", "gpt_layers", "gpt_heads"):
+    for name in ("epochs", "batch_size", "sync_every", "keep_checkpoints", "signal_check_every", "context",
+                 "commit_every", "gpt_width", "gpt_layers", "gpt_heads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("eval_every", "eval_samples", "max_steps"):
