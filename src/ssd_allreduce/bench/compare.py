@@ -48,16 +48,26 @@ class ModeSpec:
         return ["--mode", self.mode, "--sync-every", str(self.sync_every), "--delay", str(self.delay)]
 
 
+def parse_window(cfg: str, flag: str = "--ssd-configs") -> tuple[int, int]:
+    """(k, d) of a ``k:d`` pair given to ``flag``."""
+    try:
+        k, d = (int(v) for v in cfg.split(":"))
+    except ValueError:
+        raise SystemExit(f"{flag} takes k:d pairs such as 5:5, got {cfg!r}") from None
+    if not 0 <= d <= k:
+        raise SystemExit(f"{flag} {cfg}: need 0 <= d <= k")
+    return k, d
+
+
+def run_dirname(name: str) -> str:
+    """A run's name ("ssd k=5 d=5") as a directory name ("ssd_k5_d5")."""
+    return name.replace(" ", "_").replace("=", "")
+
+
 def parse_modes(ssd_configs: Sequence[str], local_sgd_every: int, with_local_sgd: bool) -> list[ModeSpec]:
     specs = [ModeSpec("horovod")]
     for cfg in ssd_configs:
-        try:
-            k, d = (int(v) for v in cfg.split(":"))
-        except ValueError:
-            raise SystemExit(f"--ssd-configs takes k:d pairs such as 5:5, got {cfg!r}") from None
-        if not 0 <= d <= k:
-            raise SystemExit(f"--ssd-configs {cfg}: need 0 <= d <= k")
-        specs.append(ModeSpec("ssd", k, d))
+        specs.append(ModeSpec("ssd", *parse_window(cfg)))
     if with_local_sgd:
         specs.append(ModeSpec("local-sgd", local_sgd_every, 0))
     specs.append(ModeSpec("no-comm"))
@@ -287,7 +297,7 @@ def compare(a: argparse.Namespace) -> dict[str, Any]:
             runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in specs}
             for rep in range(a.repeats):   # interleave modes so drifts hit every mode alike
                 for spec in specs:
-                    run_dir = out / "runs" / (rate or "unshaped") / f"{spec.name.replace(' ', '_').replace('=', '')}-{rep}"
+                    run_dir = out / "runs" / (rate or "unshaped") / f"{run_dirname(spec.name)}-{rep}"
                     t0 = time.time()
                     runs[spec.name].append(run_mode(spec, a, prefix, run_dir, label))
                     print(f"   {spec.name:<18} rep {rep}: {runs[spec.name][-1]['images_per_sec']:8.0f} img/s, "

@@ -26,7 +26,7 @@ from ..simulator import Simulator
 from ..train.data import ShardedBatches, TextSplit, load_stdlib_text
 from ..train.models import build_language_model
 from ..train.runlog import markdown_table
-from .compare import launch_training, save_figure
+from .compare import launch_training, parse_window, run_dirname, save_figure
 from .netns import ShapedNetwork, measure_bandwidth_mbps, namespaces_available
 
 SIMULATOR_DEFAULT_CONFIG = "10:10"
@@ -69,11 +69,10 @@ def plan(a: argparse.Namespace) -> list[Run]:
         for shards in a.shards:
             runs.append(Run(opt, shards, "horovod"))
             for cfg in a.ssd_configs:
-                k, d = (int(v) for v in cfg.split(":"))
-                runs.append(Run(opt, shards, "ssd", k, d, "glu", a.glu_beta))
+                runs.append(Run(opt, shards, "ssd", *parse_window(cfg), "glu", a.glu_beta))
             runs.append(Run(opt, shards, "local-sgd", a.local_sgd_every, 0))
     if a.ablation_config:
-        k, d = (int(v) for v in a.ablation_config.split(":"))
+        k, d = parse_window(a.ablation_config, "--ablation-config")
         for _, compensation, beta in ABLATION:
             run = Run(a.optimizers[0], a.ablation_shards, "ssd", k, d, compensation, beta)
             if run not in runs:
@@ -86,10 +85,10 @@ def run_one(run: Run, a: argparse.Namespace, prefix: list[str], out: Path) -> di
     train_args = ["--data", "stdlib", "--model", "gpt", "--epochs", "1", "--max-steps", str(a.steps),
                   "--eval-every", str(a.eval_every), "--eval-samples", str(a.eval_samples),
                   "--batch-size", str(a.batch_size), "--context", str(a.context), "--gpt-width", str(a.width),
-                  "--gpt-layers", str(a.layers), "--lr", str(a.lr.get(run.optimizer, DEFAULT_LR[run.optimizer])),
+                  "--gpt-layers", str(a.layers), "--lr", str(a.lr[run.optimizer]),
                   "--no-lr-scaling", "--weight-decay", "0.01" if run.optimizer == "adamw" else "0",
                   "--warmup-steps", str(a.warmup_steps), *run.args()]
-    run_dir = out / "runs" / f"{run.optimizer}-{run.shards}-{run.name.replace(' ', '_').replace('=', '')}"
+    run_dir = out / "runs" / f"{run.optimizer}-{run.shards}-{run_dirname(run.name)}"
     records = launch_training(train_args, a.ranks, prefix, run_dir, a.threads, a.run_timeout, run.name)
     summary = [r for r in records if r["kind"] == "summary"][-1]
     if summary["steps"] != a.steps:
@@ -152,9 +151,9 @@ def simulate(text: TextSplit, workers: int, shards: str, optimizer: str, steps: 
 def simulator_ablation(a: argparse.Namespace) -> list[dict[str, Any]]:
     """The GLU ablation on this task with the simulator, against synchronous training (k = 1)."""
     text = load_stdlib_text(context=32, max_bytes=a.corpus_bytes)
-    k, d = (int(v) for v in (a.ablation_config or SIMULATOR_DEFAULT_CONFIG).split(":"))
+    k, d = parse_window(a.ablation_config or SIMULATOR_DEFAULT_CONFIG, "--ablation-config")
     opt = a.optimizers[0]
-    lr = a.lr.get(opt, DEFAULT_LR[opt])
+    lr = a.lr[opt]
     variants = [("synchronous (k=1)", 1, 0, "glu", 1.0)] + [(n, k, d, c, b) for n, c, b in ABLATION]
     rows = []
     for shards in a.shards:
@@ -212,7 +211,8 @@ def render(results: dict[str, Any]) -> str:
 
 
 def parse_lr(values: Sequence[str]) -> dict[str, float]:
-    out = {}
+    """Each optimizer's learning rate: the defaults, with the OPTIMIZER=VALUE overrides."""
+    out = dict(DEFAULT_LR)
     for v in values:
         name, _, lr = v.partition("=")
         if name not in DEFAULT_LR or not lr:
@@ -223,7 +223,8 @@ def parse_lr(values: Sequence[str]) -> dict[str, float]:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.bench --workload gpt",
-                                 description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--optimizers", nargs="+", choices=tuple(DEFAULT_LR), default=["adamw"])
     ap.add_argument("--shards", nargs="+", choices=("shuffle", "by-package"), default=["shuffle", "by-package"])

@@ -35,8 +35,8 @@ from . import checkpoint, runlog
 from .data import DataSplit, FolderBatches, ShardedBatches, cifar_augment, load_dataset
 from .launch import DistContext, init_distributed, shutdown
 from .models import MODEL_NAMES, build_language_model, build_model, count_parameters
-from .modes import Mode, make_mode
 from .elastic import fit_elastic
+from .modes import Mode, make_mode
 from .options import build_parser, check_args
 from .watchdog import Watchdog, fault_timeout, stop_label
 
