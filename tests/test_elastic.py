@@ -41,17 +41,19 @@ def wait_for(proc: subprocess.Popen, what: str, test, timeout: float, log: Path)
 
 def test_a_rank_removed_and_added_back_by_the_discovery_script(tmp_path):
     """Slots 2 -> 1 -> 2: each change happens at a commit, so no step is lost or repeated; the
-    learning rate follows the size; the rank that joins takes rank 0's SSD-SGD state."""
+    learning rate and its schedule follow the size; the rank that joins takes rank 0's SSD-SGD state."""
     hosts = tmp_path / "hosts"
     hosts.write_text("localhost:2\n")
     discover = tmp_path / "discover.sh"
     discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
     discover.chmod(0o755)
     run, log = tmp_path / "run", tmp_path / "ranks.log"
-    # rank 0 sleeps 3 x its compute per step (about 50 steps/s), so the changes land mid-run
+    # rank 0 sleeps 3 x its compute per step (about 50 steps/s), so the changes land mid-run; the
+    # rate drops tenfold at epoch 10 (step 220 with 2 ranks, 22 steps per epoch)
     cmd = [str(BIN / "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2", "--host-discovery-script",
            str(discover), "--gloo", "--network-interface", "lo", PYTHON, *TRAIN, "--mode", "ssd",
-           "--max-steps", "2000", "--slow-rank", "0", "--slow-fraction", "3", "--out", str(run)]
+           "--max-steps", "2000", "--slow-rank", "0", "--slow-fraction", "3", "--lr-schedule", "step",
+           "--lr-milestones", "10", "--out", str(run)]
     with open(log, "w") as sink:
         proc = subprocess.Popen(cmd, env=launcher_env(), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -62,7 +64,7 @@ def test_a_rank_removed_and_added_back_by_the_discovery_script(tmp_path):
             def membership(ranks: int) -> bool:
                 return any(r["kind"] == "membership" and r["ranks"] == ranks for r in records(run))
 
-            wait_for(proc, "step 100", lambda: latest_step() >= 100, 120, log)
+            wait_for(proc, "step 240", lambda: latest_step() >= 240, 120, log)
             hosts.write_text("localhost:1\n")
             wait_for(proc, "the change to 1 rank", lambda: membership(1), 120, log)
             hosts.write_text("localhost:2\n")
@@ -82,7 +84,10 @@ def test_a_rank_removed_and_added_back_by_the_discovery_script(tmp_path):
     assert steps == list(range(1, 2001)), output
     removed, added = changes[0][2], changes[1][2]
     lrs = {r["step"]: r["lr"] for r in recs if r["kind"] == "step"}
-    assert (lrs[removed], lrs[removed + 1], lrs[added], lrs[added + 1]) == pytest.approx((0.1, 0.05, 0.05, 0.1))
+    # 2 x, then 1 x, then 2 x the one-rank rate, past the milestone: the schedule counts epochs, which
+    # are twice as many steps with one rank
+    assert lrs[50] == pytest.approx(0.1) and removed > 240, (lrs[50], removed)
+    assert (lrs[removed], lrs[removed + 1], lrs[added], lrs[added + 1]) == pytest.approx((0.01, 0.005, 0.005, 0.01))
     assert "SSD-SGD state taken from rank 0" in output, output
     summary = [r for r in recs if r["kind"] == "summary"][-1]
     assert summary["ranks"] == 2 and summary["test_accuracy"] > 0.9, summary
