@@ -28,6 +28,12 @@ class LocalCommunicator(Communicator):
         self.calls.append((name, len(tensors)))
         return _LocalHandle(tensors, prescale_factor * postscale_factor, self.pending_polls)
 
+    def allgather_async(self, tensor: Tensor, name: str) -> Handle:
+        self.calls.append((name, 1))
+        handle = _LocalHandle([], 1.0, self.pending_polls)
+        handle.output = tensor.reshape(-1).repeat(self.size)   # every rank holds what this one holds
+        return handle
+
     def poll(self, handle: Handle) -> bool:
         assert isinstance(handle, _LocalHandle)
         handle.polls_left -= 1

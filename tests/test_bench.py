@@ -19,13 +19,13 @@ COMPACT_HEADER = "| mode | img/s | x horovod | x no-comm | test acc | B/step | t
 def test_short_comparison_writes_side_by_side_results(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run([PYTHON, "-m", "ssd_allreduce.bench", "--bandwidths", "100mbit", "--epochs", "2",
-                           "--ssd-configs", "4:4", "--warmup-steps", "4", "--out", str(out)],
+                           "--ssd-configs", "4:4", "auto/int8", "--warmup-steps", "8", "--out", str(out)],
                           env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
     (section,) = results["bandwidths"]
     rows = {r["name"]: r for r in section["rows"]}
-    assert list(rows) == ["horovod", "ssd k=4 d=4", "local-sgd k=5", "no-comm"]
+    assert list(rows) == ["horovod", "ssd k=4 d=4", "ssd k=auto d=auto int8", "local-sgd k=5", "no-comm"]
     base, ssd, limit = rows["horovod"], rows["ssd k=4 d=4"], rows["no-comm"]
     assert ssd["x_horovod"] == pytest.approx(ssd["images_per_sec"] / base["images_per_sec"])
     assert ssd["x_no_comm"] == pytest.approx(ssd["images_per_sec"] / limit["images_per_sec"])
@@ -39,6 +39,10 @@ def test_short_comparison_writes_side_by_side_results(tmp_path):
     else:
         assert "NOTE: no emulated network" in proc.stdout
     assert any("ssd k=4 d=4" in t and "bytes/step = 0.25" in t for t in section["targets"])
+    auto = rows["ssd k=auto d=auto int8"]     # a window of its own choosing, a quarter of the bytes
+    assert 1 <= auto["sync_every_used"] <= 16 and auto["delay_used"] == auto["sync_every_used"]
+    assert auto["bytes_per_step"] < base["bytes_per_step"] / 4 / auto["sync_every_used"] * 1.05
+    assert any(f"chose k={auto['sync_every_used']}" in t for t in section["targets"])
     assert {c["name"] for c in section["cost_model"]} == set(rows)
     # the terminal gets the compact table, results.md every column
     assert COMPACT_HEADER in proc.stdout and "rank img/s" not in proc.stdout

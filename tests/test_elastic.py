@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, PYTHON, REPO, launcher_env
+from conftest import BIN, PYTHON, REPO, horovodrun, launcher_env, run_ranks
 
 pytestmark = pytest.mark.multirank
 TRAIN = ["-m", "ssd_allreduce.train", "--no-progress", "--data", "digits", "--model", "cnn", "--elastic",
@@ -92,6 +92,21 @@ def test_a_rank_removed_and_added_back_by_the_discovery_script(tmp_path):
     summary = [r for r in recs if r["kind"] == "summary"][-1]
     assert summary["ranks"] == 2 and summary["test_accuracy"] > 0.9, summary
     assert summary["ssd_stats"]["windows_landed"] > 300, summary
+
+
+def test_a_preempted_elastic_run_says_how_to_resume_and_that_resume_finishes_it(tmp_path):
+    discover = tmp_path / "discover.sh"
+    discover.write_text("#!/bin/sh\necho localhost:2\n")
+    discover.chmod(0o755)
+    run = tmp_path / "run"
+    common = ["--mode", "ssd", "--epochs", "3", "--out", str(run)]   # the last --epochs counts
+    out = run_ranks([str(BIN / "horovodrun"), "-np", "2", "--min-np", "2", "--max-np", "2",
+                     "--host-discovery-script", str(discover), "--gloo", "--network-interface", "lo", PYTHON,
+                     *TRAIN, *common, "--preempt-at-step", "30", "--signal-check-every", "10"], timeout=180)
+    assert "rerun with --resume, without --elastic, at this number of ranks to continue" in out, out
+    run_ranks(horovodrun(2, *[a for a in TRAIN if a != "--elastic"], *common, "--resume"), timeout=180)
+    done = [r for r in records(run) if r["kind"] == "summary"]
+    assert done and done[-1]["steps"] == 3 * 22, done
 
 
 @pytest.mark.parametrize("flags, message", [

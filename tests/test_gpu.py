@@ -74,3 +74,33 @@ def test_training_driver_with_amp_on_the_gpu(tmp_path):
     # the GradScaler really ran (a disabled one saves an empty state) and the state is on the GPU
     state = final_states(tmp_path / "run", 1)[0]
     assert state["scaler"]["scale"] > 0 and state["optimizer"]["ssd_sgd"]["global_weights"][0].is_cuda
+
+
+def test_the_delay_stage_never_waits_on_the_gpu_from_the_host():
+    """With nonfinite="raise" a landing reads its checks on the host only once they have arrived,
+    so CUDA's sync debug mode, set to raise on any synchronising call, sees none in the steps."""
+    sys.path.insert(0, str(WORKERS.parent))
+    from fakes import LocalCommunicator
+    import ssd_allreduce
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).cuda()
+    opt = ssd_allreduce.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                             named_parameters=model.named_parameters(), sync_every=3,
+                                             warmup_steps=2, backend=LocalCommunicator(mirrors=2))
+    x, y = torch.randn(8, 16, device="cuda"), torch.randint(0, 4, (8,), device="cuda")
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    steps(6)                                   # warm-up, the first check of the ranks, the first window
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps(12)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt.ssd_stats.windows_landed >= 4 and opt._ssd_engine.defers_checks
+    opt.finish()

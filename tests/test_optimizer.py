@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import re
+import time
 import pickle
 import warnings
 
@@ -83,14 +86,15 @@ def test_step_without_gradients_is_an_error():
 
 
 def test_more_backward_passes_than_declared_is_an_error():
+    """Counted by backward hooks, which (as Horovod's) exist only with more than one rank."""
     model = _model()
-    opt = _wrap(model)
+    opt = _wrap(model, LocalCommunicator(mirrors=2))
     x = torch.randn(4, 4)
     model(x).sum().backward()
     with pytest.raises(RuntimeError, match="Increase backward_passes_per_step"):
         model(x).sum().backward()
     model2 = _model()
-    opt2 = _wrap(model2, backward_passes_per_step=2)
+    opt2 = _wrap(model2, LocalCommunicator(mirrors=2), backward_passes_per_step=2)
     model2(x).sum().backward()
     model2(x).sum().backward()
     opt2.step()
@@ -140,6 +144,24 @@ def test_nonfinite_delta_raises_and_leaves_global_weights_untouched():
         model[0].weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="nonfinite='skip'"):
         _train(model, opt, 2, start=2)
+    assert all(torch.equal(a, b) for a, b in zip(opt.global_weights, global_before))
+
+
+def test_a_deferred_check_lands_a_nonfinite_delta_as_zero_and_raises_at_the_next_launch():
+    """On CUDA the landing's checks are read on the host later (no drained queue): forced here.
+    The verdict is read at the next launch, a step every rank reaches alike, so all stop there."""
+    model = _model()
+    opt = _wrap(model, sync_every=4, delay=1, warmup_steps=0)
+    opt._ssd_engine.defer_checks = True
+    _train(model, opt, 5)                    # windows launched at 3, 7, 11; the first lands at 4
+    global_before = [v.clone() for v in opt.global_weights]
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    _train(model, opt, 6, start=5)           # the NaN window is launched at step 7, lands at step 8
+    assert opt._ssd_engine.verdict is not None and opt.ssd_stats.windows_landed == 2
+    assert all(torch.equal(a, b) for a, b in zip(opt.global_weights, global_before))
+    with pytest.raises(FloatingPointError, match="window launched at step 7 is not finite.*nonfinite='skip'"):
+        _train(model, opt, 1, start=11)
     assert all(torch.equal(a, b) for a, b in zip(opt.global_weights, global_before))
 
 
@@ -204,15 +226,43 @@ def test_synchronize_then_clip_inside_skip_synchronize():
     assert opt.ssd_stats.warmup_allreduces == 2
 
 
-def test_fp16_compression_halves_the_bytes():
-    sizes = {}
-    for name, compression in (("none", ssd_allreduce.Compression.none), ("fp16", ssd_allreduce.Compression.fp16)):
+def test_compressed_formats_send_half_or_a_quarter_of_the_bytes():
+    """fp16 and bf16 halve warm-up gradients and deltas; int8 sends a quarter of the delta's bytes
+    plus a float32 scale per chunk, and float16 warm-up gradients (they have no error feedback)."""
+    sent = {}
+    for name in ("none", "fp16", "bf16", "int8"):
         model = _model()
         opt = _wrap(model, LocalCommunicator(mirrors=2), sync_every=2, delay=1, warmup_steps=2,
-                    compression=compression)
+                    compression=getattr(ssd_allreduce.Compression, name))
         _train(model, opt, 6)
-        sizes[name] = opt.ssd_stats.bytes_allreduced
-    assert sizes["fp16"] * 2 == sizes["none"] > 0
+        stats = opt.ssd_stats
+        sent[name] = (stats.warmup_bytes_allreduced, stats.bytes_allreduced - stats.warmup_bytes_allreduced)
+    assert sent["fp16"][0] * 2 == sent["bf16"][0] * 2 == sent["int8"][0] * 2 == sent["none"][0] > 0
+    assert sent["fp16"][1] * 2 == sent["bf16"][1] * 2 == sent["none"][1] > 0
+    model = _model()
+    tensors = [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
+    numel = sum(t.numel() for t in tensors)
+    chunks = -(-numel // ssd_allreduce.Compression.int8.CHUNK)
+    assert sent["int8"][1] == 2 * (chunks * ssd_allreduce.Compression.int8.CHUNK + 4 * chunks)   # 2 windows
+
+
+def test_int8_rounds_each_chunk_to_its_own_scale_and_keeps_nonfinite_values_nonfinite():
+    int8 = ssd_allreduce.Compression.int8
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(int8.CHUNK) * 1e-3, torch.randn(int8.CHUNK + 7) * 10])
+    packed, ctx = int8.compress(x)
+    assert packed.dtype == torch.int8 and packed.numel() == 3 * int8.CHUNK + 3 * 4
+    error = (int8.decompress(packed, ctx) - x).abs()
+    for part, scale in ((slice(0, int8.CHUNK), 1e-3), (slice(int8.CHUNK, None), 10)):
+        assert error[part].max() <= x[part].abs().max() / 127 / 2 * (1 + 1e-6)     # half a step of its chunk
+        assert error[part].max() < scale * 0.05
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[5] = bad
+        assert not torch.isfinite(int8.decompress(*int8.compress(y))[:int8.CHUNK]).all()
+    gathered = torch.cat([int8.compress(x)[0], int8.compress(2 * x)[0]])
+    torch.testing.assert_close(int8.mean_of_gathered(gathered, 2, ctx),
+                               (int8.decompress(*int8.compress(x)) + int8.decompress(*int8.compress(2 * x))) / 2)
 
 
 @pytest.mark.parametrize("warmup", [5, 0])
@@ -413,18 +463,20 @@ def test_synchronize_without_gradients_stops_every_rank_too():
         opt.synchronize()
 
 
-def test_a_lossy_wire_format_sends_what_rounding_lost_with_the_next_window():
+@pytest.mark.parametrize("name", ["fp16", "bf16", "int8"])
+def test_a_lossy_wire_format_sends_what_rounding_lost_with_the_next_window(name):
     """Error feedback: at each launch the wire carries Q(s - W + e) and e becomes what Q lost, so
     what was sent plus the residual is exactly the delta plus the residual before."""
     model = _model()
+    compression = getattr(ssd_allreduce.Compression, name)
     opt = _wrap(model, LocalCommunicator(pending_polls=10**6, mirrors=2), sync_every=2, delay=2, warmup_steps=0,
-                compression=ssd_allreduce.Compression.fp16)
+                compression=compression)
     engine = opt._ssd_engine
     residual_before = None
     for launch in range(3):
         _train(model, opt, 2, start=2 * launch)          # a window launches at steps 1, 3, 5
         window = engine.window
-        sent = [w.float() for w in window.wire]
+        sent = [compression.decompress(w, c).float() for w, c in zip(window.wire, window.contexts)]
         expected = [s - w for s, w in zip(engine.snapshot.buffers, engine.global_.buffers)]
         if residual_before is not None:
             expected = [x + e for x, e in zip(expected, residual_before)]
@@ -433,3 +485,237 @@ def test_a_lossy_wire_format_sends_what_rounding_lost_with_the_next_window():
         assert any(bool(e.abs().max() > 0) for e in engine.residual.buffers)       # fp16 did round
         residual_before = [e.clone() for e in engine.residual.buffers]
         engine.land(elapsed=2)               # what arrives is the float16 average, decompressed
+
+
+def _calls_named(comm, fragment):
+    return [name for name, _ in comm.calls if fragment in name]
+
+
+def test_warmup_buckets_start_during_backward_in_the_same_order_on_every_rank():
+    """Buckets run from the last layer to the first; each starts from its last gradient's hook."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    comm = LocalCommunicator(mirrors=2)
+    opt = _wrap(model, comm, warmup_steps=2, groups=[[model[4].weight, model[4].bias], [model[2].weight],
+                                                      [model[2].bias], [model[0].weight, model[0].bias]])
+    assert [[tuple(p.shape) for p in b] for b in opt._ssd_averager.buckets][:2] == [[(2, 8), (2,)], [(8,)]]
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert _calls_named(comm, ".grad.") == []     # the first step compares the ranks before any collective
+    opt.step()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert _calls_named(comm, ".grad.") == [f"{opt._ssd_name}.grad.{i}" for i in range(4)] * 2   # before step()
+    assert opt.ssd_stats.warmup_allreduces_in_backward == 4
+    opt.step()
+    assert opt.ssd_stats.warmup_allreduces == 2 and len(_calls_named(comm, ".grad.")) == 8
+
+
+def test_a_bucket_waiting_for_an_unused_parameter_holds_back_the_later_ones_until_the_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(3, 3))   # the last is never used
+    comm = LocalCommunicator(mirrors=2)
+    opt = _wrap(model, comm, warmup_steps=3, groups=3)
+    opt._ssd_checked = True     # as after a first step
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.cross_entropy(model[1](model[0](torch.randn(6, 4))), torch.randint(0, 2, (6,))).backward()
+    assert _calls_named(comm, ".grad.") == [] and opt.ssd_stats.warmup_allreduces_in_backward == 0
+    opt.step()
+    assert _calls_named(comm, ".grad.") == [f"{opt._ssd_name}.grad.{i}" for i in range(3)]
+    assert torch.equal(model[2].weight.grad, torch.zeros(3, 3))     # zeros sent for the unused layer
+    assert not torch.equal(model[0].weight, before[0]) and torch.equal(model[2].weight, before[4])
+
+
+class _ByNameCommunicator(LocalCommunicator):
+    """Matches collectives by name, as Horovod does."""
+
+    matches_by_name = True
+
+
+def test_with_horovod_each_gradient_starts_as_soon_as_it_is_ready_and_the_flag_goes_alone():
+    """Horovod fuses what is ready itself: one allreduce per parameter, in whatever order backward
+    produces them, even past a parameter that has no gradient yet."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(3, 3))   # the last is never used
+    comm = _ByNameCommunicator(mirrors=2)
+    opt = _wrap(model, comm, warmup_steps=2)
+    opt._ssd_checked = True     # as after a first step
+    assert [len(b) for b in opt._ssd_averager.buckets] == [1] * 6
+    nn.functional.cross_entropy(model[1](model[0](torch.randn(6, 4))), torch.randint(0, 2, (6,))).backward()
+    started = _calls_named(comm, ".grad.")
+    assert len(started) == 4 and opt.ssd_stats.warmup_allreduces_in_backward == 4   # all but the unused two
+    opt.step()
+    assert sorted(_calls_named(comm, ".grad.")) == sorted(f"{opt._ssd_name}.grad.{i}" for i in range(6))
+    assert _calls_named(comm, ".flag") == [f"{opt._ssd_name}.flag"]
+    assert all(n == 1 for name, n in comm.calls if ".grad." in name)             # no flag fused in
+
+
+def test_with_several_backward_passes_per_step_a_bucket_starts_after_the_last():
+    model = _model()
+    comm = LocalCommunicator(mirrors=2)
+    opt = _wrap(model, comm, warmup_steps=2, backward_passes_per_step=2)
+    opt._ssd_checked = True     # as after a first step
+    x = torch.randn(4, 4)
+    model(x).sum().backward()
+    assert _calls_named(comm, ".grad.") == []
+    model(x).sum().backward()
+    assert len(_calls_named(comm, ".grad.")) == len(opt._ssd_averager.buckets) == 1   # a small model: one bucket
+    opt.step()
+
+
+def test_buckets_without_groups_fill_about_a_mebibyte_from_the_last_parameter():
+    from ssd_allreduce.warmup import make_buckets
+    params = [torch.zeros(1 << 17), torch.zeros(1 << 17), torch.zeros(10), torch.zeros(1 << 18), torch.zeros(5)]
+    buckets = make_buckets(params, None)
+    assert [[p.numel() for p in b] for b in buckets] == [[5, 1 << 18], [10, 1 << 17, 1 << 17]]
+
+
+class _Clock:
+    """A stand-in for ``time.perf_counter`` that moves only when told: step and collective times
+    are then exact."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _SlowCommunicator(LocalCommunicator):
+    """Two mirrored ranks whose collectives take ``seconds`` on ``clock`` to arrive."""
+
+    def __init__(self, clock: _Clock, seconds: float) -> None:
+        super().__init__(mirrors=2)
+        self.clock, self.seconds = clock, seconds
+
+    def synchronize(self, handle):
+        self.clock.now += self.seconds
+        super().synchronize(handle)
+
+
+def _train_timed(clock, model, opt, steps, start=0, step_seconds=0.01):
+    for step in range(start, start + steps):
+        clock.now += step_seconds        # the compute a step takes
+        _train(model, opt, 1, start=step)
+
+
+def test_choose_window_hides_the_collective_and_keeps_the_windows_own_cost_small():
+    from ssd_allreduce.autotune import choose_window
+    auto = dict(sync_every=None, max_sync_every=16, auto_delay=True)
+    assert choose_window(0.004, 0.010, 0.0, **auto) == (4, 4)        # 1.5 x 10 ms within 4 steps of 4 ms
+    assert choose_window(0.004, 0.100, 0.0, **auto) == (16, 16)      # nothing hides it: the widest
+    assert choose_window(0.004, 0.0, 0.0, **auto) == (1, 1)
+    # a window costing 0.4 ms: k = 3 is the first within 3 % of k = 16's step time
+    assert choose_window(0.004, 0.001, 0.0004, **auto) == (3, 3)
+    assert choose_window(0.004, 0.010, 0.0, sync_every=8, max_sync_every=16, auto_delay=True) == (8, 4)
+    assert choose_window(0.004, 0.100, 0.0, sync_every=8, max_sync_every=16, auto_delay=True) == (8, 8)
+
+
+def _delta_over_gradient_bytes(model):
+    params = sum(p.numel() for p in model.parameters())
+    return (params + sum(b.numel() for b in model.buffers() if b.is_floating_point())) / params
+
+
+def test_auto_window_is_chosen_from_the_warmups_step_time_and_its_collectives(monkeypatch):
+    """Steps of 10 ms and warm-up allreduces of 40 ms, so a delta (with BatchNorm's statistics)
+    of about 49 ms: k = ceil(1.5 * 49 / 10) = 8; the windows then follow it, and a re-check from
+    the windows' own times (they arrive within a step here, as the polls see) shrinks it to
+    ceil(1.5 * 10 / 10) = 2."""
+    from ssd_allreduce import autotune
+    clock = _Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    monkeypatch.setattr(autotune, "RETUNE_EVERY", 2)
+    model = _model()
+    opt = _wrap(model, _SlowCommunicator(clock, 0.04), sync_every="auto", warmup_steps=6)
+    _train_timed(clock, model, opt, 7)
+    first = opt._ssd_engine.tuner.log[0]
+    collective_ms = 40 * _delta_over_gradient_bytes(model)
+    k = math.ceil(1.5 * collective_ms / 10)
+    assert k == 8 and first == {"step": 6, "compute_ms": pytest.approx(10), "collective_ms": pytest.approx(collective_ms),
+                                "window_ms": 0.0, "sync_every": k, "delay": k}
+    assert opt.ssd_stats.sync_every == k and opt._ssd_engine.clock.next_launch == 6 + k - 1
+    _train_timed(clock, model, opt, 3 * k, start=7)
+    assert opt.ssd_stats.windows_launched == 3
+    retuned = opt._ssd_engine.tuner.log[1]
+    assert retuned["step"] == 6 + 3 * k - 1 and retuned["collective_ms"] == pytest.approx(10)
+    assert retuned["sync_every"] == opt.ssd_stats.sync_every == 2          # from the third launch on
+    assert opt._ssd_engine.clock.next_launch == retuned["step"] + 2
+
+
+def test_an_auto_window_resumes_from_a_checkpoint_with_the_window_it_chose(monkeypatch):
+    """The clock, with its count of windows, is in the checkpoint: the resumed run re-checks at the
+    same launch (the 2nd here) and chooses the same window."""
+    from ssd_allreduce import autotune
+    clock = _Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    monkeypatch.setattr(autotune, "RETUNE_EVERY", 2)
+    model = _model()
+    opt = _wrap(model, _SlowCommunicator(clock, 0.02), sync_every="auto", warmup_steps=5)
+    _train_timed(clock, model, opt, 10)       # the window launched at 8 was seen arriving at 9
+    assert opt._ssd_engine.clock.sync_every == math.ceil(1.5 * 20 * _delta_over_gradient_bytes(model) / 10)
+    saved = pickle.loads(pickle.dumps({"model": model.state_dict(), "opt": opt.state_dict()}))
+    twin = _model()
+    twin.load_state_dict(saved["model"])
+    resumed = _wrap(twin, _SlowCommunicator(clock, 0.02), sync_every="auto", warmup_steps=5)
+    resumed.load_state_dict(saved["opt"])
+    assert resumed._ssd_engine.clock.as_tuple() == opt._ssd_engine.clock.as_tuple()
+    _train_timed(clock, model, opt, 12, start=10)
+    _train_timed(clock, twin, resumed, 12, start=10)
+    retuned = opt._ssd_engine.tuner.log[-1]
+    again = resumed._ssd_engine.tuner.log[-1]
+    assert retuned["step"] == again["step"] == 5 + 3 * 4 - 1 and again["sync_every"] == retuned["sync_every"]
+    assert resumed._ssd_engine.clock.as_tuple() == opt._ssd_engine.clock.as_tuple()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+
+
+def test_an_auto_window_resumed_at_the_end_of_the_warmup_waits_for_timed_steps(monkeypatch):
+    """Saved before any delay-stage step, resumed: no rank has timed a step, so every rank takes
+    the provisional window and chooses at the first launch after enough timed steps."""
+    from ssd_allreduce import autotune
+    clock = _Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    model = _model()
+    opt = _wrap(model, _SlowCommunicator(clock, 0.02), sync_every="auto", warmup_steps=6)
+    _train_timed(clock, model, opt, 6)
+    saved = pickle.loads(pickle.dumps({"model": model.state_dict(), "opt": opt.state_dict()}))
+    twin = _model()
+    twin.load_state_dict(saved["model"])
+    resumed = _wrap(twin, _SlowCommunicator(clock, 0.02), sync_every="auto", warmup_steps=6)
+    resumed.load_state_dict(saved["opt"])
+    _train_timed(clock, twin, resumed, 1, start=6)
+    tuner = resumed._ssd_engine.tuner
+    assert resumed.ssd_stats.sync_every == autotune.PROVISIONAL and tuner.pending and tuner.log == []
+    _train_timed(clock, twin, resumed, 10, start=7)       # launches at 10 (3 timed steps) and 15
+    assert not tuner.pending and tuner.log[-1]["step"] == 15
+    assert resumed._ssd_engine.clock.sync_every == tuner.log[-1]["sync_every"]
+
+
+def test_ranks_that_list_the_parameters_in_another_order_stop_before_any_warmup_collective():
+    class OtherOrder(LocalCommunicator):
+        def allgather_object(self, obj):
+            return [obj, dict(obj, buckets=obj["buckets"][::-1])]
+    model = _model()
+    opt = _wrap(model, OtherOrder(mirrors=2), warmup_steps=2, groups=2)
+    with pytest.raises(ValueError, match="rank 1 lists the optimizer's parameters in another order than rank 0"):
+        _train(model, opt, 1)
+
+
+def test_gradscaler_unscaling_covers_sparse_gradients():
+    from ssd_allreduce.optimizer import _unscale_and_find_nonfinite_
+    dense = torch.full((3,), 4.0)
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.tensor([2.0, 6.0]), (4,), check_invariants=True)
+    assert not _unscale_and_find_nonfinite_([dense, sparse], torch.tensor(2.0))
+    assert torch.equal(dense, torch.full((3,), 2.0)) and torch.equal(sparse.to_dense(), torch.tensor([1.0, 0, 3.0, 0]))
+    bad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.tensor([float("inf")]), (4,), check_invariants=True)
+    assert _unscale_and_find_nonfinite_([dense, bad], None)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(sync_every="auto", delay=2), "with sync_every='auto' the delay is chosen with it"),
+    (dict(sync_every="auto", warmup_steps=2), "warmup_steps must be >= 5, got 2"),
+    (dict(sync_every="often"), "sync_every must be an integer or 'auto', got 'often'"),
+    (dict(sync_every="auto", max_sync_every=0), "max_sync_every must be an integer >= 1, got 0"),
+])
+def test_bad_auto_window_arguments_say_what_to_change(kwargs, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        _wrap(_model(), **kwargs)

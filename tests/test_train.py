@@ -49,6 +49,17 @@ def test_each_mode_learns_the_digits_under_horovodrun(tmp_path, mode, min_accura
         assert s["bytes_per_step"] == pytest.approx(s["parameter_bytes"] / 5, rel=0.01)
 
 
+def test_an_auto_window_and_int8_deltas_learn_the_digits(tmp_path):
+    """The window the ranks agreed on is in the summary and was used: 10 x 22 steps, 20 of warm-up."""
+    run = tmp_path / "auto"
+    run_ranks(horovodrun(2, *TRAIN, "--mode", "ssd", "--sync-every", "auto", "--compression", "int8", "--epochs", "10",
+                         "--warmup-steps", "20", "--out", str(run)))
+    s = summary(run)
+    k = s["ssd_stats"]["sync_every"]
+    assert 1 <= k <= 16 and s["ssd_stats"]["delay"] == k and s["test_accuracy"] >= 0.85, s
+    assert s["ssd_stats"]["windows_launched"] >= (10 * 22 - 20) // 16
+
+
 @pytest.mark.parametrize("mode", ["horovod", "ssd"])
 def test_adamw_learns_the_digits_wrapped_by_either(tmp_path, mode):
     run = tmp_path / mode
@@ -264,6 +275,10 @@ def test_checkpoint_of_another_model_or_world_size_is_refused(tmp_path):
     (["--shards", "by-package"], "--shards by-package does not apply to --data digits"),
     (["--data", "stdlib", "--model", "gpt", "--gpt-width", "30"], "--gpt-width (30) must be a multiple of --gpt-heads (4)"),
     (["--eval-every", "-1"], "--eval-every must be >= 0, got -1"),
+    (["--mode", "local-sgd", "--sync-every", "auto"], "--sync-every auto and --delay auto tune SSD-SGD's window"),
+    (["--sync-every", "often"], "expected an integer or auto, got 'often'"),
+    (["--fp16-allreduce", "--compression", "int8"], "--fp16-allreduce is --compression fp16; it contradicts"),
+    (["--mode", "horovod", "--compression", "int8"], "--compression int8 is SSD-SGD's"),
 ])
 def test_out_of_range_flags_say_what_to_change(tmp_path, flags, message):
     r = _single(tmp_path, *flags)

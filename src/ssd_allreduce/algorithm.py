@@ -84,8 +84,16 @@ class FlatSpace:
         with torch.no_grad():
             torch._foreach_copy_(self.views, list(tensors))
 
+    def all_finite(self) -> Tensor:
+        """Every element finite, as a bool tensor on the device (read it when it is needed). One
+        reduction pass per buffer: NaN and Inf reach the minimum or the maximum."""
+        flags = [torch.isfinite(torch.stack(torch.aminmax(b))).all() for b in self.buffers if b.numel()]
+        if not flags:
+            return torch.ones((), dtype=torch.bool)
+        return flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).all()
+
     def is_finite(self) -> bool:
-        return all(bool(torch.isfinite(b).all()) for b in self.buffers)
+        return bool(self.all_finite())
 
 
 def launch_window(local: Sequence[Tensor], global_: FlatSpace, snapshot: FlatSpace,
@@ -113,20 +121,36 @@ def compensate_local_(local_params: Sequence[Tensor], local_buffers: Sequence[Te
     rank's own progress since the launch and add the estimated progress all ranks made together
     over the ``elapsed`` steps the allreduce was in flight); with ``compensation="overwrite"`` (an
     ablation baseline) they become ``W``. Buffers (BatchNorm running statistics) take ``W``.
-    ``local_params`` then ``local_buffers`` are ordered as the flat spaces are.
+    ``local_params`` then ``local_buffers`` are ordered as the flat spaces are. ``snapshot`` is
+    used as scratch space (it is dead after a landing).
     """
     n = len(local_params)
     params = list(local_params)
+    beta = glu_beta
     with torch.no_grad():
-        if params:
-            if compensation == "overwrite":
-                torch._foreach_copy_(params, global_.views[:n])
+        if params and compensation == "overwrite":
+            torch._foreach_copy_(params, global_.views[:n])
+        elif params and any(p.dtype in (torch.float16, torch.bfloat16) for p in params):
+            # 16-bit weights: the fused target below grows as 1/(1 - beta); the plain formula
+            torch._foreach_sub_(params, snapshot.views[:n])
+            torch._foreach_mul_(params, beta)
+            torch._foreach_add_(params, global_.views[:n])
+            if elapsed and beta != 1.0:
+                torch._foreach_add_(params, delta.views[:n], alpha=(1.0 - beta) * elapsed / sync_every)
+        elif params:
+            # Work on the flat buffers is cheap; a pass over the model's own tensors costs a kernel
+            # per tensor, so there is one: w' = lerp(w, t, 1 - beta) = beta * w + (1 - beta) * t
+            # with t = (W - beta * s + (1 - beta) * elapsed/k * D) / (1 - beta); beta = 1: w' = w + W - s.
+            for s, w_global, d in zip(snapshot.buffers, global_.buffers, delta.buffers):
+                torch.add(w_global, s, alpha=-beta, out=s)
+                if beta == 1.0:
+                    continue
+                if elapsed:
+                    s.add_(d, alpha=(1.0 - beta) * elapsed / sync_every)
+                s.div_(1.0 - beta)
+            if beta == 1.0:
+                torch._foreach_add_(params, snapshot.views[:n])
             else:
-                torch._foreach_sub_(params, snapshot.views[:n])  # w - s: own progress
-                torch._foreach_mul_(params, glu_beta)
-                torch._foreach_add_(params, global_.views[:n])
-                scale = (1.0 - glu_beta) * elapsed / sync_every
-                if scale != 0.0:
-                    torch._foreach_add_(params, delta.views[:n], alpha=scale)
+                torch._foreach_lerp_(params, snapshot.views[:n], 1.0 - beta)
         if local_buffers:
             torch._foreach_copy_(list(local_buffers), global_.views[n:])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -16,25 +15,12 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from .algorithm import FlatSpace, apply_global_update_, compensate_local_, launch_window
-from .comm import Communicator, Handle, ReduceOp, payload_bytes
-from .compression import compress, decompress_into_
-from .settings import SSDSettings
+from .autotune import WindowClock, WindowTuner, timed
+from .comm import Communicator, ReduceOp, payload_bytes
+from .compression import compress, decompress_into_, reduces_by_gather, wire_bytes
+from .settings import AUTO, SSDSettings
 from .stats import SSDStats
-
-@dataclass
-class Window:
-    """A launched window: in flight while ``handle`` is set, then its result sits in the delta.
-    ``flag`` travels with it: the share of ranks that stepped without gradients in the window."""
-
-    launched_at: int
-    handle: Optional[Handle]
-    wire: list[Tensor]
-    contexts: list[Any]
-    flag: Optional[Tensor] = None
-
-
-MISSING_GRADIENTS = ("{n} of {size} ranks called optimizer.step() without any gradient at or before step "
-                     "{step}: call loss.backward() before optimizer.step() on every rank")
+from .window import MISSING_GRADIENTS, NONFINITE_ADVICE, DeferredVerdict, GatherHandles, Window
 
 
 class DelayStage:
@@ -56,12 +42,23 @@ class DelayStage:
         self.delta: Optional[FlatSpace] = None
         self.residual: Optional[FlatSpace] = None   # error feedback of a lossy wire format
         self.window: Optional[Window] = None
+        self.clock: Optional[WindowClock] = None    # set by ``start()``
+        self.tuner = (WindowTuner(comm, None if settings.sync_every == AUTO else settings.sync_every,
+                                  settings.max_sync_every, settings.delay == AUTO) if settings.auto else None)
+        self.verdict: Optional[DeferredVerdict] = None
+        self._windows_seen = 0   # launches + landings by the last step's end (the tuner's window steps)
+        self.defer_checks: Optional[bool] = None   # None: decided by ``defers_checks``
         self.skipped_in_a_row = 0
         self.steps_without_gradients = 0   # on this rank, since the last launch
 
     @property
     def local(self) -> list[Tensor]:
         return self.params + self.buffers
+
+    @property
+    def gathers(self) -> bool:
+        """The wire format cannot be summed (int8): ranks gather each other's deltas."""
+        return reduces_by_gather(self.compression)
 
     @property
     def started(self) -> bool:
@@ -94,49 +91,97 @@ class DelayStage:
         local = self.local
         self.global_, self.snapshot, self.delta = FlatSpace(local), FlatSpace(local), FlatSpace(local)
 
-    def start(self) -> None:
-        """End of warm-up: ``W`` = rank 0's weights, bit-identical everywhere, and ``w = W``."""
+    def start(self, step: int) -> None:
+        """End of warm-up, at ``step``: ``W`` = rank 0's weights, bit-identical everywhere, and
+        ``w = W``; the window is chosen now where it is "auto"."""
         self.check_layout()
+        limit = getattr(self.compression, "GATHER_LIMIT", None)
+        if self.gathers and limit and self.comm.size >= limit:
+            warnings.warn(f"{self.comm.size} ranks gather each other's int8 deltas: from "
+                          f"{limit} ranks on that moves more bytes than a float32 "
+                          "allreduce; use compression=Compression.bf16 or fp16 at this scale")
         self._allocate()
         self.global_.copy_from_(self.local)
         self.comm.broadcast_(self.global_.buffers, root_rank=0, name=f"{self.name}.global_weights")
         with torch.no_grad():
             torch._foreach_copy_(self.local, self.global_.views)
+        if self.tuner is not None:
+            k, d = self.tuner.initial(step, self.wire_bytes(), self._dry_window_seconds())
+        else:
+            k, d = self.settings.sync_every, self.settings.delay
+        self.clock = WindowClock(k, d, step + k - 1)
+        self.stats.sync_every, self.stats.delay = k, d
+
+    def wire_bytes(self) -> int:
+        """Bytes a window's delta puts on the wire from this rank (its compressed payload); a
+        gathered format receives ``size - 1`` times that, which a ring allreduce does not."""
+        sent = sum(wire_bytes(self.compression, b.numel(), b.dtype) for b in self.delta.buffers)
+        return round(sent * max(1.0, self.comm.size / 2)) if self.gathers else sent
+
+    def _dry_window_seconds(self) -> float:
+        """A window's host cost, estimated before the first: a launch timed on the scratch
+        buffers (unused until then), and the landing's passes counted as 1.5 launches."""
+        launch = timed(lambda: launch_window(self.local, self.global_, self.snapshot, self.delta))
+        return 2.5 * launch
+
+    def step_done(self) -> None:
+        """The end of a training step (the tuner times steps)."""
+        if self.tuner is not None:
+            windows = self.stats.windows_launched + self.stats.windows_landed
+            self.tuner.step_done(time.perf_counter(), self.stats.comm_wait_seconds, windows != self._windows_seen)
+            self._windows_seen = windows
 
     def after_local_step(self, step: int, without_gradients: bool = False) -> bool:
         """The schedule at ``step``, after the local update: poll, land what is due, launch.
         True when a skipped window brought non-finite local weights back to ``W``. A step
         ``without_gradients`` is reported to every rank with the window and raises there."""
-        sched = self.settings.schedule
         self.steps_without_gradients += without_gradients
         self._poll()
-        reset = sched.lands_at(step) and self.land(elapsed=sched.delay)
-        if sched.launches_at(step):
-            self._launch(step)
-            if sched.delay == 0:
+        clock = self.clock
+        reset = False
+        if self.window is not None and step == self.window.lands_at:
+            reset = self.land(elapsed=step - self.window.launched_at)
+        if step == clock.next_launch:
+            covers = clock.sync_every
+            self.check_deferred(before=step)
+            if self.tuner is not None and self.tuner.due(clock.launches):
+                clock.sync_every, clock.delay = self.tuner.retune(step, clock.sync_every, clock.delay)
+                self.stats.sync_every, self.stats.delay = clock.sync_every, clock.delay
+            self._launch(step, covers)
+            clock.next_launch = step + clock.sync_every
+            clock.launches += 1
+            if clock.delay == 0:
                 reset = self.land(elapsed=0) or reset
         return reset
 
     def finish(self, steps_done: int) -> bool:
         """Land the window in flight now, ``steps_done`` steps into training (see ``land``)."""
         if self.window is None:
+            self.check_deferred()
             return False
         return self.land(elapsed=steps_done - 1 - self.window.launched_at)
 
-    def _launch(self, step: int) -> None:
+    def _launch(self, step: int, covers: int) -> None:
+        """Launch the window that ends at ``step`` (``covers`` local steps); it lands ``d`` later."""
         self.check_layout()
         with record_function("ssd_allreduce.launch"):
             launch_window(self.local, self.global_, self.snapshot, self.delta)
             self.stats.windows_launched += 1
+            lands_at = step + self.clock.delay
             if self.comm.size == 1:   # the delta is its own average: nothing to send or wait for
-                self.window = Window(step, None, [], [])
+                self.window = Window(step, lands_at, covers)
                 return
             wire, contexts = self._compress_with_feedback()
-            flag = torch.full((1,), float(self.steps_without_gradients > 0), dtype=wire[0].dtype,
-                              device=wire[0].device)
+            flag = torch.full((1,), float(self.steps_without_gradients > 0), device=wire[0].device,
+                              dtype=torch.float32 if self.gathers else wire[0].dtype)
             self.steps_without_gradients = 0
-            handle = self.comm.allreduce_async_(wire + [flag], name=f"{self.name}.delta", op=ReduceOp.AVERAGE)
-            self.window = Window(step, handle, wire, contexts, flag)
+            name = f"{self.name}.delta"
+            if self.gathers:   # values that cannot be summed: every rank gets every rank's
+                handle = GatherHandles([self.comm.allgather_async(w, name=f"{name}.{i}") for i, w in enumerate(wire)],
+                                       self.comm.allreduce_async_([flag], name=f"{name}.flag", op=ReduceOp.AVERAGE))
+            else:
+                handle = self.comm.allreduce_async_(wire + [flag], name=name, op=ReduceOp.AVERAGE)
+            self.window = Window(step, lands_at, covers, handle, wire, contexts, flag, time.perf_counter())
             self.stats.bytes_allreduced += payload_bytes(wire)
 
     def _compress_with_feedback(self) -> tuple[list[Tensor], list[Any]]:
@@ -155,12 +200,18 @@ class DelayStage:
 
     def discard_window(self) -> None:
         """Forget the window in flight without waiting for it (its collective died with a lost rank)."""
-        self.window = None
+        self.window = self.verdict = None
 
     def _poll(self) -> None:
-        if self.window is not None and self.window.handle is not None:
-            if not self.comm.poll(self.window.handle):
-                self.stats.polls_pending += 1
+        handle = self.window.handle if self.window is not None else None
+        if handle is None:
+            return
+        parts = handle.all if isinstance(handle, GatherHandles) else [handle]
+        if not all([self.comm.poll(h) for h in parts]):   # a list: every part is polled (MPI progress)
+            self.stats.polls_pending += 1
+        elif self.tuner is not None and not self.window.seen_arrived:
+            self.window.seen_arrived = True
+            self.tuner.window_arrived(time.perf_counter() - self.window.launch_time)
 
     def wait(self) -> None:
         """Block until the window in flight has arrived in the delta (it is not landed)."""
@@ -169,42 +220,89 @@ class DelayStage:
             return
         with record_function("ssd_allreduce.wait"):
             t0 = time.perf_counter()
-            self.comm.synchronize(window.handle)
-            decompress_into_(self.compression, self.delta.buffers, window.wire, window.contexts)
+            if isinstance(window.handle, GatherHandles):
+                for h in window.handle.all:
+                    self.comm.synchronize(h)
+                with torch.no_grad():
+                    for d, h, c in zip(self.delta.buffers, window.handle.gathers, window.contexts):
+                        d.copy_(self.compression.mean_of_gathered(self.comm.gathered(h), self.comm.size, c))
+            else:
+                self.comm.synchronize(window.handle)
+                decompress_into_(self.compression, self.delta.buffers, window.wire, window.contexts)
+            if self.tuner is not None and not window.seen_arrived:
+                self.tuner.window_arrived(time.perf_counter() - window.launch_time)
             window.handle, window.wire = None, []
             self.stats.comm_wait_seconds += time.perf_counter() - t0
 
     def land(self, elapsed: int) -> bool:
         """``W += D`` and the GLU compensation of the local tensors. A non-finite ``D`` never
         reaches ``W``: it raises, or (``nonfinite="skip"``) the window is skipped and a rank whose
-        own weights are not finite goes back to ``W``; returns True then."""
+        own weights are not finite goes back to ``W``; returns True then. Where the check is
+        deferred (``defers_checks``), a non-finite ``D`` lands as zero and raises a few steps later."""
         window = self.window
         if window is None:
             return False
         self.wait()
+        self.check_layout()
         with record_function("ssd_allreduce.land"):
             self.window = None
-            if window.flag is not None and float(window.flag) > 0:
-                raise RuntimeError(MISSING_GRADIENTS.format(n=round(float(window.flag) * self.comm.size),
-                                                            size=self.comm.size, step=window.launched_at))
-            if not self.delta.is_finite():
-                return self._skip(window)
+            self.check_deferred()
+            if self.defers_checks:
+                finite = self.delta.all_finite()
+                for d in self.delta.buffers:
+                    d.masked_fill_(~finite.to(d.device), 0)
+                self.verdict = DeferredVerdict(window.launched_at, window.lands_at, finite, window.flag)
+            else:
+                if window.flag is not None and float(window.flag) > 0:
+                    self._raise_missing_gradients(window.launched_at, float(window.flag))
+                if not self.delta.is_finite():
+                    return self._skip(window)
             self.skipped_in_a_row = 0
             apply_global_update_(self.global_, self.delta)
             compensate_local_(self.params, self.buffers, self.global_, self.snapshot, self.delta,
                               glu_beta=self.settings.glu_beta, elapsed=elapsed,
-                              sync_every=self.settings.sync_every,
+                              sync_every=window.sync_every,
                               compensation=self.settings.compensation)
             self.stats.windows_landed += 1
             return False
 
+    @property
+    def defers_checks(self) -> bool:
+        """Read a landing's checks on the host later, not at the landing: on CUDA with
+        ``nonfinite="raise"``, where reading them at once would drain the device's queue."""
+        if self.defer_checks is not None:
+            return self.defer_checks
+        return self.settings.nonfinite == "raise" and self.global_.buffers[0].is_cuda
+
+    def check_deferred(self, before: Optional[int] = None) -> None:
+        """Raise if the last landing's deferred checks failed. Called where every rank is at the
+        same point (a landing, a launch after the landing's step, finish, a save), never when a
+        rank's own device happens to be done, so ranks stop together; by then the result has
+        long arrived. ``before``: only a landing made before that step."""
+        verdict = self.verdict
+        if verdict is None or (before is not None and verdict.landed_at >= before):
+            return
+        self.verdict = None
+        finite, missing = verdict.read()
+        if missing > 0:
+            self._raise_missing_gradients(verdict.launched_at, missing)
+        if not finite:
+            raise FloatingPointError(self._nonfinite_message(verdict.launched_at) + NONFINITE_ADVICE)
+
+    def _raise_missing_gradients(self, launched_at: int, share: float) -> None:
+        raise RuntimeError(MISSING_GRADIENTS.format(n=round(share * self.comm.size), size=self.comm.size,
+                                                    step=launched_at))
+
+    @staticmethod
+    def _nonfinite_message(launched_at: int) -> str:
+        return (f"the averaged model delta of the window launched at step {launched_at} is not "
+                "finite (NaN or Inf on some rank)")
+
     def _skip(self, window: Window) -> bool:
-        message = (f"the averaged model delta of the window launched at step {window.launched_at} is not "
-                   "finite (NaN or Inf on some rank)")
+        message = self._nonfinite_message(window.launched_at)
         limit = self.settings.max_skipped_windows
         if self.settings.nonfinite == "raise":
-            raise FloatingPointError(message + ": lower the learning rate or clip gradients, or pass "
-                                     "nonfinite='skip' to skip such windows; the global weights were not updated")
+            raise FloatingPointError(message + NONFINITE_ADVICE)
         self.skipped_in_a_row += 1
         self.stats.windows_skipped += 1
         if self.skipped_in_a_row > limit:
@@ -218,14 +316,15 @@ class DelayStage:
         return True
 
     @property
-    def position(self) -> tuple[bool, Optional[int], int]:
-        """(delay stage started, step its window in flight was launched at, windows skipped in a
-        row) for cross-rank checks."""
-        return self.started, None if self.window is None else self.window.launched_at, self.skipped_in_a_row
+    def position(self) -> tuple[bool, Optional[tuple[int, int, int]], int, Optional[tuple[int, int, int]]]:
+        """(delay stage started, the window in flight (launched at, lands at, steps it covers),
+        windows skipped in a row, the clock (k, d, next launch)) for cross-rank checks."""
+        return (self.started, None if self.window is None else self.window.describe(), self.skipped_in_a_row,
+                None if self.clock is None else self.clock.as_tuple())
 
-    def adopt_root_state(self, root_position: tuple[bool, Optional[int], int]) -> None:
-        """Every rank takes rank 0's ``W`` and window (collective; rank 0's window has arrived)."""
-        started, launched_at, skipped_in_a_row = root_position
+    def adopt_root_state(self, root_position: tuple) -> None:
+        """Every rank takes rank 0's ``W``, window and clock (collective; rank 0's window has arrived)."""
+        started, window, skipped_in_a_row, clock = root_position
         self.skipped_in_a_row = skipped_in_a_row
         if not started:
             self.load_state_dict({})
@@ -234,32 +333,40 @@ class DelayStage:
             self._allocate()
         self.comm.broadcast_(self.global_.buffers, root_rank=0, name=f"{self.name}.adopt.global_weights")
         self.window = None
-        if launched_at is not None:
+        self.clock = WindowClock(*clock)
+        if window is not None:
             self.comm.broadcast_(self.snapshot.buffers + self.delta.buffers, root_rank=0,
                                  name=f"{self.name}.adopt.window")
-            self.window = Window(launched_at, None, [], [])
+            self.window = Window(*window)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """``W`` and the window (its snapshot and delta); a window in flight is waited for, not
-        landed, so a resumed run lands it at the same step."""
+        """``W``, the clock and the window (its snapshot and delta); a window in flight is waited
+        for, not landed, so a resumed run lands it at the same step."""
         self.wait()
+        self.check_deferred()
         window = self.window
         return {
             "skipped_in_a_row": self.skipped_in_a_row,
             "residual": None if self.residual is None else list(self.residual.buffers),
             "global_weights": None if self.global_ is None else list(self.global_.buffers),
+            "clock": None if self.clock is None else list(self.clock.as_tuple()),
             "window": None if window is None else {
                 "launched_at": window.launched_at,
+                "lands_at": window.lands_at,
+                "sync_every": window.sync_every,
                 "snapshot": list(self.snapshot.buffers),
                 "delta": list(self.delta.buffers)},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``'s output; ``{}`` (or None values) resets to before ``start()``."""
+    def load_state_dict(self, state: dict[str, Any], step: int = 0) -> None:
+        """Restore ``state_dict()``'s output at ``step``; ``{}`` (or None values) resets to before
+        ``start()``. A state without the clock (an earlier release's, fixed k and d) gets the
+        fixed schedule's."""
         if self.window is not None and self.window.handle is not None:
             raise RuntimeError("load_state_dict() while a window is in flight: call finish() first")
-        self.global_ = self.snapshot = self.delta = self.window = self.residual = None
+        self.global_ = self.snapshot = self.delta = self.window = self.residual = self.verdict = None
+        self.clock = None
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         if state.get("residual") is not None:
             self.residual = FlatSpace(self.local)
@@ -268,11 +375,22 @@ class DelayStage:
             return
         self._allocate()
         _copy_buffers(self.global_.buffers, state["global_weights"], "global_weights")
+        self.clock = WindowClock(*state["clock"]) if state.get("clock") else self._fixed_clock(step)
+        k, d = self.clock.sync_every, self.clock.delay
+        self.stats.sync_every, self.stats.delay = k, d
         window = state.get("window")
         if window is not None:
             _copy_buffers(self.snapshot.buffers, window["snapshot"], "snapshot")
             _copy_buffers(self.delta.buffers, window["delta"], "delta")
-            self.window = Window(int(window["launched_at"]), None, [], [])
+            launched_at = int(window["launched_at"])
+            self.window = Window(launched_at, int(window.get("lands_at", launched_at + d)),
+                                 int(window.get("sync_every", k)))
+
+    def _fixed_clock(self, step: int) -> WindowClock:
+        """The fixed schedule's clock at ``step``: its next launch at or after it."""
+        k, d, warmup = self.settings.sync_every, self.settings.delay, self.settings.warmup_steps
+        first = warmup + k - 1
+        return WindowClock(k, d, first + k * max(0, -(-(step - first) // k)))
 
 
 def _copy_buffers(dst: list[Tensor], src: Sequence[Tensor], what: str) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import os
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -37,9 +38,10 @@ from torch.profiler import record_function
 
 from .comm import Communicator, ReduceOp, make_communicator
 from .compression import Compression, compression_name
-from .engine import MISSING_GRADIENTS, DelayStage
+from .engine import DelayStage
 from .settings import DEFAULT_GLU_BETA, SSDSettings
 from .stats import SSDStats
+from .window import MISSING_GRADIENTS
 from .warmup import GradientAverager, Groups
 
 logger = logging.getLogger(__name__)
@@ -70,8 +72,8 @@ def DistributedOptimizer(
     sparse_as_dense: bool = False,
     process_set: Any = None,
     *,
-    sync_every: int = 5,
-    delay: Optional[int] = None,
+    sync_every: Union[int, str] = 5,
+    delay: Optional[Union[int, str]] = None,
     warmup_steps: int = 500,
     glu_beta: float = DEFAULT_GLU_BETA,
     compensation: str = "glu",
@@ -79,6 +81,7 @@ def DistributedOptimizer(
     backend: Union[str, Communicator] = "horovod",
     nonfinite: str = "raise",
     max_skipped_windows: int = 3,
+    max_sync_every: int = 16,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` (in place) so it trains with SSD-SGD; returns the same object, still an
     instance of its class.
@@ -89,7 +92,9 @@ def DistributedOptimizer(
     must be Average: SSD-SGD averages (Sum and Adasum raise, naming the alternative). SSD-SGD's own knobs:
 
     - ``sync_every`` (k): a window of k local steps ends with a non-blocking allreduce of the
-      model delta; ``delay`` (d, default k): local steps it overlaps before it lands;
+      model delta; ``delay`` (d, default k): local steps it overlaps before it lands; "auto"
+      chooses them from the step and allreduce times measured in the warm-up (the smallest k,
+      at most ``max_sync_every``, whose d = k steps hide the allreduce) and re-checks them;
     - ``warmup_steps``: steps of exact synchronous SGD first;
     - ``glu_beta``: how a landing keeps this rank's own progress (1) versus the global estimate
       (0); ``compensation="overwrite"`` replaces the local weights by the global ones (ablation);
@@ -103,7 +108,7 @@ def DistributedOptimizer(
     if hasattr(optimizer, "_ssd_base"):
         raise ValueError("this optimizer is already wrapped by ssd_allreduce.DistributedOptimizer")
     settings = SSDSettings(sync_every, delay, warmup_steps, glu_beta, compensation, nonfinite,
-                           compression_name(compression), max_skipped_windows)
+                           compression_name(compression), max_skipped_windows, max_sync_every)
     if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
         raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
     _check_op(_resolve_op(op))
@@ -125,7 +130,7 @@ def DistributedOptimizer(
     optimizer._ssd_setup(named_parameters, named_buffers, comm, settings, compression,
                          backward_passes_per_step, name)
     optimizer._ssd_averager = GradientAverager(
-        comm, optimizer._ssd_params, groups=groups,
+        comm, [p for g in optimizer.param_groups for p in g["params"]], groups=groups,
         gradient_predivide_factor=gradient_predivide_factor, compression=compression,
         sparse_as_dense=sparse_as_dense, stats=optimizer.ssd_stats, name=name)
     optimizer.sparse_as_dense = sparse_as_dense
@@ -218,6 +223,9 @@ def _check_same_optimizer(ref: dict[str, Any], theirs: dict[str, Any], rank: int
             raise ValueError(f"rank {rank}'s model differs from rank 0's at tensor #{i}: "
                              f"rank 0 has {x}, rank {rank} has {y} (name, shape, dtype); "
                              "every rank must build the same model")
+    if ref["buckets"] != theirs["buckets"]:
+        raise ValueError(f"rank {rank} lists the optimizer's parameters in another order than rank 0 (its "
+                         "warm-up allreduces would not match): build the parameter groups alike on every rank")
 
 
 def _check_op(op: ReduceOp) -> None:
@@ -231,6 +239,23 @@ def _check_op(op: ReduceOp) -> None:
         raise ValueError("op=Adasum is not supported: Adasum combines gradients every step, SSD-SGD "
                          "averages a model delta every k steps. Use op=Average (the default), or keep "
                          "hvd.DistributedOptimizer(op=hvd.Adasum) for Adasum")
+
+
+def _unscale_and_find_nonfinite_(grads: list[Tensor], grad_scale: Optional[Tensor]) -> bool:
+    """Divide ``grads`` by ``grad_scale`` (if any) and say whether any is not finite: one fused
+    pass per device (GradScaler's own kernel) and one value read on the host."""
+    found = []
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for g in grads:   # a sparse gradient is checked and scaled through its values, as GradScaler does
+        by_device.setdefault(g.device, []).append(g._values() if g.is_sparse else g)
+    with torch.no_grad():
+        for device, group in by_device.items():
+            flag = torch.zeros(1, device=device)
+            inv_scale = (torch.ones(1, device=device) if grad_scale is None
+                         else grad_scale.double().reciprocal().float().reshape(1).to(device))
+            torch._amp_foreach_non_finite_check_and_unscale_(group, flag, inv_scale)
+            found.append(flag.to(grads[0].device))
+    return bool(torch.cat(found).sum() > 0) if found else False
 
 
 def _named(named: Optional[Iterable[tuple[str, Tensor]]], what: str) -> list[tuple[str, Tensor]]:
@@ -282,9 +307,11 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
             if opt is not None:
                 opt._ssd_count_backward(p)
 
-        for p in self._ssd_params:
-            if p.requires_grad:
-                p.register_post_accumulate_grad_hook(count_backward)
+        # As Horovod's: alone (and not elastic) there is nothing to start from backward
+        if comm.size > 1 or os.environ.get("HOROVOD_ELASTIC") == "1":
+            for p in self._ssd_params:
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(count_backward)
         _live_optimizers.add(self)
         _register_exit_hook()
 
@@ -329,6 +356,11 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
             raise RuntimeError("Gradients were computed more than backward_passes_per_step times "
                                "before call to step(). Increase backward_passes_per_step to "
                                "accumulate gradients locally.")
+        # no collective from backward before the ranks were compared (the first step after a build,
+        # a load or a change of ranks), nor where GradScaler may rewrite gradients in flight
+        if (passes == self.backward_passes_per_step and self._ssd_comm.member and self._ssd_checked
+                and not self._ssd_warned_scaler and self._ssd_settings.in_warmup(self._ssd_step)):
+            self._ssd_averager.grad_ready(p)
 
     def set_backward_passes_per_step(self, passes: int) -> None:
         if not isinstance(passes, int) or passes < 1:
@@ -342,8 +374,11 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
 
     def _ssd_synchronize(self, without_gradients: bool) -> None:
         """``synchronize()``; a rank that steps without gradients makes every rank raise."""
-        if self._ssd_comm.member and self._ssd_settings.schedule.in_warmup(self._ssd_step):
+        if self._ssd_comm.member and self._ssd_settings.in_warmup(self._ssd_step):
             erred = self._ssd_averager.average_(without_gradients)
+            if self._ssd_engine.tuner is not None:
+                averager = self._ssd_averager
+                self._ssd_engine.tuner.warmup_collective(averager.last_seconds, averager.last_bytes)
             if erred:
                 raise RuntimeError(MISSING_GRADIENTS.format(n=erred, size=self._ssd_comm.size,
                                                             step=self._ssd_step))
@@ -377,7 +412,7 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         if not self._ssd_checked:
             self._ssd_check_ranks()
         t = self._ssd_step
-        if self._ssd_settings.schedule.in_warmup(t):
+        if self._ssd_settings.in_warmup(t):
             if self._should_synchronize:
                 if self._synchronized:
                     warnings.warn("optimizer.step() called without optimizer.skip_synchronize() "
@@ -387,7 +422,7 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
             self._ssd_local_update(averaged=True)
         else:
             if not self._ssd_engine.started:
-                self._ssd_engine.start()
+                self._ssd_engine.start(t)
             self._ssd_local_update(averaged=False)
             if self._ssd_engine.after_local_step(t, without_gradients):
                 self._ssd_zero_nonfinite_state()
@@ -395,6 +430,7 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         return loss
 
     def _ssd_end_step(self) -> None:
+        self._ssd_engine.step_done()
         self._synchronized = False
         self._ssd_step += 1
         self.ssd_stats.steps = self._ssd_step
@@ -413,14 +449,13 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
                               "(synchronize, unscale_, then scaler.step inside skip_synchronize())")
                 self._ssd_warned_scaler = True
             if averaged:  # decide on the averaged gradients, identical on every rank
-                skip = not all(bool(torch.isfinite(g).all()) for g in grads)
+                if _unscale_and_find_nonfinite_(grads, grad_scale):
+                    return
             else:
-                skip = bool(found_inf.item())
-            if skip:
-                return
-            if grad_scale is not None:
-                with torch.no_grad():
-                    torch._foreach_mul_(grads, 1.0 / float(grad_scale))
+                if bool(found_inf.item()):
+                    return
+                if grad_scale is not None:
+                    _unscale_and_find_nonfinite_(grads, grad_scale)
             # hide them from a wrapped optimizer that would read them itself (fused Adam): done here
             hidden = {"grad_scale": grad_scale, "found_inf": found_inf}
             self.grad_scale = self.found_inf = None
@@ -453,7 +488,8 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         mine = {"moved": moved, "name": self._ssd_name, "settings": self._ssd_settings,
                 "position": (self._ssd_step, *self._ssd_engine.position),
                 "tensors": [(n, tuple(t.shape), str(t.dtype)) for n, t in
-                            zip(self._ssd_param_names + self._ssd_buffer_names, tensors)]}
+                            zip(self._ssd_param_names + self._ssd_buffer_names, tensors)],
+                "buckets": [[tuple(p.shape) for p in bucket] for bucket in self._ssd_averager.buckets]}
         everyone = self._ssd_comm.allgather_object(mine)
         moved = [(r, e["moved"]) for r, e in enumerate(everyone) if e["moved"]]
         if moved:   # raised on every rank, not only where the model moved
@@ -464,15 +500,16 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         self._ssd_agree_on_position([e["position"] for e in everyone])
         self._ssd_checked = True
 
-    def _ssd_agree_on_position(self, positions: list[tuple[int, bool, Optional[int], int]]) -> None:
+    def _ssd_agree_on_position(self, positions: list[tuple]) -> None:
         root = positions[0]
         strays = [r for r, p in enumerate(positions) if p != root]
         if not strays:
             return
-        if any(positions[r] != (0, False, None, 0) for r in strays):
+        if any(positions[r] != (0, False, None, 0, None) for r in strays):
             where = ", ".join(f"rank {r}: {p}" for r, p in enumerate(positions))
-            raise ValueError(f"ranks are at different SSD-SGD positions (step, delay stage started, window "
-                             f"launched at, windows skipped in a row): {where}. Load the same checkpoint on every rank, or load it on "
+            raise ValueError(f"ranks are at different SSD-SGD positions (step, delay stage started, window in "
+                             f"flight (launched at, lands at, steps), windows skipped in a row, window clock (k, d, "
+                             f"next launch)): {where}. Load the same checkpoint on every rank, or load it on "
                              "rank 0 alone and call hvd.broadcast_optimizer_state(optimizer, root_rank=0)")
         if self._ssd_comm.rank in strays:
             logger.warning("SSD-SGD state taken from rank 0 (step %d): this rank started afresh, as after "
@@ -497,6 +534,7 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         compare ranks at the next step, where a rank that joined takes rank 0's SSD-SGD state
         (``SSDState`` calls it)."""
         self.discard_window()
+        self._ssd_averager.discard()
         self._ssd_comm.refresh()
         self._ssd_checked = False
         self._synchronized = False
@@ -540,7 +578,7 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         ssd = state_dict.pop(STATE_KEY, None)
         if ssd is not None:
             self._ssd_check_compatible(ssd)
-        self._ssd_engine.load_state_dict(ssd or {})
+        self._ssd_engine.load_state_dict(ssd or {}, int(ssd["step"]) if ssd else 0)
         self._ssd_base.load_state_dict(self, state_dict)
         self._synchronized = False
         self._ssd_backward_passes.clear()
@@ -552,6 +590,9 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
             return
         self._ssd_step = int(ssd["step"])
         self.ssd_stats.__init__(**ssd["stats"])
+        clock = self._ssd_engine.clock
+        if clock is not None:   # a state saved before these counters existed
+            self.ssd_stats.sync_every, self.ssd_stats.delay = clock.sync_every, clock.delay
 
     def _ssd_check_compatible(self, ssd: dict[str, Any]) -> None:
         if ssd.get("version") != STATE_VERSION:

@@ -14,6 +14,7 @@ class SSDStats:
 
     steps: int = 0
     warmup_allreduces: int = 0
+    warmup_allreduces_in_backward: int = 0   # gradient buckets sent while backward still ran
     windows_launched: int = 0
     windows_landed: int = 0
     windows_skipped: int = 0
@@ -21,6 +22,8 @@ class SSDStats:
     warmup_bytes_allreduced: int = 0
     comm_wait_seconds: float = 0.0
     polls_pending: int = 0
+    sync_every: int = 0      # the window in use (k, d): set at the end of the warm-up
+    delay: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

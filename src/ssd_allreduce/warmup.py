@@ -1,5 +1,5 @@
-"""The warm-up's synchronous step: gradients averaged across ranks, as ``hvd.DistributedOptimizer``
-does, in Horovod's fusion-friendly groups."""
+"""The warm-up's synchronous step: gradients averaged across ranks as ``hvd.DistributedOptimizer``
+does, each bucket's allreduce started from backward as soon as its gradients are ready."""
 from __future__ import annotations
 
 import time
@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from .comm import Communicator, ReduceOp, payload_bytes
-from .compression import compress, decompress_into_
+from .compression import compress, decompress_into_, gradient_compression
 from .stats import SSDStats
 
 Groups = Optional[Union[int, list[list[Tensor]]]]
@@ -48,19 +48,110 @@ def make_groups(params: Sequence[Tensor], groups: Groups) -> list[list[Tensor]]:
     return out
 
 
+BUCKET_BYTES = 1 << 20   # without ``groups``: gradients launched together, about 1 MiB at a time
+
+
+def make_buckets(params: Sequence[Tensor], groups: Groups, bucket_bytes: int = BUCKET_BYTES) -> list[list[Tensor]]:
+    """The allreduces of one warm-up step, in launch order. ``params`` are in the model's order,
+    so backward produces their gradients roughly last to first: buckets start at the end. Without
+    ``groups``, consecutive parameters fill buckets of about ``bucket_bytes``; with them, each
+    group is a bucket (Horovod's grouped allreduce: sent once all its gradients are ready)."""
+    params = list(params)
+    if groups is not None:
+        index = {id(p): i for i, p in enumerate(params)}
+        return sorted(make_groups(params, groups), key=lambda g: -max(index[id(p)] for p in g))
+    buckets: list[list[Tensor]] = []
+    size = bucket_bytes
+    for p in reversed(params):
+        if size >= bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += p.numel() * p.element_size()
+    return buckets
+
+
+class _Launched:
+    """A bucket's allreduce in flight: the parameters whose gradients it carries."""
+
+    def __init__(self, dense: list[Tensor], handle: Any, wire: list[Tensor], contexts: list[Any]) -> None:
+        self.dense, self.handle, self.wire, self.contexts = dense, handle, wire, contexts
+
+
 class GradientAverager:
-    """Averages the gradients of ``params`` in place across ranks, under the collective names
-    ``{name}.grad.{group}``; ``gradient_predivide_factor`` splits the division as Horovod does."""
+    """Averages the gradients of ``params`` (in the model's order) in place across ranks, as
+    ``hvd.DistributedOptimizer`` does: a bucket's allreduce starts from backward, as soon as its
+    last gradient is accumulated (``grad_ready``), and ``average_`` at the step sends what is left
+    and waits. On backends that match collectives by call order (torch.distributed, MPI) buckets
+    start in index order on every rank; on Horovod, which matches them by name, each gradient is
+    a bucket of its own and starts when ready. Names are ``{name}.grad.{bucket}``;
+    ``gradient_predivide_factor`` splits the division as Horovod does."""
 
     def __init__(self, comm: Communicator, params: Sequence[Tensor], *, groups: Groups,
                  gradient_predivide_factor: float, compression: Any, sparse_as_dense: bool,
                  stats: SSDStats, name: str = "ssd") -> None:
         self.comm, self.params = comm, list(params)
-        self.groups = make_groups(self.params, groups)
+        # Horovod fuses what is ready in each cycle itself and matches collectives by name, so it
+        # gets every gradient as soon as it is ready, as its own optimizer gives them
+        self.buckets = make_buckets(self.params, groups, 0 if comm.matches_by_name else BUCKET_BYTES)
+        self.bucket_of = {p: i for i, bucket in enumerate(self.buckets) for p in bucket}
         self.prescale = 1.0 / gradient_predivide_factor
         self.postscale = gradient_predivide_factor
-        self.compression, self.sparse_as_dense, self.stats = compression, sparse_as_dense, stats
+        self.compression = gradient_compression(compression)
+        self.sparse_as_dense, self.stats = sparse_as_dense, stats
         self.name = name
+        self.last_seconds, self.last_bytes = 0.0, 0   # the last step's buckets: first start to last arrival
+        self._reset()
+
+    def _reset(self) -> None:
+        self._ready: list[set[Tensor]] = [set() for _ in self.buckets]
+        self._launched: dict[int, _Launched] = {}
+        self._next = 0   # buckets below it have started (the order-matched backends' order)
+        self._flag: Optional[Tensor] = None
+        self._started: Optional[float] = None   # when this step's first bucket started
+        self._bytes = 0
+
+    def grad_ready(self, p: Tensor) -> None:
+        """``p``'s gradient is final for this step (from its post-accumulate hook): start every
+        bucket that is complete and next in order."""
+        i = self.bucket_of.get(p)
+        if i is None or self.comm.size == 1:
+            return
+        self._ready[i].add(p)
+        if self.comm.matches_by_name:
+            if self._complete(i):
+                self._launch(i, without_gradients=False)
+                self.stats.warmup_allreduces_in_backward += 1
+            return
+        while self._next < len(self.buckets) and self._complete(self._next):
+            self._launch(self._next, without_gradients=False)
+            self.stats.warmup_allreduces_in_backward += 1
+            self._next += 1
+
+    def _complete(self, i: int) -> bool:
+        """Bucket ``i`` has every gradient, all dense (a bucket with a sparse one is sent from
+        ``average_``, where it is gathered or densified)."""
+        trainable = [q for q in self.buckets[i] if q.requires_grad]
+        return len(self._ready[i]) >= len(trainable) and not any(q.grad.is_sparse for q in trainable)
+
+    def _launch(self, i: int, without_gradients: bool) -> None:
+        dense = [p for p in self.buckets[i] if p.requires_grad and not p.grad.is_sparse]
+        if not dense:
+            self._launched[i] = _Launched([], None, [], [])
+            return
+        wire, contexts = compress(self.compression, [p.grad for p in dense])
+        self._count_bytes(payload_bytes(wire))
+        self._bytes += payload_bytes(wire)
+        if self._flag is None and not self.comm.matches_by_name:
+            # the first allreduce of the step tells if a rank had no gradient (with Horovod, where
+            # buckets start in any order, the flag goes alone from average_())
+            self._flag = torch.full((1,), float(without_gradients), dtype=wire[0].dtype, device=wire[0].device)
+            wire, contexts = wire + [self._flag], contexts + [None]
+        handle = self.comm.allreduce_async_(wire, name=f"{self.name}.grad.{i}", op=ReduceOp.AVERAGE,
+                                            prescale_factor=self.prescale, postscale_factor=self.postscale)
+        self._launched[i] = _Launched(dense, handle, wire, contexts)
+        if self._started is None:
+            self._started = time.perf_counter()
 
     def average_(self, without_gradients: bool = False) -> int:
         """Every rank calls it at the same step; a parameter without a gradient sends zeros
@@ -72,35 +163,38 @@ class GradientAverager:
             return int(without_gradients)
         with record_function("ssd_allreduce.warmup_allreduce"):
             t0 = time.perf_counter()
-            sparse, densified = self._prepare_grads()
-            pending = []
-            flag = None
-            for i, group in enumerate(self.groups):
-                dense = [p for p in group if p.requires_grad and not p.grad.is_sparse]
-                if not dense:
-                    continue
-                wire, contexts = compress(self.compression, [p.grad for p in dense])
-                self._count_bytes(payload_bytes(wire))
-                if flag is None:
-                    flag = torch.full((1,), float(without_gradients), dtype=wire[0].dtype, device=wire[0].device)
-                    wire, contexts = wire + [flag], contexts + [None]
-                handle = self.comm.allreduce_async_(wire, name=f"{self.name}.grad.{i}", op=ReduceOp.AVERAGE,
-                                                    prescale_factor=self.prescale,
-                                                    postscale_factor=self.postscale)
-                pending.append((dense, handle, wire, contexts))
-            for p in sparse:
-                self._average_sparse_(p)
-            for dense, handle, wire, contexts in pending:
-                self.comm.synchronize(handle)
-                decompress_into_(self.compression, [p.grad for p in dense], wire, contexts)
-            if flag is None:   # every gradient sparse: the flag travels alone
-                flag = torch.full((1,), float(without_gradients), device=self.params[0].device)
-                self.comm.synchronize(self.comm.allreduce_async_([flag], name=f"{self.name}.flag"))
+            try:
+                sparse, densified = self._prepare_grads()
+                for i in range(len(self.buckets)):
+                    if i not in self._launched:
+                        self._launch(i, without_gradients)
+                flag_alone = None
+                if self._flag is None:   # Horovod, or every gradient sparse: the flag travels alone
+                    self._flag = torch.full((1,), float(without_gradients), device=self.params[0].device)
+                    flag_alone = self.comm.allreduce_async_([self._flag], name=f"{self.name}.flag")
+                for p in sparse:
+                    self._average_sparse_(p)
+                for launched in self._launched.values():
+                    if launched.handle is not None:
+                        self.comm.synchronize(launched.handle)
+                        decompress_into_(self.compression, [p.grad for p in launched.dense], launched.wire,
+                                         launched.contexts)
+                flag = self._flag
+                if flag_alone is not None:
+                    self.comm.synchronize(flag_alone)
+                if self._started is not None:
+                    self.last_seconds, self.last_bytes = time.perf_counter() - self._started, self._bytes
+            finally:
+                self._reset()
             for p in densified:
                 p.grad = p.grad.to_sparse()
             self.stats.comm_wait_seconds += time.perf_counter() - t0
             self.stats.warmup_allreduces += 1
             return round(float(flag) * self.comm.size)
+
+    def discard(self) -> None:
+        """Forget the allreduces started from backward (their ranks changed: Horovod elastic)."""
+        self._reset()
 
     def _count_bytes(self, nbytes: int) -> None:
         self.stats.bytes_allreduced += nbytes

@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--process-set", default="", help="Horovod: run the optimizers on these global ranks")
     ap.add_argument("--save-at", type=int)
     ap.add_argument("--resume-from")
-    ap.add_argument("--compression", choices=("none", "fp16"), default="none")
+    ap.add_argument("--compression", choices=("none", "fp16", "bf16", "int8"), default="none")
     ap.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="the wrapped optimizer")
     ap.add_argument("--same-data", action="store_true", help="every rank trains on rank 0's batches")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (every rank on the one visible GPU)")

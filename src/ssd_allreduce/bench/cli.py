@@ -36,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--bandwidths", nargs="+", default=list(DEFAULT_BANDWIDTHS), help="tc rates, e.g. 100mbit 1gbit")
-    ap.add_argument("--ssd-configs", nargs="+", default=["5:5", "10:10"], help="k:d pairs")
+    ap.add_argument("--ssd-configs", nargs="+", default=["5:5", "10:10"], help="k:d pairs or auto, each optionally with a wire format: 5:5/int8")
     ap.add_argument("--local-sgd-every", type=int, default=5)
     ap.add_argument("--no-local-sgd", action="store_true")
     ap.add_argument("--model", default="cnn")

@@ -18,7 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from ..train import runlog
 from ..train.runlog import markdown_table
@@ -33,19 +33,28 @@ class ModeSpec:
     """One column of the comparison: a training mode and its SSD-SGD window."""
 
     mode: str
-    sync_every: int = 1
-    delay: int = 0
+    sync_every: Union[int, str] = 1    # "auto": chosen by the run (``window_used`` gives it)
+    delay: Union[int, str] = 0
+    compression: str = "none"
 
     @property
     def name(self) -> str:
+        wire = "" if self.compression == "none" else f" {self.compression}"
         if self.mode == "ssd":
-            return f"ssd k={self.sync_every} d={self.delay}"
+            return f"ssd k={self.sync_every} d={self.delay}{wire}"
         if self.mode == "local-sgd":
             return f"local-sgd k={self.sync_every}"
         return self.mode
 
     def args(self) -> list[str]:
-        return ["--mode", self.mode, "--sync-every", str(self.sync_every), "--delay", str(self.delay)]
+        return ["--mode", self.mode, "--sync-every", str(self.sync_every), "--delay", str(self.delay),
+                "--compression", self.compression]
+
+    def window_used(self, row: dict[str, Any]) -> tuple[int, int]:
+        """(k, d) the run used: its own, or what "auto" chose (at the end of the run)."""
+        if self.sync_every == "auto":
+            return row["sync_every_used"], row["delay_used"]
+        return int(self.sync_every), int(self.delay)
 
 
 def parse_window(cfg: str, flag: str = "--ssd-configs") -> tuple[int, int]:
@@ -67,7 +76,11 @@ def run_dirname(name: str) -> str:
 def parse_modes(ssd_configs: Sequence[str], local_sgd_every: int, with_local_sgd: bool) -> list[ModeSpec]:
     specs = [ModeSpec("horovod")]
     for cfg in ssd_configs:
-        specs.append(ModeSpec("ssd", *parse_window(cfg)))
+        window, _, wire = cfg.partition("/")
+        if wire not in ("", "none", "fp16", "bf16", "int8"):
+            raise SystemExit(f"--ssd-configs {cfg}: the wire format after / is one of fp16, bf16, int8")
+        k, d = ("auto", "auto") if window == "auto" else parse_window(window)
+        specs.append(ModeSpec("ssd", k, d, wire or "none"))
     if with_local_sgd:
         specs.append(ModeSpec("local-sgd", local_sgd_every, 0))
     specs.append(ModeSpec("no-comm"))
@@ -133,6 +146,9 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "compute_ms": statistics.median(r["steady_compute_ms"] for r in runs),
         "comm_wait_ms": statistics.median(r["steady_comm_wait_ms"] for r in runs),
         "bytes_per_step": first["bytes_per_step"],
+        # 0: the run never left the warm-up
+        "sync_every_used": (first.get("ssd_stats") or {}).get("sync_every") or None,
+        "delay_used": (first.get("ssd_stats") or {}).get("delay"),
         "wire_bytes_per_step_per_rank": first["wire_bytes_per_step_per_rank"],
         "peak_memory_mb": max(max(r["peak_memory_bytes"]) for r in runs) / 2**20,
         "extra_state_mb": first["extra_state_bytes"] / 2**20,
@@ -155,7 +171,7 @@ def add_ratios(rows: list[dict[str, Any]], specs: list[ModeSpec], target: float)
         r["x_no_comm"] = r["images_per_sec"] / limit["images_per_sec"] if limit else None
         r["time_to_target_s"] = time_to_accuracy(r["curve"], target)
         spec = next(s for s in specs if s.name == r["name"])
-        per_allreduce = spec.sync_every if r["mode"] in ("ssd", "local-sgd") else 1
+        per_allreduce = (spec.window_used(r)[0] or 1) if r["mode"] in ("ssd", "local-sgd") else 1
         if full_allreduce_ms and r["mode"] != "no-comm":
             exposed = r["comm_wait_ms"] * per_allreduce
             r["hidden_fraction"] = max(0.0, 1.0 - exposed / full_allreduce_ms)
@@ -193,7 +209,7 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         if r["mode"] != "ssd":
             continue
-        k = int(r["name"].split("k=")[1].split()[0])
+        k = r["sync_every_used"]
         checks = [("x horovod >= 2.1", r["x_horovod"], 2.1), ("x no-comm >= 0.9", r["x_no_comm"], 0.9)]
         parts = []
         for text, value, goal in checks:
@@ -203,9 +219,27 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
         gap = r["accuracy_vs_horovod_pp"]
         parts.append(f"accuracy within 0.5 pp: {'met' if gap >= -0.5 else f'MISSED by {-gap - 0.5:.1f} pp'} ({gap:+.1f} pp)")
         ratio = r["bytes_per_step"] / base["bytes_per_step"]
-        parts.append(f"bytes/step = {ratio:.3f} of baseline (1/k = {1 / k:.3f}; the delta also carries BN statistics)")
+        if k:   # None: the run never left the warm-up
+            parts.append(f"bytes/step = {ratio:.3f} of baseline (1/k = {1 / k:.3f}; the delta also carries BN "
+                         "statistics)")
+        if "k=auto" in r["name"]:
+            parts.append(auto_verdict(r, rows))
         verdicts.append(f"{r['name']}: " + "; ".join(parts))
     return verdicts
+
+
+def auto_verdict(auto: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """How the self-tuned window compares with the best fixed window of the same wire format."""
+    wire = auto["name"].split("d=auto")[1]
+    fixed = [r for r in rows if r["mode"] == "ssd" and "k=auto" not in r["name"] and r["name"].endswith(wire)
+             and (wire or r["name"].split()[-1].startswith("d="))]
+    chose = f"chose k={auto['sync_every_used']}, d={auto['delay_used']}"
+    if not fixed:
+        return chose
+    best = max(fixed, key=lambda r: r["images_per_sec"])
+    ratio = auto["images_per_sec"] / best["images_per_sec"]
+    return (f"{chose}; img/s {ratio:.3f} of the best fixed window ({best['name']}): "
+            f"{'met' if ratio >= 0.95 else f'MISSED by {0.95 - ratio:.3f}'} (goal >= 0.95)")
 
 
 def cost_model_check(rows: list[dict[str, Any]], specs: list[ModeSpec], ranks: int, measured_mbps: Optional[float],
@@ -228,7 +262,9 @@ def cost_model_check(rows: list[dict[str, Any]], specs: list[ModeSpec], ranks: i
         if spec.mode == "horovod":
             predicted = costmodel.baseline_step_seconds(w, ranks, net)
         elif spec.mode in ("ssd", "local-sgd"):
-            predicted = costmodel.ssd_step_seconds(w, ranks, net, spec.sync_every, spec.delay)
+            if not spec.window_used(r)[0]:
+                continue
+            predicted = costmodel.ssd_step_seconds(w, ranks, net, *spec.window_used(r))
         else:
             predicted = costmodel.no_comm_step_seconds(w)
         measured = r["step_ms"] / 1e3

@@ -32,6 +32,7 @@ class Communicator(ABC):
     rank: int
     size: int
     member: bool = True
+    matches_by_name: bool = False   # collectives are matched by name (Horovod), not by call order
 
     @abstractmethod
     def allreduce_async_(self, tensors: Sequence[Tensor], name: str,
@@ -39,6 +40,16 @@ class Communicator(ABC):
                          postscale_factor: float = 1.0) -> Handle:
         """Start reducing ``tensors`` in place across ranks; every rank passes tensors of the same
         shapes, dtypes and order, under the same ``name``. AVERAGE divides by ``size``."""
+
+    @abstractmethod
+    def allgather_async(self, tensor: Tensor, name: str) -> Handle:
+        """Start gathering every rank's 1-D ``tensor`` (the same length everywhere) end to end in
+        rank order; after ``synchronize``, ``gathered(handle)`` is the result."""
+
+    @staticmethod
+    def gathered(handle: Handle) -> Tensor:
+        """The result of a finished ``allgather_async``."""
+        return handle.output  # type: ignore[attr-defined]
 
     @abstractmethod
     def poll(self, handle: Handle) -> bool:

@@ -2,17 +2,28 @@
 from __future__ import annotations
 
 import pickle
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .base import Communicator, Handle, ReduceOp
+from .base import Communicator, Handle, ReduceOp, sum_scale
 
 
 class _HorovodHandle(Handle):
-    def __init__(self, handle: int, tensors: Sequence[Tensor]) -> None:
+    """Horovod handles: ``handle`` (None when everything went by ``gathers``), and bfloat16
+    tensors whose bits were gathered (Horovod 0.28 cannot sum bfloat16), summed here in rank
+    order (the same on every rank) and scaled by ``gather_scale``."""
+
+    def __init__(self, handle: Optional[int], tensors: Sequence[Tensor],
+                 gathers: Sequence[tuple[Tensor, int]] = (), gather_scale: float = 1.0) -> None:
         self.handle, self.tensors = handle, list(tensors)
+        self.gathers, self.gather_scale = list(gathers), gather_scale
+        self.output: Optional[Tensor] = None
+
+    @property
+    def pending(self) -> list[int]:
+        return ([] if self.handle is None else [self.handle]) + [h for _, h in self.gathers]
 
 
 class HorovodCommunicator(Communicator):
@@ -20,6 +31,7 @@ class HorovodCommunicator(Communicator):
     mpi4py sub-communicator: ``hvd.init(comm=subcomm)``), over a process set (default: all)."""
 
     name = "horovod"
+    matches_by_name = True
 
     def __init__(self, process_set: Any = None) -> None:
         import horovod.torch as hvd
@@ -42,18 +54,35 @@ class HorovodCommunicator(Communicator):
     def allreduce_async_(self, tensors: Sequence[Tensor], name: str,
                          op: ReduceOp = ReduceOp.AVERAGE, prescale_factor: float = 1.0,
                          postscale_factor: float = 1.0) -> Handle:
-        handle = self._hvd.grouped_allreduce_async_(
-            list(tensors), name=name, op=self._ops[op], prescale_factor=prescale_factor,
+        summed = [t for t in tensors if t.dtype != torch.bfloat16]
+        handle = None if not summed else self._hvd.grouped_allreduce_async_(
+            summed, name=name, op=self._ops[op], prescale_factor=prescale_factor,
             postscale_factor=postscale_factor, process_set=self.process_set)
-        return _HorovodHandle(handle, tensors)
+        bf16 = [t for t in tensors if t.dtype == torch.bfloat16]
+        if not bf16:
+            return _HorovodHandle(handle, tensors)
+        pre, post = sum_scale(op, self.size, prescale_factor, postscale_factor)
+        gathers = [(t, self._hvd.allgather_async(t.reshape(-1).view(torch.int16), name=f"{name}.bf16.{i}",
+                                                 process_set=self.process_set)) for i, t in enumerate(bf16)]
+        return _HorovodHandle(handle, tensors, gathers, pre * post)
+
+    def allgather_async(self, tensor: Tensor, name: str) -> Handle:
+        handle = self._hvd.allgather_async(tensor, name=name, process_set=self.process_set)
+        return _HorovodHandle(handle, [tensor])
 
     def poll(self, handle: Handle) -> bool:
         assert isinstance(handle, _HorovodHandle)
-        return bool(self._hvd.poll(handle.handle))
+        return all([bool(self._hvd.poll(h)) for h in handle.pending])
 
     def synchronize(self, handle: Handle) -> None:
         assert isinstance(handle, _HorovodHandle)
-        self._hvd.synchronize(handle.handle)
+        if handle.handle is not None:
+            handle.output = self._hvd.synchronize(handle.handle)
+        for tensor, h in handle.gathers:
+            everyone = self._hvd.synchronize(h).view(torch.bfloat16).view(self.size, -1).float().sum(dim=0)
+            with torch.no_grad():
+                tensor.copy_((everyone * handle.gather_scale).view_as(tensor))
+        handle.gathers = []
 
     def broadcast_(self, tensors: Sequence[Tensor], root_rank: int, name: str) -> None:
         handles = [self._hvd.broadcast_async_(t, self._global_ranks[root_rank], name=f"{name}.{i}",

@@ -13,10 +13,23 @@ from torch import Tensor
 from .base import Communicator, FlattenedHandle, Handle, ReduceOp, flatten_groups, sum_scale
 
 
+# MPI has no 16-bit floating-point sum: such buffers are gathered and summed here, in rank order
+# (the same on every rank)
+_GATHERED_DTYPES = (torch.float16, torch.bfloat16)
+
+
 class _MPIHandle(FlattenedHandle):
-    def __init__(self, requests: list[Any], **kw: Any) -> None:
+    def __init__(self, requests: list[Any], gathered: Optional[dict[int, Tensor]] = None, **kw: Any) -> None:
         super().__init__(**kw)
         self.requests = requests
+        self.gathered = gathered or {}   # index of a flat buffer -> every rank's copy of it
+
+    def finish(self) -> None:
+        with torch.no_grad():
+            for i, everyone in self.gathered.items():
+                flat = self.flats[i]
+                flat.copy_(everyone.view(flat.dtype).view(-1, flat.numel()).float().sum(dim=0))
+        super().finish()
 
 
 class MPICommunicator(Communicator):
@@ -36,9 +49,8 @@ class MPICommunicator(Communicator):
         if t.device.type != "cpu":
             raise ValueError(f"the mpi backend reduces CPU tensors only, got one on {t.device}: "
                              "use backend='horovod' (NCCL) or backend='torch' for GPU training")
-        if t.dtype in (torch.bfloat16,):
-            raise ValueError("the mpi backend cannot reduce bfloat16 tensors: keep the model in float32, "
-                             "or use backend='horovod' or 'torch'")
+        if t.dtype in _GATHERED_DTYPES:   # numpy has no bfloat16: move the bits
+            t = t.view(torch.int16)
         return t.detach().numpy()
 
     def allreduce_async_(self, tensors: Sequence[Tensor], name: str,
@@ -47,12 +59,25 @@ class MPICommunicator(Communicator):
         pre, post = sum_scale(op, self.size, prescale_factor, postscale_factor)
         groups, flats = flatten_groups(tensors)
         buffers = [self._numpy(flat) for flat in flats]   # validates before anything is modified
-        requests = []
-        for flat, buffer in zip(flats, buffers):
+        requests, gathered = [], {}
+        for i, (flat, buffer) in enumerate(zip(flats, buffers)):
             if pre != 1.0:
                 flat.mul_(pre)
-            requests.append(self.comm.Iallreduce(self._MPI.IN_PLACE, buffer, op=self._MPI.SUM))
-        return _MPIHandle(requests, tensors=tensors, groups=groups, flats=flats, scale=post)
+            if flat.dtype in _GATHERED_DTYPES:
+                gathered[i] = flat.new_empty(flat.numel() * self.size)
+                requests.append(self.comm.Iallgather(buffer, self._numpy(gathered[i])))
+            else:
+                requests.append(self.comm.Iallreduce(self._MPI.IN_PLACE, buffer, op=self._MPI.SUM))
+        return _MPIHandle(requests, gathered, tensors=tensors, groups=groups, flats=flats, scale=post)
+
+    def allgather_async(self, tensor: Tensor, name: str) -> Handle:
+        tensor = tensor.reshape(-1).contiguous()
+        output = tensor.new_empty(tensor.numel() * self.size)
+        request = self.comm.Iallgather(self._numpy(tensor), self._numpy(output))
+        handle = _MPIHandle([request], tensors=[], groups=[], flats=[], scale=1.0)
+        handle.output = output
+        handle.sent = tensor   # kept alive until the gather is done
+        return handle
 
     def poll(self, handle: Handle) -> bool:
         assert isinstance(handle, _MPIHandle)

@@ -57,6 +57,18 @@ class TorchDistCommunicator(Communicator):
                 works.append(dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
         return _TorchHandle(works, stream, tensors=tensors, groups=groups, flats=flats, scale=post)
 
+    def allgather_async(self, tensor: Tensor, name: str) -> Handle:
+        stream = self._side_stream(tensor.device)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            output = tensor.new_empty(tensor.numel() * self.size)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            work = gather(output, tensor.reshape(-1), group=self.group, async_op=True)
+        handle = _TorchHandle([work], stream, tensors=[], groups=[], flats=[output], scale=1.0)
+        handle.output = output
+        return handle
+
     def poll(self, handle: Handle) -> bool:
         assert isinstance(handle, _TorchHandle)
         return all(w.is_completed() for w in handle.works)

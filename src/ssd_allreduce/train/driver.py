@@ -459,8 +459,10 @@ def fit(trainer: Trainer, log: runlog.RunLog, preempt: PreemptionFlag, bar: tqdm
             path = trainer.save_checkpoint()
             log.write("preempted", step=pos.global_step, checkpoint=str(path))
             if ctx.is_root:
+                how = ("rerun with --resume, without --elastic, at this number of ranks" if args.elastic
+                       else "rerun with --resume")
                 print(f"\npreemption signal: checkpoint {path} written at step {pos.global_step}; "
-                      f"rerun with --resume to continue", flush=True)
+                      f"{how} to continue", flush=True)
             break
         accuracy, test_loss = trainer.evaluate()
         finished_epoch = pos.step_in_epoch >= trainer.batches.steps_per_epoch

@@ -32,7 +32,7 @@ class Mode:
         self.args, self.model, self.ctx = args, model, ctx
         self.net: nn.Module = model
         self.optimizer = self.make_optimizer(self.base_optimizer())
-        width = 2 if args.fp16_allreduce else 4
+        width = 4 if args.compression == "none" else 2
         self.gradient_bytes = sum(p.numel() for p in model.parameters() if p.requires_grad) * width
 
     def base_optimizer(self) -> torch.optim.Optimizer:
@@ -78,6 +78,9 @@ class DDPMode(Mode):
         super().__init__(args, model, ctx)
         self.net = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+        if args.compression == "fp16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+            self.net.register_comm_hook(None, default_hooks.fp16_compress_hook)
 
     def step(self, scaler: torch.amp.GradScaler) -> StepCost:
         super().step(scaler)
@@ -95,7 +98,7 @@ class HorovodMode(Mode):
         import horovod.torch as hvd
         return hvd.DistributedOptimizer(
             opt, named_parameters=self.model.named_parameters(),
-            compression=hvd.Compression.fp16 if self.args.fp16_allreduce else hvd.Compression.none)
+            compression=hvd.Compression.fp16 if self.args.compression == "fp16" else hvd.Compression.none)
 
     def step(self, scaler: torch.amp.GradScaler) -> StepCost:
         t0 = time.perf_counter()
@@ -117,8 +120,8 @@ class SSDMode(Mode):
         a = self.args
         return DistributedOptimizer(
             opt, named_parameters=self.model.named_parameters(), named_buffers=self.model.named_buffers(),
-            compression=Compression.fp16 if a.fp16_allreduce else Compression.none,
-            sync_every=a.sync_every, delay=0 if a.mode == "local-sgd" else a.delay,
+            compression=getattr(Compression, a.compression),
+            sync_every=a.sync_every, delay=0 if a.mode == "local-sgd" else a.delay, max_sync_every=a.max_sync_every,
             warmup_steps=a.warmup_steps, glu_beta=a.glu_beta, compensation=a.compensation,
             backend=self.ctx.comm)
 

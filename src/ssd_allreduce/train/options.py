@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Union
 
 from ..settings import DEFAULT_GLU_BETA
 from .data import DATASET_NAMES, SHARD_MODES
@@ -52,9 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr-gamma", type=float, default=0.1)
     ap.add_argument("--clip-grad-norm", type=float, default=0.0)
     ap.add_argument("--amp", action="store_true", help="float16 + GradScaler on GPUs, bfloat16 on CPUs")
-    ap.add_argument("--fp16-allreduce", action="store_true", help="compress allreduces to float16")
-    ap.add_argument("--sync-every", type=int, default=5, help="k: local steps per window (ssd, local-sgd)")
-    ap.add_argument("--delay", type=int, default=None, help="d: steps a window's allreduce overlaps (default k)")
+    ap.add_argument("--compression", choices=("none", "fp16", "bf16", "int8"), default="none",
+                    help="wire format of SSD-SGD's deltas (int8: a scale per chunk, error feedback; its "
+                         "warm-up gradients go as fp16); --mode horovod takes none or fp16")
+    ap.add_argument("--fp16-allreduce", action="store_true", help="the same as --compression fp16 (Horovod's flag)")
+    ap.add_argument("--sync-every", type=int_or_auto, default=5,
+                    help="k: local steps per window (ssd, local-sgd); auto: the smallest k whose d = k steps "
+                         "hide the allreduce, from times measured in the warm-up (ssd)")
+    ap.add_argument("--delay", type=int_or_auto, default=None,
+                    help="d: steps a window's allreduce overlaps (default k; auto: the smallest that hides it)")
+    ap.add_argument("--max-sync-every", type=int, default=16, help="the largest k that --sync-every auto may choose")
     ap.add_argument("--warmup-steps", type=int, default=50, help="synchronous steps first (ssd, local-sgd)")
     ap.add_argument("--glu-beta", type=float, default=DEFAULT_GLU_BETA)
     ap.add_argument("--compensation", choices=("glu", "overwrite"), default="glu")
@@ -88,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def int_or_auto(value: str) -> Union[int, str]:
+    """An integer flag that also takes "auto"."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {value!r}") from None
+
+
 def check_args(args: argparse.Namespace, backend: str, size: int) -> None:
     """Reject combinations that cannot work, saying what to change (every rank alike)."""
     if args.mode == "horovod" and backend != "horovod":
@@ -104,6 +122,13 @@ def check_args(args: argparse.Namespace, backend: str, size: int) -> None:
     if args.elastic and args.resume is not None:
         raise SystemExit("--elastic keeps its state in memory and brings ranks that join up to date itself; "
                          "--resume is for restarting a job that stopped: leave out one of them")
+    if args.fp16_allreduce:
+        if args.compression not in ("none", "fp16"):
+            raise SystemExit(f"--fp16-allreduce is --compression fp16; it contradicts --compression {args.compression}")
+        args.compression = "fp16"
+    if args.mode in ("horovod", "ddp") and args.compression not in ("none", "fp16"):
+        raise SystemExit(f"--compression {args.compression} is SSD-SGD's (--mode ssd or local-sgd); --mode "
+                         f"{args.mode} sends gradients as none or fp16")
     if args.data in ("cifar10", "imagefolder") and not args.data_dir:
         raise SystemExit(f"--data {args.data} needs --data-dir (no download happens here)")
     text, gpt = args.data == "stdlib", args.model == "gpt"
@@ -115,9 +140,12 @@ def check_args(args: argparse.Namespace, backend: str, size: int) -> None:
     if args.slow_fraction < 0 or args.slow_rank >= size:
         raise SystemExit(f"--slow-rank must be a rank below {size} and --slow-fraction >= 0, got "
                          f"{args.slow_rank} and {args.slow_fraction}")
+    if "auto" in (args.sync_every, args.delay) and args.mode != "ssd":
+        raise SystemExit(f"--sync-every auto and --delay auto tune SSD-SGD's window: they need --mode ssd, got "
+                         f"--mode {args.mode}")
     for name in ("epochs", "batch_size", "sync_every", "keep_checkpoints", "signal_check_every", "context",
-                 "commit_every", "gpt_width", "gpt_layers", "gpt_heads"):
-        if getattr(args, name) < 1:
+                 "commit_every", "gpt_width", "gpt_layers", "gpt_heads", "max_sync_every"):
+        if getattr(args, name) != "auto" and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("eval_every", "eval_samples", "max_steps"):
         if getattr(args, name) < 0:

@@ -1,0 +1,168 @@
+"""The self-tuning window (``sync_every="auto"``, ``delay="auto"``): measure the compute time of a
+step, the time a window's collective takes and what a window costs the host (its launch and
+landing), agree on them across ranks, and choose the window (SPEC, "Self-tuning window").
+
+A window must hide its collective behind d local steps (with ``MARGIN`` to spare), and its own
+cost, paid once per window, must not slow the steps by more than ``TOLERANCE`` compared with the
+widest window allowed: the smallest k meeting both is taken. The first choice is made at the end
+of the warm-up, from its steps, its gradients' collectives (scaled to the delta's bytes: nothing
+is sent to measure) and a timed dry launch; it is re-checked every ``RETUNE_EVERY`` windows from
+what the windows took. Changes take effect
+at a launch, on every rank at the same step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .comm import Communicator
+
+logger = logging.getLogger(__name__)
+
+MARGIN = 1.5          # the collective must fit in d steps of compute with this much to spare
+RETUNE_EVERY = 20     # windows between re-checks (each is one small blocking collective)
+MIN_WARMUP_STEPS = 5  # steps whose compute time the first choice is made from
+TOLERANCE = 0.03      # the step time a window's own cost may add, against the widest window
+SAMPLES = 64          # the most recent step and window times a choice is made from
+MIN_SAMPLES = 4       # steps every rank must have timed before a choice is made
+PROVISIONAL = 5       # the window used until then (a resume at the end of the warm-up)
+
+
+@dataclass
+class WindowClock:
+    """When windows launch in the delay stage: the current ``(k, d)``, the next launch step, and
+    the windows launched so far (the re-checks count them; every rank holds the same clock)."""
+
+    sync_every: int
+    delay: int
+    next_launch: int
+    launches: int = 0
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return self.sync_every, self.delay, self.next_launch, self.launches
+
+
+def choose_window(compute_s: float, collective_s: float, window_s: float, *, sync_every: Optional[int],
+                  max_sync_every: int, auto_delay: bool) -> tuple[int, int]:
+    """``(k, d)`` for steps of ``compute_s``, a collective of ``collective_s`` and a per-window
+    host cost of ``window_s``. With ``sync_every`` None: the smallest ``k <= max_sync_every``
+    (with ``d = k``) whose steps hide the collective with ``MARGIN`` to spare and whose predicted
+    step time is within ``TOLERANCE`` of the widest window's; with a fixed ``k`` and
+    ``auto_delay``, the smallest ``d <= k`` that hides the collective."""
+    hide = math.ceil(MARGIN * collective_s / compute_s) if compute_s > 0 else max_sync_every
+    if sync_every is not None:
+        return sync_every, min(hide, sync_every) if auto_delay else sync_every
+
+    def step_time(k: int) -> float:
+        return compute_s + (window_s + max(0.0, MARGIN * collective_s - k * compute_s)) / k
+
+    best = step_time(max_sync_every)
+    k = next((k for k in range(max(hide, 1), max_sync_every) if step_time(k) <= (1 + TOLERANCE) * best),
+             max_sync_every)
+    return k, k
+
+
+class WindowTuner:
+    """Step and collective times of this rank, and the choices made from everyone's."""
+
+    def __init__(self, comm: Communicator, sync_every: Optional[int], max_sync_every: int, auto_delay: bool) -> None:
+        self.comm, self.sync_every, self.max_sync_every = comm, sync_every, max_sync_every
+        self.auto_delay = auto_delay
+        self.compute: deque[float] = deque(maxlen=SAMPLES)          # steps without a launch or landing
+        self.window_steps: deque[float] = deque(maxlen=SAMPLES)     # steps with one
+        self.gradient_rate: deque[float] = deque(maxlen=SAMPLES)    # warm-up collectives, seconds per byte
+        self.in_flight: deque[float] = deque(maxlen=SAMPLES)
+        self._last: Optional[tuple[float, float]] = None   # (end of the last step, comm wait by then)
+        self.window_estimate = 0.0   # a window's host cost, from the dry launch
+        self.pending = False         # a choice waits for enough timed steps on every rank
+        self.log: list[dict[str, float]] = []
+
+    def step_done(self, now: float, comm_wait_total: float, window_step: bool) -> None:
+        """A step ended at ``now``; the time since the last one, less what was spent waiting on
+        communication, is a step's compute (with its window's launch or landing, if it had one)."""
+        if self._last is not None:
+            sample = max((now - self._last[0]) - (comm_wait_total - self._last[1]), 0.0)
+            (self.window_steps if window_step else self.compute).append(sample)
+        self._last = (now, comm_wait_total)
+
+    def window_arrived(self, seconds: float) -> None:
+        """A window's collective was seen complete ``seconds`` after its launch (an upper bound
+        when it was seen by a poll between steps)."""
+        self.in_flight.append(seconds)
+
+    def warmup_collective(self, seconds: float, nbytes: int) -> None:
+        """A warm-up step's gradients took ``seconds`` from the first bucket's start to the last
+        one's arrival, carrying ``nbytes``."""
+        if nbytes:
+            self.gradient_rate.append(seconds / nbytes)
+
+    def initial(self, step: int, delta_bytes: int, window_s: float) -> tuple[int, int]:
+        """The first choice, at the end of the warm-up: its steps' compute, its gradients'
+        collectives scaled to the delta's bytes (nothing is sent only to measure), and a timed
+        dry launch. Where some rank timed too few steps (a resume at the end of the warm-up), a
+        provisional window until the next launch."""
+        self.window_estimate = window_s
+        rate = statistics.median(self.gradient_rate) if self.gradient_rate else 0.0
+        plain = list(self.compute)
+        chosen = self._choose(step, statistics.median(plain) if plain else 0.0, rate * delta_bytes, window_s,
+                              len(plain))
+        if chosen is None:
+            k = self.sync_every or min(PROVISIONAL, self.max_sync_every)
+            return k, k
+        return chosen
+
+    def due(self, launches: int) -> bool:
+        """A re-check at this launch: every ``RETUNE_EVERY`` windows, or at every launch while a
+        choice waits for enough timed steps."""
+        return self.pending or (launches > 0 and launches % RETUNE_EVERY == 0)
+
+    def retune(self, step: int, sync_every: int, delay: int) -> tuple[int, int]:
+        """A re-check from the recent steps and windows (every rank calls it at the same step):
+        the new window, or the current one while some rank has timed too few steps. A window's
+        cost is what its launch and landing steps took beyond the others (medians), and at least
+        the dry launch's estimate."""
+        plain = list(self.compute)
+        compute = statistics.median(plain) if plain else 0.0
+        window = self.window_estimate
+        if self.window_steps and plain:
+            steps_per_window = 1 if delay in (0, sync_every) else 2   # launch and landing at one step or two
+            window = max(window, steps_per_window * (statistics.median(self.window_steps) - compute))
+        collective = statistics.median(self.in_flight) if self.in_flight else 0.0
+        chosen = self._choose(step, compute, collective, window, len(plain))
+        return (sync_every, delay) if chosen is None else chosen
+
+    def _choose(self, step: int, compute_s: float, collective_s: float, window_s: float,
+                samples: int) -> Optional[tuple[int, int]]:
+        mine = (compute_s, collective_s, window_s, samples)
+        everyone = self.comm.allgather_object(mine) if self.comm.size > 1 else [mine]
+        # the slowest rank's numbers decide, and the fewest samples: every rank gets the same
+        compute_s, collective_s, window_s = (max(e[i] for e in everyone) for i in range(3))
+        self.pending = min(e[3] for e in everyone) < MIN_SAMPLES
+        if self.pending:
+            return None
+        k, d = choose_window(compute_s, collective_s, window_s, sync_every=self.sync_every,
+                             max_sync_every=self.max_sync_every, auto_delay=self.auto_delay)
+        entry = {"step": step, "compute_ms": 1e3 * compute_s, "collective_ms": 1e3 * collective_s,
+                 "window_ms": 1e3 * window_s, "sync_every": k, "delay": d}
+        if not self.log or (self.log[-1]["sync_every"], self.log[-1]["delay"]) != (k, d):
+            logger.info("SSD-SGD window at step %d: k=%d, d=%d (step compute %.2f ms, delta collective "
+                        "%.2f ms, window cost %.2f ms, slowest rank)", step, k, d, entry["compute_ms"],
+                        entry["collective_ms"], entry["window_ms"])
+        self.log.append(entry)
+        self.in_flight.clear()
+        self.compute.clear()
+        self.window_steps.clear()
+        self._last = None   # the step that chose (the agreement) is not a typical step
+        return k, d
+
+
+def timed(run: Callable[[], None]) -> float:
+    """Seconds ``run`` takes."""
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0

@@ -1,0 +1,74 @@
+"""A window of the delay stage once launched: its collective in flight, and the checks its
+landing makes (read on the host later where reading them at once would stall a GPU)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .comm import Handle
+
+
+@dataclass
+class GatherHandles:
+    """A window whose wire is gathered (``reduces_by_gather``): one gather per flat buffer, and
+    the missing-gradient flag's own allreduce."""
+
+    gathers: list[Handle]
+    flag: Handle
+
+    @property
+    def all(self) -> list[Handle]:
+        return self.gathers + [self.flag]
+
+
+@dataclass
+class Window:
+    """A launched window: in flight while ``handle`` is set, then its result sits in the delta.
+    ``flag`` travels with it: the share of ranks that stepped without gradients in the window."""
+
+    launched_at: int
+    lands_at: int
+    sync_every: int        # the local steps its delta covers
+    handle: Optional[Union[Handle, GatherHandles]] = None
+    wire: list[Tensor] = field(default_factory=list)
+    contexts: list[Any] = field(default_factory=list)
+    flag: Optional[Tensor] = None
+    launch_time: float = 0.0
+    seen_arrived: bool = False
+
+    def describe(self) -> tuple[int, int, int]:
+        return self.launched_at, self.lands_at, self.sync_every
+
+
+NONFINITE_ADVICE = (": lower the learning rate or clip gradients, or pass nonfinite='skip' to skip such "
+                    "windows; the global weights were not updated")
+MISSING_GRADIENTS = ("{n} of {size} ranks called optimizer.step() without any gradient at or before step "
+                     "{step}: call loss.backward() before optimizer.step() on every rank")
+
+
+class DeferredVerdict:
+    """A landing's checks (finite delta, share of ranks without gradients) computed on the device
+    and copied to the host without waiting: read once the copy has arrived, so the device's queue
+    never drains for them."""
+
+    def __init__(self, launched_at: int, landed_at: int, finite: Tensor, missing: Optional[Tensor]) -> None:
+        self.launched_at, self.landed_at = launched_at, landed_at
+        share = finite.new_zeros((), dtype=torch.float32) if missing is None else missing.reshape(()).float()
+        values = torch.stack([finite.to(torch.float32), share.to(finite.device)])
+        self.event: Optional[torch.cuda.Event] = None
+        if values.is_cuda:
+            self.host = torch.empty(2, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(values.device))
+        else:
+            self.host = values
+
+    def read(self) -> tuple[bool, float]:
+        """(delta finite, share of ranks that stepped without gradients); waits for the copy."""
+        if self.event is not None and not self.event.query():
+            self.event.synchronize()
+        return bool(self.host[0] > 0), float(self.host[1])
