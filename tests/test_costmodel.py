@@ -31,6 +31,15 @@ def test_ring_allreduce_hand_computed() -> None:
     assert ring_allreduce_seconds(1e9, 8, Network(100.0, 10.0)) == pytest.approx(0.14014)
 
 
+def test_a_link_shared_by_the_ranks_carries_all_their_traffic() -> None:
+    """The benchmark's ranks share one shaped loopback: 4 ranks take 4 times as long on the
+    bandwidth term (each still pays its own latency hops)."""
+    shared = Network(bandwidth_gbps=10.0, latency_us=5.0, shared_by=4)
+    assert ring_allreduce_seconds(100e6, 4, shared) == pytest.approx(2 * 3 * 5e-6 + 4 * 2 * 3 / 4 * 1e8 / 1.25e9)
+    with pytest.raises(ValueError, match="shared_by must be an integer >= 1, got 0"):
+        Network(10.0, shared_by=0)
+
+
 def test_one_rank_costs_nothing() -> None:
     assert ring_allreduce_seconds(100e6, 1, NET10) == 0.0
     w = Workload(param_bytes=100e6, compute_seconds=0.1)

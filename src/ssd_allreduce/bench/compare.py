@@ -8,6 +8,7 @@ results.json, results.md and PNG plots into ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -244,7 +245,9 @@ def auto_verdict(auto: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 def cost_model_check(rows: list[dict[str, Any]], specs: list[ModeSpec], ranks: int, measured_mbps: Optional[float],
                      latency_us: float) -> list[dict[str, Any]]:
-    """Predict each mode's step time from the measured compute time and bandwidth; report the error."""
+    """Predict each mode's step time from the measured compute time and bandwidth; report the error.
+    Every rank's traffic crosses the one shaped loopback, so the link is shared by all ranks; an
+    SSD-SGD window carries what the run measured per step times k (its wire format's bytes)."""
     limit = next((r for r in rows if r["mode"] == "no-comm"), None)
     if limit is None or not measured_mbps:
         return []
@@ -253,18 +256,21 @@ def cost_model_check(rows: list[dict[str, Any]], specs: list[ModeSpec], ranks: i
     if local is not None and latency_us < 0:
         # calibrate the per-hop latency on the blocking allreduce that local SGD waits for
         k = next(s.sync_every for s in specs if s.mode == "local-sgd")
-        bandwidth_term = costmodel.ring_allreduce_seconds(w.param_bytes, ranks, costmodel.Network(measured_mbps / 1e3, 0.0))
+        bandwidth_term = costmodel.ring_allreduce_seconds(
+            w.param_bytes, ranks, costmodel.Network(measured_mbps / 1e3, 0.0, shared_by=ranks))
         latency_us = max(0.0, (local["comm_wait_ms"] * k / 1e3 - bandwidth_term) / (2 * (ranks - 1)) * 1e6)
-    net = costmodel.Network(bandwidth_gbps=measured_mbps / 1e3, latency_us=max(latency_us, 0.0))
+    net = costmodel.Network(bandwidth_gbps=measured_mbps / 1e3, latency_us=max(latency_us, 0.0), shared_by=ranks)
     out = []
     for r in rows:
         spec = next(s for s in specs if s.name == r["name"])
         if spec.mode == "horovod":
             predicted = costmodel.baseline_step_seconds(w, ranks, net)
         elif spec.mode in ("ssd", "local-sgd"):
-            if not spec.window_used(r)[0]:
+            k, d = spec.window_used(r)
+            if not k:
                 continue
-            predicted = costmodel.ssd_step_seconds(w, ranks, net, *spec.window_used(r))
+            window = dataclasses.replace(w, param_bytes=r["bytes_per_step"] * k)
+            predicted = costmodel.ssd_step_seconds(window, ranks, net, k, d)
         else:
             predicted = costmodel.no_comm_step_seconds(w)
         measured = r["step_ms"] / 1e3

@@ -27,12 +27,17 @@ DEFAULT_MEMORY_BW_GBYTES = 100.0
 
 @dataclass(frozen=True)
 class Network:
-    """Per-link alpha-beta network: bandwidth in Gbit/s, latency in microseconds."""
+    """Per-link alpha-beta network: bandwidth in Gbit/s, latency in microseconds; ``shared_by``
+    ranks send through the same link at once (1: a link per rank, as on a cluster; N: one
+    emulated link that every rank of a machine crosses, as the benchmark's shaped loopback)."""
 
     bandwidth_gbps: float
     latency_us: float = 5.0
+    shared_by: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.shared_by, numbers.Integral) or self.shared_by < 1:
+            raise ValueError(f"Network.shared_by must be an integer >= 1, got {self.shared_by!r}")
         if not self.bandwidth_gbps > 0:
             raise ValueError(f"Network.bandwidth_gbps must be > 0, got {self.bandwidth_gbps!r}")
         if not self.latency_us >= 0:
@@ -92,7 +97,7 @@ def ring_allreduce_seconds(nbytes: float, ranks: int, net: Network) -> float:
     if ranks == 1:
         return 0.0
     alpha = net.latency_us * 1e-6
-    bytes_per_second = net.bandwidth_gbps * 1e9 / 8.0
+    bytes_per_second = net.bandwidth_gbps * 1e9 / 8.0 / net.shared_by
     steps = 2 * (ranks - 1)
     return steps * alpha + steps / ranks * nbytes / bytes_per_second
 
