@@ -109,8 +109,7 @@ class DelayStage:
             k, d = self.tuner.initial(step, self.wire_bytes(), self._dry_window_seconds())
         else:
             k, d = self.settings.sync_every, self.settings.delay
-        self.clock = WindowClock(k, d, step + k - 1)
-        self.stats.sync_every, self.stats.delay = k, d
+        self._set_clock(WindowClock(k, d, step + k - 1))
 
     def wire_bytes(self) -> int:
         """Bytes a window's delta puts on the wire from this rank (its compressed payload); a
@@ -146,7 +145,7 @@ class DelayStage:
             self.check_deferred(before=step)
             if self.tuner is not None and self.tuner.due(clock.launches):
                 clock.sync_every, clock.delay = self.tuner.retune(step, clock.sync_every, clock.delay)
-                self.stats.sync_every, self.stats.delay = clock.sync_every, clock.delay
+                self._set_clock(clock)
             self._launch(step, covers)
             clock.next_launch = step + clock.sync_every
             clock.launches += 1
@@ -333,7 +332,7 @@ class DelayStage:
             self._allocate()
         self.comm.broadcast_(self.global_.buffers, root_rank=0, name=f"{self.name}.adopt.global_weights")
         self.window = None
-        self.clock = WindowClock(*clock)
+        self._set_clock(WindowClock(*clock))
         if window is not None:
             self.comm.broadcast_(self.snapshot.buffers + self.delta.buffers, root_rank=0,
                                  name=f"{self.name}.adopt.window")
@@ -375,9 +374,8 @@ class DelayStage:
             return
         self._allocate()
         _copy_buffers(self.global_.buffers, state["global_weights"], "global_weights")
-        self.clock = WindowClock(*state["clock"]) if state.get("clock") else self._fixed_clock(step)
+        self._set_clock(WindowClock(*state["clock"]) if state.get("clock") else self._fixed_clock(step))
         k, d = self.clock.sync_every, self.clock.delay
-        self.stats.sync_every, self.stats.delay = k, d
         window = state.get("window")
         if window is not None:
             _copy_buffers(self.snapshot.buffers, window["snapshot"], "snapshot")
@@ -385,6 +383,11 @@ class DelayStage:
             launched_at = int(window["launched_at"])
             self.window = Window(launched_at, int(window.get("lands_at", launched_at + d)),
                                  int(window.get("sync_every", k)))
+
+    def _set_clock(self, clock: WindowClock) -> None:
+        """Use ``clock``; ``stats`` shows its window."""
+        self.clock = clock
+        self.stats.sync_every, self.stats.delay = clock.sync_every, clock.delay
 
     def _fixed_clock(self, step: int) -> WindowClock:
         """The fixed schedule's clock at ``step``: its next launch at or after it."""

@@ -578,6 +578,7 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         ssd = state_dict.pop(STATE_KEY, None)
         if ssd is not None:
             self._ssd_check_compatible(ssd)
+        self.ssd_stats.__init__(**(ssd["stats"] if ssd else {}))   # the engine then shows its window
         self._ssd_engine.load_state_dict(ssd or {}, int(ssd["step"]) if ssd else 0)
         self._ssd_base.load_state_dict(self, state_dict)
         self._synchronized = False
@@ -586,13 +587,8 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         if ssd is None:
             logger.warning("optimizer state has no SSD-SGD part: starting at step 0 (warm-up)")
             self._ssd_step = 0
-            self.ssd_stats.__init__()
             return
         self._ssd_step = int(ssd["step"])
-        self.ssd_stats.__init__(**ssd["stats"])
-        clock = self._ssd_engine.clock
-        if clock is not None:   # a state saved before these counters existed
-            self.ssd_stats.sync_every, self.ssd_stats.delay = clock.sync_every, clock.delay
 
     def _ssd_check_compatible(self, ssd: dict[str, Any]) -> None:
         if ssd.get("version") != STATE_VERSION:

@@ -140,8 +140,9 @@ class GradientAverager:
             self._launched[i] = _Launched([], None, [], [])
             return
         wire, contexts = compress(self.compression, [p.grad for p in dense])
-        self._count_bytes(payload_bytes(wire))
-        self._bytes += payload_bytes(wire)
+        nbytes = payload_bytes(wire)
+        self._count_bytes(nbytes)
+        self._bytes += nbytes
         if self._flag is None and not self.comm.matches_by_name:
             # the first allreduce of the step tells if a rank had no gradient (with Horovod, where
             # buckets start in any order, the flag goes alone from average_())

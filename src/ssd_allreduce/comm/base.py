@@ -111,6 +111,15 @@ class FlattenedHandle(Handle):
                     offset += t.numel()
 
 
+def sum_gathered_(target: Tensor, everyone: Tensor, scale: float = 1.0) -> None:
+    """``target`` = ``scale`` x the sum of every rank's copy of it, gathered end to end (possibly
+    as raw bits of another dtype), in rank order and in float32: the same on every rank. For 16-bit
+    floats the backend cannot sum."""
+    total = everyone.view(target.dtype).view(-1, target.numel()).float().sum(dim=0)
+    with torch.no_grad():
+        target.copy_((total * scale).view_as(target))
+
+
 def flatten_groups(tensors: Sequence[Tensor]) -> tuple[list[list[int]], list[Tensor]]:
     """One contiguous buffer per (device, dtype) group; a lone contiguous tensor is used as is."""
     groups = group_by_device_dtype(tensors)

@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .base import Communicator, Handle, ReduceOp, sum_scale
+from .base import Communicator, Handle, ReduceOp, sum_gathered_, sum_scale
 
 
 class _HorovodHandle(Handle):
@@ -79,9 +79,7 @@ class HorovodCommunicator(Communicator):
         if handle.handle is not None:
             handle.output = self._hvd.synchronize(handle.handle)
         for tensor, h in handle.gathers:
-            everyone = self._hvd.synchronize(h).view(torch.bfloat16).view(self.size, -1).float().sum(dim=0)
-            with torch.no_grad():
-                tensor.copy_((everyone * handle.gather_scale).view_as(tensor))
+            sum_gathered_(tensor, self._hvd.synchronize(h), handle.gather_scale)
         handle.gathers = []
 
     def broadcast_(self, tensors: Sequence[Tensor], root_rank: int, name: str) -> None:

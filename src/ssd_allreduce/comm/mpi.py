@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .base import Communicator, FlattenedHandle, Handle, ReduceOp, flatten_groups, sum_scale
+from .base import Communicator, FlattenedHandle, Handle, ReduceOp, flatten_groups, sum_gathered_, sum_scale
 
 
 # MPI has no 16-bit floating-point sum: such buffers are gathered and summed here, in rank order
@@ -25,10 +25,8 @@ class _MPIHandle(FlattenedHandle):
         self.gathered = gathered or {}   # index of a flat buffer -> every rank's copy of it
 
     def finish(self) -> None:
-        with torch.no_grad():
-            for i, everyone in self.gathered.items():
-                flat = self.flats[i]
-                flat.copy_(everyone.view(flat.dtype).view(-1, flat.numel()).float().sum(dim=0))
+        for i, everyone in self.gathered.items():
+            sum_gathered_(self.flats[i], everyone)
         super().finish()
 
 
