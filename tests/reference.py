@@ -7,6 +7,11 @@ Per worker ``r``: ``w_r`` its parameters then float buffers (each sorted by name
 and every w_r = W. Steps t >= T, j = t - T: local step; land the window launched d steps ago
 (W = W + D; w_r = W + beta (w_r - s_r) + (1 - beta) (d / k) D for parameters, W for buffers);
 at (j + 1) % k == 0: s_r = w_r, D = mean_r (s_r - W), and with d = 0 land at once.
+
+Hierarchical (SPEC's "Hierarchical windows", ``ranks_per_node`` R): workers r = nR .. nR + R - 1
+form node n. For t >= T their gradients are averaged over the node before the local step, so its
+workers share their parameters; D = mean over nodes of the node's mean (s_r - W), which is the
+mean over workers. With one node there is no window: every step is synchronous SGD.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ def local_tensors(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
 
 class ReferenceSSD:
     def __init__(self, make_model: Callable[[], nn.Module], make_optimizer: Callable, workers: int, *,
-                 k: int, d: int, T: int, beta: float) -> None:
+                 k: int, d: int, T: int, beta: float, ranks_per_node: Optional[int] = None) -> None:
+        self.R = ranks_per_node
         self.models = [make_model() for _ in range(workers)]
         self.opts = [make_optimizer(m.parameters()) for m in self.models]
         self.k, self.d, self.T, self.beta = k, d, T, beta
@@ -57,13 +63,14 @@ class ReferenceSSD:
             opt.zero_grad()
             loss_fn(model(x), y).backward()
         t, workers = self.t, len(self.models)
+        nodes = 1 if self.R is None else workers // self.R
         if t < self.T:
-            grads = [[p.grad for p in local_tensors(m)[0]] for m in self.models]
-            for i in range(len(grads[0])):
-                mean = sum(g[i] for g in grads) / workers
-                for g in grads:
-                    g[i].copy_(mean)
-        elif self.W is None:
+            self._average(list(range(workers)))
+        elif self.R is not None:
+            for n in range(nodes):
+                self._average(list(range(n * self.R, (n + 1) * self.R)))
+        windows = t >= self.T and nodes > 1 if self.R is not None else t >= self.T   # one node: none ever
+        if windows and self.W is None:
             with torch.no_grad():
                 self.W = [w.clone() for w in self._w(0)]
                 for r in range(workers):
@@ -71,7 +78,7 @@ class ReferenceSSD:
                         w.copy_(W)
         for opt in self.opts:
             opt.step()
-        if t >= self.T:
+        if windows:
             j = t - self.T
             if self.d > 0 and self.launched_at == t - self.d:
                 self._land(self.d)
@@ -84,6 +91,13 @@ class ReferenceSSD:
                 if self.d == 0:
                     self._land(0)
         self.t += 1
+
+    def _average(self, group: list[int]) -> None:
+        grads = [[p.grad for p in local_tensors(self.models[r])[0]] for r in group]
+        for i in range(len(grads[0])):
+            mean = sum(g[i] for g in grads) / len(group)
+            for g in grads:
+                g[i].copy_(mean)
 
     def finish(self) -> None:
         if self.launched_at is not None:

@@ -181,3 +181,48 @@ def test_simulator_matches_the_independent_reference_step_by_step_and_after_fini
     for r in range(workers):
         params, buffers = ordered_tensors(sim.models[r])
         torch.testing.assert_close(params + buffers, ref.tensors(r), rtol=1e-5, atol=1e-6)
+
+
+def _run(sim_or_ref, workers: int, steps: int):
+    for step in range(steps):
+        sim_or_ref.step([problem.batch(r, step) for r in range(workers)], problem.loss_fn)
+    sim_or_ref.finish()
+
+
+@pytest.mark.parametrize("ranks_per_node", [1, 2, 4])
+def test_hierarchical_simulator_matches_the_independent_reference(ranks_per_node):
+    workers, steps = 4, 13
+    sim = Simulator(problem.make_model(), problem.make_sgd, workers, sync_every=3, delay=2,
+                    warmup_steps=2, glu_beta=0.5, ranks_per_node=ranks_per_node)
+    ref = ReferenceSSD(problem.make_model, problem.make_sgd, workers, k=3, d=2, T=2, beta=0.5,
+                       ranks_per_node=ranks_per_node)
+    _run(sim, workers, steps)
+    _run(ref, workers, steps)
+    for r in range(workers):
+        params, buffers = ordered_tensors(sim.models[r])
+        torch.testing.assert_close(params + buffers, ref.tensors(r), rtol=1e-5, atol=1e-6)
+
+
+def test_hierarchical_with_one_node_is_synchronous_sgd_and_with_one_rank_per_node_is_flat():
+    workers, steps = 4, 13
+
+    def sim(**kw):
+        s = Simulator(problem.make_model(), problem.make_sgd, workers, sync_every=3, delay=2, glu_beta=0.5, **kw)
+        _run(s, workers, steps)
+        return [problem.model_tensors(m) for m in s.models]
+
+    one_node, synchronous = sim(warmup_steps=2, ranks_per_node=4), sim(warmup_steps=steps)
+    torch.testing.assert_close(one_node, synchronous, rtol=0, atol=0)
+    one_per_node, flat = sim(warmup_steps=2, ranks_per_node=1), sim(warmup_steps=2)
+    torch.testing.assert_close(one_per_node, flat, rtol=0, atol=0)
+    two_by_two = sim(warmup_steps=2, ranks_per_node=2)
+    n = len(list(problem.make_model().parameters()))
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a[:n], b[:n]))  # noqa: E731
+    assert same(two_by_two[0], two_by_two[1]) and same(two_by_two[2], two_by_two[3])   # a node moves as one
+    assert not same(two_by_two[0], two_by_two[2]) and not same(two_by_two[0], flat[0])
+
+
+def test_simulator_rejects_nodes_that_do_not_divide_the_workers():
+    with pytest.raises(ValueError, match="ranks_per_node must divide"):
+        Simulator(problem.make_model(), problem.make_sgd, 4, sync_every=3, delay=2, warmup_steps=0,
+                  glu_beta=0.5, ranks_per_node=3)

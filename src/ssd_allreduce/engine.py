@@ -20,6 +20,7 @@ from .comm import Communicator, ReduceOp, payload_bytes
 from .compression import compress, decompress_into_, reduces_by_gather, wire_bytes
 from .settings import AUTO, SSDSettings
 from .stats import SSDStats
+from .topology import Hierarchy
 from .window import MISSING_GRADIENTS, NONFINITE_ADVICE, DeferredVerdict, GatherHandles, Window
 
 
@@ -27,12 +28,19 @@ class DelayStage:
     """SSD-SGD after the warm-up, for the local tensors ``params`` then ``buffers`` (in an order
     every rank shares). Nothing is allocated until ``start()``. Collectives are named
     ``{name}.delta`` and ``{name}.global_weights``: ``name`` must be the same on every rank and
-    differ between the optimizers of one process."""
+    differ between the optimizers of one process.
+
+    With a ``hierarchy`` the windows run between nodes: every rank of a node holds the same
+    weights, so each carries its shard of the node's delta across nodes (``hierarchy.cross``) and
+    the shards are gathered inside the node (``hierarchy.node``) when the window lands."""
 
     def __init__(self, comm: Communicator, settings: SSDSettings, params: Sequence[Tensor],
                  buffers: Sequence[Tensor], compression: Any, stats: SSDStats, name: str = "ssd",
-                 tensor_names: Optional[Sequence[str]] = None) -> None:
+                 tensor_names: Optional[Sequence[str]] = None, hierarchy: Optional[Hierarchy] = None) -> None:
         self.comm, self.settings, self.compression, self.stats = comm, settings, compression, stats
+        self.window_comm = hierarchy.cross if hierarchy is not None else comm
+        self.node_comm = hierarchy.node if hierarchy is not None and hierarchy.node.size > 1 else None
+        self.shard = hierarchy.shard if hierarchy is not None else (0, 1)
         self.name = name
         self.params, self.buffers = list(params), list(buffers)
         self.tensor_names = list(tensor_names or (f"tensor #{i}" for i in range(len(self.local))))
@@ -96,8 +104,8 @@ class DelayStage:
         ``w = W``; the window is chosen now where it is "auto"."""
         self.check_layout()
         limit = getattr(self.compression, "GATHER_LIMIT", None)
-        if self.gathers and limit and self.comm.size >= limit:
-            warnings.warn(f"{self.comm.size} ranks gather each other's int8 deltas: from "
+        if self.gathers and limit and self.window_comm.size >= limit:
+            warnings.warn(f"{self.window_comm.size} ranks gather each other's int8 deltas: from "
                           f"{limit} ranks on that moves more bytes than a float32 "
                           "allreduce; use compression=Compression.bf16 or fp16 at this scale")
         self._allocate()
@@ -114,8 +122,21 @@ class DelayStage:
     def wire_bytes(self) -> int:
         """Bytes a window's delta puts on the wire from this rank (its compressed payload); a
         gathered format receives ``size - 1`` times that, which a ring allreduce does not."""
-        sent = sum(wire_bytes(self.compression, b.numel(), b.dtype) for b in self.delta.buffers)
-        return round(sent * max(1.0, self.comm.size / 2)) if self.gathers else sent
+        sent = sum(wire_bytes(self.compression, b.numel(), b.dtype) for b in self._part(self.delta))
+        return round(sent * max(1.0, self.window_comm.size / 2)) if self.gathers else sent
+
+    def _part(self, space: FlatSpace) -> list[Tensor]:
+        """The views of ``space``'s buffers this rank sends: all of them, or its shard of each
+        (the last shards shorter; an empty one is left out, alike on every node)."""
+        which, of = self.shard
+        if of == 1:
+            return space.buffers
+        parts = []
+        for b in space.buffers:
+            lo, hi = _shard_bounds(b.numel(), which, of)
+            if hi > lo:
+                parts.append(b[lo:hi])
+        return parts
 
     def _dry_window_seconds(self) -> float:
         """A window's host cost, estimated before the first: a launch timed on the scratch
@@ -165,35 +186,43 @@ class DelayStage:
         self.check_layout()
         with record_function("ssd_allreduce.launch"):
             launch_window(self.local, self.global_, self.snapshot, self.delta)
+            if self.node_comm is not None and self.buffers:
+                # a node's ranks share their parameters, not their buffers' running statistics:
+                # the node's delta takes their mean (a small collective on the fast link)
+                views = self.delta.views[len(self.params):]
+                self.node_comm.synchronize(self.node_comm.allreduce_async_(views, name=f"{self.name}.node_buffers"))
             self.stats.windows_launched += 1
             lands_at = step + self.clock.delay
-            if self.comm.size == 1:   # the delta is its own average: nothing to send or wait for
+            if self.window_comm.size == 1:   # the delta is its own average: nothing to send or wait for
                 self.window = Window(step, lands_at, covers)
                 return
             wire, contexts = self._compress_with_feedback()
-            flag = torch.full((1,), float(self.steps_without_gradients > 0), device=wire[0].device,
-                              dtype=torch.float32 if self.gathers else wire[0].dtype)
+            like = wire[0] if wire else self.delta.buffers[0]
+            flag = torch.full((1,), float(self.steps_without_gradients > 0), device=like.device,
+                              dtype=torch.float32 if self.gathers or not wire else like.dtype)
             self.steps_without_gradients = 0
             name = f"{self.name}.delta"
             if self.gathers:   # values that cannot be summed: every rank gets every rank's
-                handle = GatherHandles([self.comm.allgather_async(w, name=f"{name}.{i}") for i, w in enumerate(wire)],
-                                       self.comm.allreduce_async_([flag], name=f"{name}.flag", op=ReduceOp.AVERAGE))
+                comm = self.window_comm
+                handle = GatherHandles([comm.allgather_async(w, name=f"{name}.{i}") for i, w in enumerate(wire)],
+                                       comm.allreduce_async_([flag], name=f"{name}.flag", op=ReduceOp.AVERAGE))
             else:
-                handle = self.comm.allreduce_async_(wire + [flag], name=name, op=ReduceOp.AVERAGE)
+                handle = self.window_comm.allreduce_async_(wire + [flag], name=name, op=ReduceOp.AVERAGE)
             self.window = Window(step, lands_at, covers, handle, wire, contexts, flag, time.perf_counter())
             self.stats.bytes_allreduced += payload_bytes(wire)
 
     def _compress_with_feedback(self) -> tuple[list[Tensor], list[Any]]:
         """The delta on the wire. A lossy format keeps what rounding lost in ``residual`` and adds
         it to the next window's delta (SPEC's error feedback: lost for one window, not for good)."""
+        delta = self._part(self.delta)
         if self.residual is not None:
-            torch._foreach_add_(self.delta.buffers, self.residual.buffers)
-        wire, contexts = compress(self.compression, self.delta.buffers)
-        if any(w is not d for w, d in zip(wire, self.delta.buffers)):
+            torch._foreach_add_(delta, self._part(self.residual))
+        wire, contexts = compress(self.compression, delta)
+        if any(w is not d for w, d in zip(wire, delta)):
             if self.residual is None:
                 self.residual = FlatSpace(self.local)
             with torch.no_grad():
-                for e, d, w, c in zip(self.residual.buffers, self.delta.buffers, wire, contexts):
+                for e, d, w, c in zip(self._part(self.residual), delta, wire, contexts):
                     torch.sub(d, self.compression.decompress(w, c), out=e)
         return wire, contexts
 
@@ -206,7 +235,7 @@ class DelayStage:
         if handle is None:
             return
         parts = handle.all if isinstance(handle, GatherHandles) else [handle]
-        if not all([self.comm.poll(h) for h in parts]):   # a list: every part is polled (MPI progress)
+        if not all([self.window_comm.poll(h) for h in parts]):   # a list: every part is polled (MPI progress)
             self.stats.polls_pending += 1
         elif self.tuner is not None and not self.window.seen_arrived:
             self.window.seen_arrived = True
@@ -219,19 +248,37 @@ class DelayStage:
             return
         with record_function("ssd_allreduce.wait"):
             t0 = time.perf_counter()
+            comm = self.window_comm
             if isinstance(window.handle, GatherHandles):
                 for h in window.handle.all:
-                    self.comm.synchronize(h)
+                    comm.synchronize(h)
                 with torch.no_grad():
-                    for d, h, c in zip(self.delta.buffers, window.handle.gathers, window.contexts):
-                        d.copy_(self.compression.mean_of_gathered(self.comm.gathered(h), self.comm.size, c))
+                    for d, h, c in zip(self._part(self.delta), window.handle.gathers, window.contexts):
+                        d.copy_(self.compression.mean_of_gathered(comm.gathered(h), comm.size, c))
             else:
-                self.comm.synchronize(window.handle)
-                decompress_into_(self.compression, self.delta.buffers, window.wire, window.contexts)
+                comm.synchronize(window.handle)
+                decompress_into_(self.compression, self._part(self.delta), window.wire, window.contexts)
+            if self.node_comm is not None:
+                self._gather_shards()
             if self.tuner is not None and not window.seen_arrived:
                 self.tuner.window_arrived(time.perf_counter() - window.launch_time)
             window.handle, window.wire = None, []
             self.stats.comm_wait_seconds += time.perf_counter() - t0
+
+    def _gather_shards(self) -> None:
+        """Every rank of the node takes the others' averaged shards: the whole averaged delta."""
+        which, of = self.shard
+        comm = self.node_comm
+        handles = []
+        with torch.no_grad():
+            for i, b in enumerate(self.delta.buffers):
+                lo, hi = _shard_bounds(b.numel(), which, of)
+                mine = b.new_zeros(-(-b.numel() // of))   # equal lengths for the gather
+                mine[:hi - lo].copy_(b[lo:hi])
+                handles.append((b, comm.allgather_async(mine, name=f"{self.name}.shards.{i}")))
+            for b, h in handles:
+                comm.synchronize(h)
+                b.copy_(comm.gathered(h)[:b.numel()])
 
     def land(self, elapsed: int) -> bool:
         """``W += D`` and the GLU compensation of the local tensors. A non-finite ``D`` never
@@ -289,7 +336,7 @@ class DelayStage:
             raise FloatingPointError(self._nonfinite_message(verdict.launched_at) + NONFINITE_ADVICE)
 
     def _raise_missing_gradients(self, launched_at: int, share: float) -> None:
-        raise RuntimeError(MISSING_GRADIENTS.format(n=round(share * self.comm.size), size=self.comm.size,
+        raise RuntimeError(MISSING_GRADIENTS.format(n=round(share * self.window_comm.size), size=self.window_comm.size,
                                                     step=launched_at))
 
     @staticmethod
@@ -403,3 +450,10 @@ def _copy_buffers(dst: list[Tensor], src: Sequence[Tensor], what: str) -> None:
     with torch.no_grad():
         for d, s in zip(dst, src):
             d.copy_(s)
+
+
+def _shard_bounds(numel: int, which: int, of: int) -> tuple[int, int]:
+    """[lo, hi) of shard ``which`` of ``of`` equal shards (the last ones shorter or empty)."""
+    chunk = -(-numel // of)
+    lo = min(which * chunk, numel)
+    return lo, min(lo + chunk, numel)

@@ -24,6 +24,7 @@ This module is the Horovod-compatible shell (arguments, ``synchronize``/``skip_s
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import logging
 import os
@@ -41,6 +42,7 @@ from .compression import Compression, compression_name
 from .engine import DelayStage
 from .settings import DEFAULT_GLU_BETA, SSDSettings
 from .stats import SSDStats
+from .topology import Hierarchy, resolve_hierarchy
 from .window import MISSING_GRADIENTS
 from .warmup import GradientAverager, Groups
 
@@ -82,6 +84,7 @@ def DistributedOptimizer(
     nonfinite: str = "raise",
     max_skipped_windows: int = 3,
     max_sync_every: int = 16,
+    local_sync: Optional[bool] = None,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` (in place) so it trains with SSD-SGD; returns the same object, still an
     instance of its class.
@@ -103,7 +106,12 @@ def DistributedOptimizer(
       with ``process_set``, ranks outside the set step alone, as with Horovod;
     - ``nonfinite``: "raise" (default) or "skip" a window whose averaged delta is not finite; a
       skip brings a rank whose weights are not finite back to the global weights (its non-finite
-      optimizer state is zeroed), and more than ``max_skipped_windows`` skips in a row raise.
+      optimizer state is zeroed), and more than ``max_skipped_windows`` skips in a row raise;
+    - ``local_sync``: hierarchical SSD-SGD: after the warm-up, gradients are still averaged every
+      step inside each node (the fast link) and the windows run between nodes only (one node:
+      synchronous SGD throughout). None (default): on where the job spans several nodes with
+      several ranks on each. A rank's node is ``$SSD_NODE``, else its host name. With Horovod it
+      adds process sets, so it needs ``HOROVOD_DYNAMIC_PROCESS_SETS=1`` before ``hvd.init()``.
     """
     if hasattr(optimizer, "_ssd_base"):
         raise ValueError("this optimizer is already wrapped by ssd_allreduce.DistributedOptimizer")
@@ -113,6 +121,9 @@ def DistributedOptimizer(
         raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
     _check_op(_resolve_op(op))
     comm = make_communicator(backend, process_set)
+    hierarchy = resolve_hierarchy(local_sync, comm)
+    if hierarchy is not None:
+        settings = dataclasses.replace(settings, local_sync=True)
     if num_groups and groups is None:
         groups = num_groups
 
@@ -128,11 +139,16 @@ def DistributedOptimizer(
     _rewrap_scheduler_step(optimizer)
     name = f"ssd.{next(_optimizers_built)}"
     optimizer._ssd_setup(named_parameters, named_buffers, comm, settings, compression,
-                         backward_passes_per_step, name)
-    optimizer._ssd_averager = GradientAverager(
-        comm, [p for g in optimizer.param_groups for p in g["params"]], groups=groups,
-        gradient_predivide_factor=gradient_predivide_factor, compression=compression,
-        sparse_as_dense=sparse_as_dense, stats=optimizer.ssd_stats, name=name)
+                         backward_passes_per_step, name, hierarchy)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def averager(over: Communicator, counts: str, label: str) -> GradientAverager:
+        return GradientAverager(over, params, groups=groups, gradient_predivide_factor=gradient_predivide_factor,
+                                compression=compression, sparse_as_dense=sparse_as_dense,
+                                stats=optimizer.ssd_stats, name=label, counts=counts)
+    optimizer._ssd_averager = averager(comm, "warmup", name)
+    # hierarchical: inside the node every step after the warm-up (one node: everyone, no windows)
+    optimizer._ssd_node_averager = None if hierarchy is None else averager(hierarchy.node, "node", f"{name}.node")
     optimizer.sparse_as_dense = sparse_as_dense
     return optimizer
 
@@ -282,17 +298,22 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
     def _ssd_setup(self, named_parameters: Optional[Iterable[tuple[str, Tensor]]],
                    named_buffers: Optional[Iterable[tuple[str, Tensor]]], comm: Communicator,
                    settings: SSDSettings, compression: Any, backward_passes_per_step: int,
-                   name: str) -> None:
+                   name: str, hierarchy: Optional[Hierarchy] = None) -> None:
         self._ssd_order_tensors(named_parameters, named_buffers)
         self._ssd_name = name
         self._ssd_comm = comm
         self._ssd_settings = settings
+        self._ssd_hierarchy = hierarchy
+        # windows run unless the hierarchy has one node: then every step stays synchronous
+        self._ssd_windows = hierarchy is None or hierarchy.cross.size > 1
         self.backward_passes_per_step = backward_passes_per_step
         self.ssd_stats = SSDStats()
         self._ssd_engine = DelayStage(
             comm, settings, self._ssd_params, self._ssd_buffers, compression, self.ssd_stats, name,
-            [f"parameter {n!r}" for n in self._ssd_param_names] + [f"buffer {n!r}" for n in self._ssd_buffer_names])
+            [f"parameter {n!r}" for n in self._ssd_param_names] + [f"buffer {n!r}" for n in self._ssd_buffer_names],
+            hierarchy)
         self._ssd_step = 0
+        self._ssd_erred = 0   # ranks that stepped without gradients, from this step's averaging
         self._ssd_checked = False
         self._ssd_warned_scaler = False
         self._synchronized = False
@@ -358,9 +379,15 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
                                "accumulate gradients locally.")
         # no collective from backward before the ranks were compared (the first step after a build,
         # a load or a change of ranks), nor where GradScaler may rewrite gradients in flight
+        averager = self._ssd_averager_at(self._ssd_step)
         if (passes == self.backward_passes_per_step and self._ssd_comm.member and self._ssd_checked
-                and not self._ssd_warned_scaler and self._ssd_settings.in_warmup(self._ssd_step)):
-            self._ssd_averager.grad_ready(p)
+                and not self._ssd_warned_scaler and averager is not None):
+            averager.grad_ready(p)
+
+    def _ssd_averager_at(self, step: int) -> Optional[GradientAverager]:
+        """Who averages the gradients of ``step``: everyone in the warm-up, the node after it
+        (hierarchical), nobody after it (flat: the windows do)."""
+        return self._ssd_averager if self._ssd_settings.in_warmup(step) else self._ssd_node_averager
 
     def set_backward_passes_per_step(self, passes: int) -> None:
         if not isinstance(passes, int) or passes < 1:
@@ -373,14 +400,16 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         self._ssd_synchronize(all(p.grad is None for p in self._ssd_params))
 
     def _ssd_synchronize(self, without_gradients: bool) -> None:
-        """``synchronize()``; a rank that steps without gradients makes every rank raise."""
-        if self._ssd_comm.member and self._ssd_settings.in_warmup(self._ssd_step):
-            erred = self._ssd_averager.average_(without_gradients)
-            if self._ssd_engine.tuner is not None:
-                averager = self._ssd_averager
+        """``synchronize()``; a rank that steps without gradients makes every rank raise (at once,
+        or where the windows carry the news to the other nodes, when the window lands)."""
+        averager = self._ssd_averager_at(self._ssd_step) if self._ssd_comm.member else None
+        if averager is not None:
+            erred = averager.average_(without_gradients)
+            if self._ssd_engine.tuner is not None and averager is self._ssd_averager:
                 self._ssd_engine.tuner.warmup_collective(averager.last_seconds, averager.last_bytes)
-            if erred:
-                raise RuntimeError(MISSING_GRADIENTS.format(n=erred, size=self._ssd_comm.size,
+            self._ssd_erred = erred
+            if erred and (averager is self._ssd_averager or not self._ssd_windows):
+                raise RuntimeError(MISSING_GRADIENTS.format(n=erred, size=averager.comm.size,
                                                             step=self._ssd_step))
         self._synchronized = True
 
@@ -412,7 +441,10 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         if not self._ssd_checked:
             self._ssd_check_ranks()
         t = self._ssd_step
-        if self._ssd_settings.in_warmup(t):
+        windows = self._ssd_windows and not self._ssd_settings.in_warmup(t)
+        if windows and not self._ssd_engine.started:
+            self._ssd_engine.start(t)
+        if self._ssd_averager_at(t) is not None:
             if self._should_synchronize:
                 if self._synchronized:
                     warnings.warn("optimizer.step() called without optimizer.skip_synchronize() "
@@ -420,18 +452,18 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
                 else:
                     self._ssd_synchronize(without_gradients)
             self._ssd_local_update(averaged=True)
+            without_gradients = self._ssd_erred > 0   # the node's: the same on all its ranks
         else:
-            if not self._ssd_engine.started:
-                self._ssd_engine.start(t)
             self._ssd_local_update(averaged=False)
-            if self._ssd_engine.after_local_step(t, without_gradients):
-                self._ssd_zero_nonfinite_state()
+        if windows and self._ssd_engine.after_local_step(t, without_gradients):
+            self._ssd_zero_nonfinite_state()
         self._ssd_end_step()
         return loss
 
     def _ssd_end_step(self) -> None:
         self._ssd_engine.step_done()
         self._synchronized = False
+        self._ssd_erred = 0
         self._ssd_step += 1
         self.ssd_stats.steps = self._ssd_step
 
@@ -539,6 +571,11 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         self._ssd_checked = False
         self._synchronized = False
         self._ssd_backward_passes.clear()
+
+    @property
+    def node_layout(self) -> Optional[str]:
+        """The nodes hierarchical SSD-SGD runs over ("2 node(s) x 4 rank(s)"); None when flat."""
+        return None if self._ssd_hierarchy is None else self._ssd_hierarchy.layout.describe()
 
     @property
     def window_in_flight(self) -> bool:

@@ -21,7 +21,8 @@ class SSDSettings:
     ``delay`` defaults to ``sync_every``; either may be ``"auto"`` (chosen from measured times,
     ``sync_every`` at most ``max_sync_every``; see ``autotune``); ``compression`` is the name of
     the wire format; ``max_skipped_windows``: with ``nonfinite="skip"``, how many windows in a
-    row may be skipped before training stops.
+    row may be skipped before training stops; ``local_sync``: hierarchical SSD-SGD (gradients
+    averaged inside each node every step, the windows between nodes), as resolved for this job.
     """
 
     sync_every: Union[int, str] = 5
@@ -33,6 +34,7 @@ class SSDSettings:
     compression: str = "none"
     max_skipped_windows: int = 3
     max_sync_every: int = 16
+    local_sync: bool = False
 
     def __post_init__(self) -> None:
         for name in ("sync_every", "delay"):

@@ -29,14 +29,22 @@ def ordered_tensors(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
 
 class Simulator:
     """``num_workers`` copies of ``model`` (identical start, like a broadcast), each with its own
-    optimizer from ``make_optimizer``, trained with SSD-SGD's schedule and landing."""
+    optimizer from ``make_optimizer``, trained with SSD-SGD's schedule and landing. With
+    ``ranks_per_node``, hierarchical SSD-SGD: consecutive workers form nodes whose gradients are
+    averaged every step, and the windows average the nodes' deltas (one node: synchronous SGD)."""
 
     def __init__(self, model: nn.Module,
                  make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
                  num_workers: int, *, sync_every: int, delay: int, warmup_steps: int,
-                 glu_beta: float, compensation: str = "glu") -> None:
+                 glu_beta: float, compensation: str = "glu", ranks_per_node: Optional[int] = None) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if ranks_per_node is not None and (ranks_per_node < 1 or num_workers % ranks_per_node):
+            raise ValueError(f"ranks_per_node must divide num_workers ({num_workers}), got {ranks_per_node}")
+        every = list(range(num_workers))
+        self.nodes = [every] if ranks_per_node is None else [
+            every[i:i + ranks_per_node] for i in range(0, num_workers, ranks_per_node)]
+        self.hierarchical = ranks_per_node is not None
         self.settings = SSDSettings(sync_every, delay, warmup_steps, glu_beta, compensation)
         self.schedule = self.settings.schedule
         self.models = [copy.deepcopy(model) for _ in range(num_workers)]
@@ -69,13 +77,16 @@ class Simulator:
             loss.backward()
             losses.append(float(loss.detach()))
         t, sched = self.step_index, self.schedule
-        if sched.in_warmup(t):
-            self._average_gradients()
-        elif self.global_ is None:
+        windows = not sched.in_warmup(t) and (not self.hierarchical or len(self.nodes) > 1)
+        if windows and self.global_ is None:
             self._enter_delay_stage()
+        if sched.in_warmup(t):
+            self._average_gradients([list(range(self.num_workers))])
+        elif self.hierarchical:
+            self._average_gradients(self.nodes)
         for opt in self.optimizers:
             opt.step()
-        if not sched.in_warmup(t):
+        if windows:
             if sched.lands_at(t):
                 self._land(sched.delay)
             if sched.launches_at(t):
@@ -90,17 +101,19 @@ class Simulator:
         if self.launched_at is not None:
             self._land(self.step_index - 1 - self.launched_at)
 
-    def _average_gradients(self) -> None:
-        """The mean gradient of every trainable parameter (zeros where a worker has none)."""
+    def _average_gradients(self, groups: list[list[int]]) -> None:
+        """The mean gradient of every trainable parameter over each group of workers (zeros
+        where a worker has none)."""
         grads = [[p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                  for params, _ in self.tensors]
         with torch.no_grad():
             for j in range(len(grads[0])):
                 if not self.tensors[0][0][j].requires_grad:
                     continue
-                mean = torch.stack([g[j] for g in grads]).sum(0) / self.num_workers
-                for params, _ in self.tensors:
-                    params[j].grad = mean.clone()
+                for group in groups:
+                    mean = torch.stack([grads[i][j] for i in group]).sum(0) / len(group)
+                    for i in group:
+                        self.tensors[i][0][j].grad = mean.clone()
 
     def _enter_delay_stage(self) -> None:
         local0 = self._local(0)
@@ -117,6 +130,9 @@ class Simulator:
         assert self.global_ is not None and self.delta is not None and self._own_delta is not None
         own = self._own_delta
         total = [torch.zeros_like(b) for b in self.delta.buffers]
+        # hierarchical too: a node's workers share their parameters, and its buffers (running
+        # statistics, their own per worker) are averaged inside the node first: the mean over nodes
+        # of the nodes' deltas is the mean over workers
         for i in range(self.num_workers):
             launch_window(self._local(i), self.global_, self.snapshots[i], own)
             for acc, d in zip(total, own.buffers):

@@ -20,6 +20,9 @@ class SSDStats:
     windows_skipped: int = 0
     bytes_allreduced: int = 0
     warmup_bytes_allreduced: int = 0
+    node_allreduces: int = 0             # hierarchical: gradients averaged inside the node after the warm-up
+    node_allreduces_in_backward: int = 0
+    node_bytes_allreduced: int = 0
     comm_wait_seconds: float = 0.0
     polls_pending: int = 0
     sync_every: int = 0      # the window in use (k, d): set at the end of the warm-up

@@ -85,11 +85,13 @@ class GradientAverager:
     and waits. On backends that match collectives by call order (torch.distributed, MPI) buckets
     start in index order on every rank; on Horovod, which matches them by name, each gradient is
     a bucket of its own and starts when ready. Names are ``{name}.grad.{bucket}``;
-    ``gradient_predivide_factor`` splits the division as Horovod does."""
+    ``gradient_predivide_factor`` splits the division as Horovod does. ``counts`` names the
+    ``stats`` it adds to: "warmup" (``warmup_allreduces``...) or "node" (hierarchical SSD-SGD's
+    every-step average inside a node)."""
 
     def __init__(self, comm: Communicator, params: Sequence[Tensor], *, groups: Groups,
                  gradient_predivide_factor: float, compression: Any, sparse_as_dense: bool,
-                 stats: SSDStats, name: str = "ssd") -> None:
+                 stats: SSDStats, name: str = "ssd", counts: str = "warmup") -> None:
         self.comm, self.params = comm, list(params)
         # Horovod fuses what is ready in each cycle itself and matches collectives by name, so it
         # gets every gradient as soon as it is ready, as its own optimizer gives them
@@ -99,7 +101,7 @@ class GradientAverager:
         self.postscale = gradient_predivide_factor
         self.compression = gradient_compression(compression)
         self.sparse_as_dense, self.stats = sparse_as_dense, stats
-        self.name = name
+        self.name, self.counts = name, counts
         self.last_seconds, self.last_bytes = 0.0, 0   # the last step's buckets: first start to last arrival
         self._reset()
 
@@ -121,11 +123,11 @@ class GradientAverager:
         if self.comm.matches_by_name:
             if self._complete(i):
                 self._launch(i, without_gradients=False)
-                self.stats.warmup_allreduces_in_backward += 1
+                self._count("allreduces_in_backward", 1)
             return
         while self._next < len(self.buckets) and self._complete(self._next):
             self._launch(self._next, without_gradients=False)
-            self.stats.warmup_allreduces_in_backward += 1
+            self._count("allreduces_in_backward", 1)
             self._next += 1
 
     def _complete(self, i: int) -> bool:
@@ -160,7 +162,7 @@ class GradientAverager:
         as Horovod does, unless ``sparse_as_dense``. Returns how many ranks said they stepped
         ``without_gradients`` (a flag fused into the first allreduce), so every rank can stop."""
         if self.comm.size == 1:   # a rank's gradients are their own average: no collective, as Horovod
-            self.stats.warmup_allreduces += 1
+            self._count("allreduces", 1)
             return int(without_gradients)
         with record_function("ssd_allreduce.warmup_allreduce"):
             t0 = time.perf_counter()
@@ -190,7 +192,7 @@ class GradientAverager:
             for p in densified:
                 p.grad = p.grad.to_sparse()
             self.stats.comm_wait_seconds += time.perf_counter() - t0
-            self.stats.warmup_allreduces += 1
+            self._count("allreduces", 1)
             return round(float(flag) * self.comm.size)
 
     def discard(self) -> None:
@@ -199,7 +201,11 @@ class GradientAverager:
 
     def _count_bytes(self, nbytes: int) -> None:
         self.stats.bytes_allreduced += nbytes
-        self.stats.warmup_bytes_allreduced += nbytes
+        self._count("bytes_allreduced", nbytes)
+
+    def _count(self, what: str, n: int) -> None:
+        name = f"{self.counts}_{what}"
+        setattr(self.stats, name, getattr(self.stats, name) + n)
 
     def _prepare_grads(self) -> tuple[list[Tensor], list[Tensor]]:
         """Zeros for missing gradients of trainable parameters (frozen ones take no part). Returns

@@ -16,7 +16,7 @@ import problem  # noqa: E402
 import ssd_allreduce  # noqa: E402
 
 
-def init_backend(name: str, subset: int, torch_backend: str, process_set: str = ""):
+def init_backend(name: str, subset: int, torch_backend: str, process_set: str = "", static_sets: str = ""):
     """Initialise the backend; returns (rank, size, backend argument) or None if not a member.
     With a Horovod ``process_set`` ("2,3"), members return their rank in the set, the others
     their global rank, size 1 and the set (their optimizer must step alone, as Horovod's does)."""
@@ -33,6 +33,8 @@ def init_backend(name: str, subset: int, torch_backend: str, process_set: str = 
             if world.Get_rank() >= subset:
                 return None
             hvd.init(comm=sub)
+        elif static_sets:   # registered at init, as a user may do for hierarchical SSD-SGD
+            hvd.init(process_sets=[hvd.ProcessSet([int(r) for r in g.split(",")]) for g in static_sets.split(";")])
         else:
             hvd.init()
         return hvd.rank(), hvd.size(), "horovod"
@@ -44,15 +46,19 @@ def init_backend(name: str, subset: int, torch_backend: str, process_set: str = 
     return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size(), "mpi"
 
 
+LOCAL_SYNC = {"auto": None, "on": True, "off": False}
+
+
 def build(backend, k: int, d: int, beta: float, warmup: int, big: int, device: str,
-          compression: str = "none", optimizer: str = "sgd"):
+          compression: str = "none", optimizer: str = "sgd", local_sync: str = "off"):
     """``backend``: a backend name, or a Horovod process set (the optimizer runs on it)."""
     model = problem.make_model(big).to(device)
     where = dict(backend=backend) if isinstance(backend, str) else dict(backend="horovod", process_set=backend)
     opt = ssd_allreduce.DistributedOptimizer(
         problem.OPTIMIZERS[optimizer](model.parameters()), named_parameters=model.named_parameters(),
         named_buffers=model.named_buffers(), sync_every=k, delay=d, warmup_steps=warmup,
-        glu_beta=beta, compression=getattr(ssd_allreduce.Compression, compression), **where)
+        glu_beta=beta, compression=getattr(ssd_allreduce.Compression, compression),
+        local_sync=LOCAL_SYNC[local_sync], **where)
     return model, opt
 
 
@@ -64,7 +70,8 @@ def train_step(model, opt, rank: int, step: int, device: str = "cpu") -> None:
 
 
 def run_config(args, rank: int, backend: str, k: int, d: int, beta: float, warmup: int) -> dict:
-    model, opt = build(backend, k, d, beta, warmup, args.big, args.device, args.compression, args.optimizer)
+    model, opt = build(backend, k, d, beta, warmup, args.big, args.device, args.compression, args.optimizer,
+                       args.local_sync)
     if args.resume_from:
         ckpt = torch.load(os.path.join(args.resume_from, f"ckpt_rank{rank}.pt"), weights_only=False,
                           map_location=args.device)
@@ -90,6 +97,7 @@ def run_config(args, rank: int, backend: str, k: int, d: int, beta: float, warmu
     opt.finish()
     record["final"] = problem.model_tensors(model)
     record["stats"] = opt.ssd_stats.as_dict()
+    record["local_sync"] = opt._ssd_settings.local_sync
     record["global_weights_at_end"] = None if opt.global_weights is None else [w.clone() for w in opt.global_weights]
     return record
 
@@ -123,18 +131,26 @@ def main() -> None:
     ap.add_argument("--same-data", action="store_true", help="every rank trains on rank 0's batches")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (every rank on the one visible GPU)")
     ap.add_argument("--torch-backend", default="gloo", help="torch.distributed backend: gloo or nccl")
+    ap.add_argument("--ranks-per-node", type=int, default=0,
+                    help="emulated nodes: rank r is on node r // N ($SSD_NODE)")
+    ap.add_argument("--local-sync", choices=tuple(LOCAL_SYNC), default="off")
+    ap.add_argument("--static-sets", default="", help="Horovod process sets given to hvd.init: '0,1;2,3'")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    member = init_backend(args.backend, args.subset, args.torch_backend, args.process_set)
+    if args.ranks_per_node and not args.static_sets:
+        os.environ["HOROVOD_DYNAMIC_PROCESS_SETS"] = "1"   # read by hvd.init()
+    member = init_backend(args.backend, args.subset, args.torch_backend, args.process_set, args.static_sets)
     if member is None:
         print("not a member of the sub-communicator; idle", flush=True)
         return
     rank, size, backend = member
+    if args.ranks_per_node:
+        os.environ["SSD_NODE"] = f"node{rank // args.ranks_per_node}"
     result = {"size": size, "configs": {}}
     for spec in args.configs.split(";"):
         k, d, beta, warmup = spec.split(",")
         result["configs"][spec] = run_config(args, rank, backend, int(k), int(d), float(beta), int(warmup))
-    if args.horovod_baseline:
+    if args.horovod_baseline:   # after the SSD-SGD configs: it takes no part in their process sets
         result["horovod_baseline"] = horovod_baseline(0 if args.same_data else rank, args.steps, args.optimizer)
     if args.process_set:
         import horovod.torch as hvd

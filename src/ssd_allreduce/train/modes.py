@@ -68,7 +68,7 @@ class Mode:
         return 0.0
 
     def summary(self) -> dict[str, Any]:
-        return {"extra_state_bytes": 0, "ssd_stats": None}
+        return {"extra_state_bytes": 0, "ssd_stats": None, "local_sync_nodes": None}
 
 
 class DDPMode(Mode):
@@ -123,7 +123,7 @@ class SSDMode(Mode):
             compression=getattr(Compression, a.compression),
             sync_every=a.sync_every, delay=0 if a.mode == "local-sgd" else a.delay, max_sync_every=a.max_sync_every,
             warmup_steps=a.warmup_steps, glu_beta=a.glu_beta, compensation=a.compensation,
-            backend=self.ctx.comm)
+            backend=self.ctx.comm, local_sync={"auto": None, "on": True, "off": False}[a.local_sync])
 
     def step(self, scaler: torch.amp.GradScaler) -> StepCost:
         stats = self.optimizer.ssd_stats
@@ -153,7 +153,7 @@ class SSDMode(Mode):
 
     def summary(self) -> dict[str, Any]:
         return {"extra_state_bytes": self.optimizer.extra_state_bytes,
-                "ssd_stats": self.optimizer.ssd_stats.as_dict()}
+                "ssd_stats": self.optimizer.ssd_stats.as_dict(), "local_sync_nodes": self.optimizer.node_layout}
 
 
 _MODE_CLASSES: dict[str, type[Mode]] = {"ssd": SSDMode, "local-sgd": SSDMode, "horovod": HorovodMode,

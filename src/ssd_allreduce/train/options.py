@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--delay", type=int_or_auto, default=None,
                     help="d: steps a window's allreduce overlaps (default k; auto: the smallest that hides it)")
     ap.add_argument("--max-sync-every", type=int, default=16, help="the largest k that --sync-every auto may choose")
+    ap.add_argument("--local-sync", choices=("auto", "on", "off"), default="auto",
+                    help="hierarchical SSD-SGD (ssd, local-sgd): gradients averaged inside each node every "
+                         "step, windows between nodes; auto: on where the job has several nodes with several "
+                         "ranks on each (a rank's node: $SSD_NODE, else its host name)")
     ap.add_argument("--warmup-steps", type=int, default=50, help="synchronous steps first (ssd, local-sgd)")
     ap.add_argument("--glu-beta", type=float, default=DEFAULT_GLU_BETA)
     ap.add_argument("--compensation", choices=("glu", "overwrite"), default="glu")
