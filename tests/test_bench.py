@@ -124,3 +124,30 @@ def test_gpt_workload_compares_modes_on_validation_loss_and_runs_the_ablation(tm
                                                             "glu beta=0.5", "glu beta=0.25"}
     assert "| ssd k=2 d=2 beta=0.5 |" in (out / "results.md").read_text()
     assert (out / "gpt_adamw_by-package.png").stat().st_size > 10_000
+
+
+def test_comparison_on_emulated_nodes_runs_every_window_flat_and_hierarchical(tmp_path):
+    """4 ranks as 2 emulated nodes: the rows, the bytes that crossed the nodes' links, the cost model."""
+    out = tmp_path / "nodes"
+    proc = subprocess.run([PYTHON, "-m", "ssd_allreduce.bench", "--ranks", "4", "--nodes", "2", "--bandwidths",
+                           "200mbit", "--epochs", "1", "--ssd-configs", "5:5", "--warmup-steps", "4", "--out", str(out)],
+                          env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    (section,) = results["bandwidths"]
+    rows = {r["name"]: r for r in section["rows"]}
+    assert list(rows) == ["horovod", "ssd k=5 d=5", "ssd k=5 d=5 hier", "local-sgd k=5", "local-sgd k=5 hier",
+                          "no-comm"]
+    assert all(r["test_accuracy"] > 0.5 for r in rows.values())
+    if section["measured_mbps"] is None:
+        assert "NOTE: no emulated network" in proc.stdout
+        return
+    assert 160 < section["measured_mbps"] < 220 and "2 nodes x 2 ranks, links tbf 200mbit" in proc.stdout
+    crossed = {name: r["inter_node_bytes_per_step"] for name, r in rows.items()}
+    # Horovod sends every step's gradients between the nodes, SSD-SGD every fifth step's delta
+    assert crossed["horovod"] > 2 * crossed["ssd k=5 d=5"] > 0 and crossed["horovod"] > 2 * crossed["ssd k=5 d=5 hier"]
+    assert crossed["no-comm"] < crossed["ssd k=5 d=5"]
+    assert rows["ssd k=5 d=5 hier"]["wire_bytes_per_step_per_rank"] is None
+    checked = {c["name"] for c in results["node_cost_model"]}
+    assert checked == set(rows) and "Cost model on the nodes" in (out / "results.md").read_text()
+    assert "between nodes B/step" in proc.stdout

@@ -91,3 +91,18 @@ def test_no_slurm_env_and_broken_probe_do_not_crash(monkeypatch: pytest.MonkeyPa
     assert report["slurm"] == {"(none set)": ""}
     assert main(["--json"]) == 0
     assert json.loads(capsys.readouterr().out)["mpi"]["error"].endswith("probe exploded")
+
+
+@pytest.mark.parametrize("env, layout", [
+    ({"HOROVOD_LOCAL_SIZE": "4", "HOROVOD_CROSS_SIZE": "2", "HOROVOD_RANK": "5"}, "2 node(s) x 4 rank(s), from horovodrun"),
+    ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "RANK": "3"}, "2 node(s) x 8 rank(s), from torchrun"),
+    ({"SLURM_JOB_NUM_NODES": "3", "SLURM_NTASKS": "12", "SLURM_PROCID": "0"}, "3 node(s) x 4 rank(s), from slurm"),
+])
+def test_the_node_layout_the_launcher_gives(env, layout) -> None:
+    report = json.loads(_doctor("--json", extra_env={**env, "SSD_NODE": "rack1-node7"},
+                                drop=("WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE")))
+    assert report["nodes"]["layout"] == layout
+    assert report["nodes"]["node"] == "rack1-node7 ($SSD_NODE)"
+    assert report["nodes"]["local_sync_auto"].startswith("on:")
+    one_node = json.loads(_doctor("--json", extra_env={"HOROVOD_LOCAL_SIZE": "4", "HOROVOD_CROSS_SIZE": "1"}))
+    assert one_node["nodes"]["local_sync_auto"].startswith("off:")

@@ -25,6 +25,7 @@ TITLES: dict[str, str] = {
     "horovod": "Horovod",
     "mpi": "MPI",
     "launchers": "Launchers on PATH",
+    "nodes": "Nodes (hierarchical SSD-SGD)",
     "slurm": "Slurm environment",
     "launcher_env": "Horovod / launcher environment",
     "device_env": "CUDA / NCCL / Gloo environment",
@@ -269,12 +270,29 @@ def probe_ssd_allreduce() -> Section:
         return {"version": _err(exc)}
 
 
+def probe_nodes() -> Section:
+    """This rank's node and the layout the launcher gives (hierarchical SSD-SGD's automatic choice)."""
+    from .topology import NODE_ENV, launcher_layout, node_name
+
+    out: Section = {"node": node_name() + (f" (${NODE_ENV})" if os.environ.get(NODE_ENV) else " (host name)")}
+    layout = launcher_layout()
+    if layout is None:
+        out["layout"] = "not given by a launcher here (the optimizer gathers every rank's node when it is built)"
+        return out
+    nodes, per_node, launcher = layout
+    out["layout"] = f"{nodes} node(s) x {per_node} rank(s), from {launcher}"
+    out["local_sync_auto"] = ("on: gradients averaged inside each node, windows between nodes"
+                              if nodes > 1 and per_node > 1 else "off: flat SSD-SGD (one node, or one rank a node)")
+    return out
+
+
 PROBES: dict[str, Callable[[], Section]] = {
     "python": probe_python,
     "torch": probe_torch,
     "horovod": probe_horovod,
     "mpi": probe_mpi,
     "launchers": probe_launchers,
+    "nodes": probe_nodes,
     "slurm": lambda: _env(SLURM_VARS),
     "launcher_env": lambda: _env(LAUNCHER_VARS, LAUNCHER_PREFIXES),
     "device_env": lambda: _env(DEVICE_VARS, DEVICE_PREFIXES),

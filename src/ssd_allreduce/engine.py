@@ -122,7 +122,8 @@ class DelayStage:
     def wire_bytes(self) -> int:
         """Bytes a window's delta puts on the wire from this rank (its compressed payload); a
         gathered format receives ``size - 1`` times that, which a ring allreduce does not."""
-        sent = sum(wire_bytes(self.compression, b.numel(), b.dtype) for b in self._part(self.delta))
+        # hierarchical: the node's ranks send their shards through the node's one link
+        sent = sum(wire_bytes(self.compression, b.numel(), b.dtype) for b in self.delta.buffers)
         return round(sent * max(1.0, self.window_comm.size / 2)) if self.gathers else sent
 
     def _part(self, space: FlatSpace) -> list[Tensor]:
@@ -258,15 +259,14 @@ class DelayStage:
             else:
                 comm.synchronize(window.handle)
                 decompress_into_(self.compression, self._part(self.delta), window.wire, window.contexts)
-            if self.node_comm is not None:
-                self._gather_shards()
             if self.tuner is not None and not window.seen_arrived:
                 self.tuner.window_arrived(time.perf_counter() - window.launch_time)
             window.handle, window.wire = None, []
             self.stats.comm_wait_seconds += time.perf_counter() - t0
 
     def _gather_shards(self) -> None:
-        """Every rank of the node takes the others' averaged shards: the whole averaged delta."""
+        """Every rank of the node takes the others' averaged shards: the whole averaged delta.
+        Until then a rank's delta holds its own shard averaged (also in a checkpoint)."""
         which, of = self.shard
         comm = self.node_comm
         handles = []
@@ -291,6 +291,8 @@ class DelayStage:
         self.wait()
         self.check_layout()
         with record_function("ssd_allreduce.land"):
+            if self.node_comm is not None:   # here, where every rank of the node is at the same step
+                self._gather_shards()
             self.window = None
             self.check_deferred()
             if self.defers_checks:
@@ -336,8 +338,11 @@ class DelayStage:
             raise FloatingPointError(self._nonfinite_message(verdict.launched_at) + NONFINITE_ADVICE)
 
     def _raise_missing_gradients(self, launched_at: int, share: float) -> None:
-        raise RuntimeError(MISSING_GRADIENTS.format(n=round(share * self.window_comm.size), size=self.window_comm.size,
-                                                    step=launched_at))
+        n, size = round(share * self.window_comm.size), self.window_comm.size
+        if self.window_comm is not self.comm:   # hierarchical: the flag is a node's
+            raise RuntimeError(MISSING_GRADIENTS.replace("{n} of {size} ranks", "a rank on {n} of {size} nodes")
+                               .format(n=n, size=size, step=launched_at))
+        raise RuntimeError(MISSING_GRADIENTS.format(n=n, size=size, step=launched_at))
 
     @staticmethod
     def _nonfinite_message(launched_at: int) -> str:
@@ -355,8 +360,10 @@ class DelayStage:
             raise FloatingPointError(f"{message}, and so were the {limit} windows before it: training "
                                      "diverges; lower the learning rate or clip gradients")
         warnings.warn(message + "; window skipped, global weights unchanged")
+        # a node's ranks share their parameters, not their buffers: they decide alike on the former
+        judged = self.params if self.node_comm is not None else self.local
         with torch.no_grad():
-            if all(bool(torch.isfinite(t).all()) for t in self.local):
+            if all(bool(torch.isfinite(t).all()) for t in judged):
                 return False
             torch._foreach_copy_(self.local, self.global_.views)
         return True
@@ -375,6 +382,10 @@ class DelayStage:
         if not started:
             self.load_state_dict({})
             return
+        if window is not None and self.node_comm is not None:   # the same verdict on every rank
+            raise ValueError("rank 0's SSD-SGD state has a window in flight whose averaged delta is spread over "
+                             "its node's ranks (hierarchical SSD-SGD): load every rank's own checkpoint on every "
+                             "rank, or save after optimizer.finish() on every rank")
         if not self.started:
             self._allocate()
         self.comm.broadcast_(self.global_.buffers, root_rank=0, name=f"{self.name}.adopt.global_weights")
@@ -402,7 +413,8 @@ class DelayStage:
                 "lands_at": window.lands_at,
                 "sync_every": window.sync_every,
                 "snapshot": list(self.snapshot.buffers),
-                "delta": list(self.delta.buffers)},
+                "delta": list(self.delta.buffers),
+                "shard": list(self.shard)},   # hierarchical: the delta's averaged part is this shard
         }
 
     def load_state_dict(self, state: dict[str, Any], step: int = 0) -> None:
@@ -425,6 +437,10 @@ class DelayStage:
         k, d = self.clock.sync_every, self.clock.delay
         window = state.get("window")
         if window is not None:
+            if tuple(window.get("shard", (0, 1))) != self.shard:
+                raise ValueError(f"the checkpoint's window in flight was averaged as shard {window.get('shard')} of "
+                                 f"its node's delta, this rank carries shard {list(self.shard)}: resume with as many "
+                                 "ranks per node as before, or from a checkpoint saved after optimizer.finish()")
             _copy_buffers(self.snapshot.buffers, window["snapshot"], "snapshot")
             _copy_buffers(self.delta.buffers, window["delta"], "delta")
             launched_at = int(window["launched_at"])

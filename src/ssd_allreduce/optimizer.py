@@ -110,8 +110,7 @@ def DistributedOptimizer(
     - ``local_sync``: hierarchical SSD-SGD: after the warm-up, gradients are still averaged every
       step inside each node (the fast link) and the windows run between nodes only (one node:
       synchronous SGD throughout). None (default): on where the job spans several nodes with
-      several ranks on each. A rank's node is ``$SSD_NODE``, else its host name. With Horovod it
-      adds process sets, so it needs ``HOROVOD_DYNAMIC_PROCESS_SETS=1`` before ``hvd.init()``.
+      several ranks on each. A rank's node is ``$SSD_NODE``, else its host name.
     """
     if hasattr(optimizer, "_ssd_base"):
         raise ValueError("this optimizer is already wrapped by ssd_allreduce.DistributedOptimizer")
@@ -121,7 +120,8 @@ def DistributedOptimizer(
         raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
     _check_op(_resolve_op(op))
     comm = make_communicator(backend, process_set)
-    hierarchy = resolve_hierarchy(local_sync, comm)
+    devices = [p.device.type for g in optimizer.param_groups for p in g["params"]]
+    hierarchy = resolve_hierarchy(local_sync, comm, devices[0] if devices else "cpu")
     if hierarchy is not None:
         settings = dataclasses.replace(settings, local_sync=True)
     if num_groups and groups is None:
@@ -475,10 +475,11 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         if found_inf is not None:
             grads = [p.grad for p in self._ssd_params if p.grad is not None]
             if averaged and grad_scale is not None and not self._ssd_warned_scaler:
-                warnings.warn("GradScaler.step() during warm-up without optimizer.synchronize() and "
-                              "scaler.unscale_(optimizer) first: each rank's scaler then sees only its own "
-                              "overflows and the loss scales can drift apart; use Horovod's pattern "
-                              "(synchronize, unscale_, then scaler.step inside skip_synchronize())")
+                warnings.warn("GradScaler.step() without optimizer.synchronize() and scaler.unscale_(optimizer) "
+                              "first while gradients are averaged (the warm-up, or every step inside a node): "
+                              "each rank's scaler then sees only its own overflows and the loss scales can drift "
+                              "apart; use Horovod's pattern (synchronize, unscale_, then scaler.step inside "
+                              "skip_synchronize())")
                 self._ssd_warned_scaler = True
             if averaged:  # decide on the averaged gradients, identical on every rank
                 if _unscale_and_find_nonfinite_(grads, grad_scale):
@@ -615,6 +616,10 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         ssd = state_dict.pop(STATE_KEY, None)
         if ssd is not None:
             self._ssd_check_compatible(ssd)
+            if not self._ssd_windows and ssd.get("global_weights") is not None:
+                raise ValueError("the checkpoint's windows ran between nodes, and this job has one node, where "
+                                 "hierarchical SSD-SGD is synchronous SGD and runs none: resume on as many nodes, "
+                                 "or with local_sync=False")
         self.ssd_stats.__init__(**(ssd["stats"] if ssd else {}))   # the engine then shows its window
         self._ssd_engine.load_state_dict(ssd or {}, int(ssd["step"]) if ssd else 0)
         self._ssd_base.load_state_dict(self, state_dict)

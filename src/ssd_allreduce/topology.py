@@ -4,14 +4,22 @@ the delayed windows, each local rank carrying its shard of the node's delta).
 
 A rank's node is ``$SSD_NODE`` where set (emulated nodes on one machine, or a scheduler's own
 naming), else its host name.
+
+With torch.distributed they are subgroups; with mpi4py, split communicators. With Horovod they are
+process groups of their own (Gloo, or NCCL for CUDA tensors) built from a store whose address goes
+round through Horovod: Horovod runs every collective of every process set from one background
+cycle that also negotiates across the whole job, so a node's gradient average would wait behind
+the window crossing the slow link (measured in docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
+import datetime
+import itertools
 import os
 import socket
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from .comm import Communicator
 
@@ -25,17 +33,19 @@ def node_name() -> str:
 
 @dataclass(frozen=True)
 class NodeLayout:
-    """The ranks of each node (ordered by their first rank), seen from ``rank``."""
+    """The ranks of each node (ordered by their first rank), seen from ``rank``; ``hosts``: how
+    many machines they run on (1 where nodes are emulated on one)."""
 
     nodes: tuple[tuple[int, ...], ...]
     rank: int
+    hosts: int = 1
 
     @classmethod
-    def from_names(cls, names: list[str], rank: int) -> "NodeLayout":
+    def from_names(cls, names: list[str], rank: int, hosts: int = 1) -> "NodeLayout":
         by_name: dict[str, list[int]] = {}
         for r, name in enumerate(names):
             by_name.setdefault(name, []).append(r)
-        return cls(tuple(tuple(ranks) for ranks in by_name.values()), rank)
+        return cls(tuple(tuple(ranks) for ranks in by_name.values()), rank, hosts)
 
     @property
     def num_nodes(self) -> int:
@@ -68,9 +78,32 @@ class NodeLayout:
         return f"{self.num_nodes} node(s) x {per_node} rank(s)"
 
 
+def launcher_layout(env: Optional[Mapping[str, str]] = None) -> Optional[tuple[int, int, str]]:
+    """(nodes, ranks per node, launcher) as the launcher's environment tells it, before any
+    collective; None where it does not. What the optimizer uses is gathered from every rank."""
+    env = os.environ if env is None else env
+
+    def count(name: str) -> int:
+        value = env.get(name, "")
+        return int(value) if value.isdigit() else 0
+    if count("HOROVOD_LOCAL_SIZE") and count("HOROVOD_CROSS_SIZE"):
+        return count("HOROVOD_CROSS_SIZE"), count("HOROVOD_LOCAL_SIZE"), "horovodrun"
+    if count("LOCAL_WORLD_SIZE") and count("WORLD_SIZE"):
+        return count("WORLD_SIZE") // count("LOCAL_WORLD_SIZE"), count("LOCAL_WORLD_SIZE"), "torchrun"
+    if count("OMPI_COMM_WORLD_LOCAL_SIZE") and count("OMPI_COMM_WORLD_SIZE"):
+        return (count("OMPI_COMM_WORLD_SIZE") // count("OMPI_COMM_WORLD_LOCAL_SIZE"),
+                count("OMPI_COMM_WORLD_LOCAL_SIZE"), "mpirun")
+    nodes = count("SLURM_STEP_NUM_NODES") or count("SLURM_JOB_NUM_NODES") or count("SLURM_NNODES")
+    tasks = count("SLURM_STEP_NUM_TASKS") or count("SLURM_NTASKS")
+    if nodes and tasks:
+        return nodes, tasks // nodes, "slurm"
+    return None
+
+
 def discover_layout(comm: Communicator) -> NodeLayout:
-    """Every rank's node, gathered (collective)."""
-    return NodeLayout.from_names(comm.allgather_object(node_name()), comm.rank)
+    """Every rank's node and host, gathered (collective)."""
+    everyone = comm.allgather_object((node_name(), socket.gethostname()))
+    return NodeLayout.from_names([node for node, _ in everyone], comm.rank, len({host for _, host in everyone}))
 
 
 @dataclass
@@ -88,7 +121,7 @@ class Hierarchy:
         return self.layout.local_rank, self.layout.local_size
 
 
-def resolve_hierarchy(local_sync: Optional[bool], comm: Communicator) -> Optional[Hierarchy]:
+def resolve_hierarchy(local_sync: Optional[bool], comm: Communicator, device_type: str = "cpu") -> Optional[Hierarchy]:
     """The hierarchy to train with, or None for flat SSD-SGD. ``local_sync`` None: on where the
     job spans several nodes with several ranks on each. Collective on every rank of ``comm``."""
     if local_sync not in (None, True, False):
@@ -108,14 +141,23 @@ def resolve_hierarchy(local_sync: Optional[bool], comm: Communicator) -> Optiona
     if not layout.uniform:
         raise ValueError(f"local_sync=True needs the same number of ranks on every node, this job has "
                          f"{layout.describe()}: launch as many ranks per node, or pass local_sync=False")
-    try:
-        node, cross = _communicators(backend, layout)
-    except HorovodSetsMissing as exc:   # the same on every rank: the sets and the environment are the job's
-        if local_sync:
-            raise
-        warnings.warn(f"SSD-SGD stays flat: {exc}")
-        return None
-    return Hierarchy(layout, node, cross)
+    key = (backend, layout, device_type)
+    if key not in _built:   # one pair per job and layout: every optimizer of the process shares it
+        try:
+            _built[key] = _communicators(backend, layout, comm, device_type)
+        except HierarchyUnavailable as exc:   # the same verdict on every rank
+            if local_sync:
+                raise RuntimeError(f"hierarchical SSD-SGD (local_sync=True): {exc}") from None
+            warnings.warn(f"SSD-SGD stays flat (local_sync is automatic): {exc}")
+            return None
+    return Hierarchy(layout, *_built[key])
+
+
+class HierarchyUnavailable(RuntimeError):
+    """The node and cross-node groups cannot be built here (told to every rank alike)."""
+
+
+_built: dict[tuple[str, NodeLayout, str], tuple[Communicator, Communicator]] = {}
 
 
 def _whole_job_backend(comm: Communicator) -> Optional[str]:
@@ -131,57 +173,86 @@ def _whole_job_backend(comm: Communicator) -> Optional[str]:
     return None
 
 
-def _communicators(backend: str, layout: NodeLayout) -> tuple[Communicator, Communicator]:
+def _communicators(backend: str, layout: NodeLayout, comm: Communicator,
+                   device_type: str) -> tuple[Communicator, Communicator]:
     """(this node's communicator, this local rank's across nodes), built collectively."""
     mine_node, mine_cross = layout.nodes[layout.node], layout.cross_groups[layout.local_rank]
-    if backend == "horovod":
-        from .comm.horovod import HorovodCommunicator
-        return HorovodCommunicator(_horovod_set(mine_node, layout)), HorovodCommunicator(_horovod_set(mine_cross, layout))
     if backend == "torch":
         import torch.distributed as dist
 
         from .comm.torch_dist import TorchDistCommunicator
         groups = {ranks: dist.new_group(list(ranks)) for ranks in layout.nodes + layout.cross_groups}
         return TorchDistCommunicator(groups[mine_node]), TorchDistCommunicator(groups[mine_cross])
-    from mpi4py import MPI
+    if backend == "mpi":
+        from mpi4py import MPI
 
-    from .comm.mpi import MPICommunicator
-    world = MPI.COMM_WORLD
-    return (MPICommunicator(world.Split(layout.node, layout.rank)),
-            MPICommunicator(world.Split(layout.local_rank, layout.rank)))
+        from .comm.mpi import MPICommunicator
+        world = MPI.COMM_WORLD
+        return (MPICommunicator(world.Split(layout.node, layout.rank)),
+                MPICommunicator(world.Split(layout.local_rank, layout.rank)))
+    return _standalone_groups(comm, layout, device_type)
 
 
-_horovod_sets: dict[tuple[int, ...], Any] = {}
+STORE_TIMEOUT = datetime.timedelta(minutes=5)
+_stores_built = itertools.count()
 
 
-def _horovod_set(ranks: tuple[int, ...], layout: NodeLayout) -> Any:
-    """Horovod's process set of ``ranks``: one registered at ``hvd.init(process_sets=...)``, or
-    one added now (every rank adds the sets of every node and cross group it lacks, in the same
-    order: Horovod's rule), which needs dynamic process sets."""
-    import horovod.torch as hvd
-    from horovod.common import process_sets as hvd_sets
+def _standalone_groups(comm: Communicator, layout: NodeLayout, device_type: str) -> tuple[Communicator, Communicator]:
+    """The node's and the cross-node group as process groups of their own, rendezvousing in a
+    store that rank 0 serves at the address its peers reach it by (told to them over ``comm``)."""
+    import torch.distributed as dist
 
-    # Horovod 0.28 lists its registered sets only through this internal call
-    registered = {tuple(r): i for i, r in hvd_sets._basics._get_process_set_ids_and_ranks().items()}
-    for group in layout.nodes + layout.cross_groups:
-        if group in _horovod_sets:
-            continue
-        if group == tuple(range(hvd.size())):
-            _horovod_sets[group] = hvd.global_process_set
-        elif group in registered:
-            ps = hvd_sets._temp_process_set_object(registered[group])
-            ps.ranks = list(group)
-            _horovod_sets[group] = ps
-        elif os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") == "1":
-            _horovod_sets[group] = hvd.add_process_set(list(group))
+    from .comm.torch_dist import ProcessGroupCommunicator
+
+    iface = _interface()
+    where: Any = None
+    if comm.rank == 0:   # what went wrong here is told to every rank, which then stop alike
+        try:
+            host = _address_of(iface) if iface else socket.gethostbyname(socket.gethostname())
+            if host.startswith("127.") and layout.hosts > 1:
+                raise HierarchyUnavailable(
+                    f"this host's name resolves to the loopback address {host}, which the other nodes cannot "
+                    "reach: set GLOO_SOCKET_IFNAME (or HOROVOD_GLOO_IFACE) to the network interface between nodes")
+            server = dist.TCPStore(host, 0, comm.size, True, timeout=STORE_TIMEOUT, wait_for_workers=False)
+            where = ("ok", host, server.port)
+        except (OSError, RuntimeError) as exc:
+            where = ("error", str(exc))
+    told = comm.allgather_object(where)[0]
+    if told[0] == "error":
+        raise HierarchyUnavailable(f"rank 0 could not serve the groups' rendezvous: {told[1]}")
+    _, host, port = told
+    store = server if comm.rank == 0 else dist.TCPStore(host, port, comm.size, False, timeout=STORE_TIMEOUT)
+    tag = f"ssd-hierarchy-{next(_stores_built)}"
+
+    def group(name: str, rank: int, size: int) -> ProcessGroupCommunicator:
+        prefixed = dist.PrefixStore(f"{tag}/{name}", store)
+        if device_type == "cuda":
+            pg = dist.ProcessGroupNCCL(prefixed, rank, size)
         else:
-            raise HorovodSetsMissing(
-                f"hierarchical SSD-SGD (local_sync) needs Horovod process sets for the nodes and the cross-node "
-                f"groups of {layout.describe()} ({list(layout.nodes)} and {list(layout.cross_groups)}): pass them "
-                "to hvd.init(process_sets=[hvd.ProcessSet(ranks), ...]), or set HOROVOD_DYNAMIC_PROCESS_SETS=1 "
-                "before hvd.init() (the training driver does on several nodes), or pass local_sync=False")
-    return _horovod_sets[ranks]
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = STORE_TIMEOUT
+            opts._devices = [dist.ProcessGroupGloo.create_device(interface=iface) if iface
+                             else dist.ProcessGroupGloo.create_default_device()]
+            pg = dist.ProcessGroupGloo(prefixed, rank, size, opts)
+        return ProcessGroupCommunicator(pg, rank, size, device_type)
+    return (group(f"node{layout.node}", layout.local_rank, layout.local_size),
+            group(f"cross{layout.local_rank}", layout.node, layout.num_nodes))
 
 
-class HorovodSetsMissing(RuntimeError):
-    """Hierarchical SSD-SGD's Horovod process sets are neither registered nor addable."""
+def _interface() -> str:
+    """The network interface the launcher chose for collectives, if it said ("" if not)."""
+    for name in ("HOROVOD_GLOO_IFACE", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        iface = os.environ.get(name, "").split(",")[0].strip()
+        if iface:
+            return iface
+    return ""
+
+
+def _address_of(iface: str) -> str:
+    import psutil
+
+    for addr in psutil.net_if_addrs().get(iface, []):
+        if addr.family == socket.AF_INET:
+            return addr.address
+    raise HierarchyUnavailable(f"the network interface {iface!r} (from the launcher's environment) has no IPv4 "
+                               "address on this host: set HOROVOD_GLOO_IFACE / GLOO_SOCKET_IFNAME to one it has")

@@ -16,7 +16,7 @@ import problem  # noqa: E402
 import ssd_allreduce  # noqa: E402
 
 
-def init_backend(name: str, subset: int, torch_backend: str, process_set: str = "", static_sets: str = ""):
+def init_backend(name: str, subset: int, torch_backend: str, process_set: str = ""):
     """Initialise the backend; returns (rank, size, backend argument) or None if not a member.
     With a Horovod ``process_set`` ("2,3"), members return their rank in the set, the others
     their global rank, size 1 and the set (their optimizer must step alone, as Horovod's does)."""
@@ -33,8 +33,6 @@ def init_backend(name: str, subset: int, torch_backend: str, process_set: str = 
             if world.Get_rank() >= subset:
                 return None
             hvd.init(comm=sub)
-        elif static_sets:   # registered at init, as a user may do for hierarchical SSD-SGD
-            hvd.init(process_sets=[hvd.ProcessSet([int(r) for r in g.split(",")]) for g in static_sets.split(";")])
         else:
             hvd.init()
         return hvd.rank(), hvd.size(), "horovod"
@@ -134,12 +132,9 @@ def main() -> None:
     ap.add_argument("--ranks-per-node", type=int, default=0,
                     help="emulated nodes: rank r is on node r // N ($SSD_NODE)")
     ap.add_argument("--local-sync", choices=tuple(LOCAL_SYNC), default="off")
-    ap.add_argument("--static-sets", default="", help="Horovod process sets given to hvd.init: '0,1;2,3'")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if args.ranks_per_node and not args.static_sets:
-        os.environ["HOROVOD_DYNAMIC_PROCESS_SETS"] = "1"   # read by hvd.init()
-    member = init_backend(args.backend, args.subset, args.torch_backend, args.process_set, args.static_sets)
+    member = init_backend(args.backend, args.subset, args.torch_backend, args.process_set)
     if member is None:
         print("not a member of the sub-communicator; idle", flush=True)
         return

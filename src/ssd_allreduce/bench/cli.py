@@ -3,30 +3,38 @@ synthetic benchmark.
 
     python -m ssd_allreduce.bench                                   # digits, 2 ranks, 3 bandwidths
     python -m ssd_allreduce.bench --bandwidths 100mbit --epochs 4   # the README's short comparison
+    python -m ssd_allreduce.bench --ranks 4 --nodes 2 --bandwidths 100mbit   # 2 emulated nodes x 2 ranks
     python -m ssd_allreduce.bench --ablation                        # GLU ablation (simulator, 8 workers)
     horovodrun -np 4 python -m ssd_allreduce.bench synthetic --model resnet50 --mode ssd
     python -m ssd_allreduce.bench overhead                          # the wrapper's cost per step
+    python -m ssd_allreduce.bench nodecost                          # predicted GPU clusters of nodes
     python -m ssd_allreduce.bench --workload gpt                    # a small GPT on the stdlib corpus
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from typing import Optional, Sequence
 
-from . import ablation, compare, language, overhead, synthetic
+from . import ablation, compare, language, nodecost, overhead, synthetic
 from ..settings import DEFAULT_GLU_BETA
 from .compare import DEFAULT_BANDWIDTHS
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    # SIGTERM (a job's time limit, kill) unwinds, so the emulated network is taken down
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["synthetic"]:
         synthetic.main(argv[1:])
         return
     if argv[:1] == ["overhead"]:
         overhead.main(argv[1:])
+        return
+    if argv[:1] == ["nodecost"]:
+        nodecost.main(argv[1:])
         return
     workload = _pop_workload(argv)
     if workload == "gpt":
@@ -35,6 +43,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.bench [--workload images|gpt]", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--nodes", type=int, default=1,
+                    help="emulated nodes (a network namespace each, shaped links between them); the ranks are "
+                         "split evenly, and each SSD-SGD window also runs hierarchically")
     ap.add_argument("--bandwidths", nargs="+", default=list(DEFAULT_BANDWIDTHS), help="tc rates, e.g. 100mbit 1gbit")
     ap.add_argument("--ssd-configs", nargs="+", default=["5:5", "10:10"], help="k:d pairs or auto, each optionally with a wire format: 5:5/int8")
     ap.add_argument("--local-sgd-every", type=int, default=5)

@@ -2,8 +2,9 @@
 
 One invocation runs every mode on the same workload and ranks (the Horovod baseline, SSD-SGD at
 several (k, d), blocking local SGD, the no-communication limit) inside a private network namespace
-whose loopback is shaped with ``tc tbf`` (Gloo over TCP, so the shaping applies), and writes
-results.json, results.md and PNG plots into ``--out``.
+whose loopback is shaped with ``tc tbf`` (Gloo over TCP, so the shaping applies), or with
+``--nodes M`` on M emulated nodes joined by shaped links, where each SSD-SGD window also runs
+hierarchically; it writes results.json, results.md and PNG plots into ``--out``.
 """
 from __future__ import annotations
 
@@ -16,15 +17,14 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from ..train import runlog
 from ..train.runlog import markdown_table
-from . import costmodel
-from .netns import ShapedNetwork, measure_bandwidth_mbps, namespaces_available
+from . import costmodel, nodecost
+from .emulation import Emulation, emulate, emulation_available
 
 DEFAULT_BANDWIDTHS = ("10gbit", "1gbit", "100mbit")
 
@@ -37,19 +37,21 @@ class ModeSpec:
     sync_every: Union[int, str] = 1    # "auto": chosen by the run (``window_used`` gives it)
     delay: Union[int, str] = 0
     compression: str = "none"
+    hierarchical: bool = False   # gradients averaged inside each node, windows between nodes
 
     @property
     def name(self) -> str:
         wire = "" if self.compression == "none" else f" {self.compression}"
+        where = " hier" if self.hierarchical else ""
         if self.mode == "ssd":
-            return f"ssd k={self.sync_every} d={self.delay}{wire}"
+            return f"ssd k={self.sync_every} d={self.delay}{wire}{where}"
         if self.mode == "local-sgd":
-            return f"local-sgd k={self.sync_every}"
+            return f"local-sgd k={self.sync_every}{where}"
         return self.mode
 
     def args(self) -> list[str]:
         return ["--mode", self.mode, "--sync-every", str(self.sync_every), "--delay", str(self.delay),
-                "--compression", self.compression]
+                "--compression", self.compression, "--local-sync", "on" if self.hierarchical else "off"]
 
     def window_used(self, row: dict[str, Any]) -> tuple[int, int]:
         """(k, d) the run used: its own, or what "auto" chose (at the end of the run)."""
@@ -74,37 +76,32 @@ def run_dirname(name: str) -> str:
     return name.replace(" ", "_").replace("=", "")
 
 
-def parse_modes(ssd_configs: Sequence[str], local_sgd_every: int, with_local_sgd: bool) -> list[ModeSpec]:
+def parse_modes(ssd_configs: Sequence[str], local_sgd_every: int, with_local_sgd: bool,
+                hierarchical: bool = False) -> list[ModeSpec]:
+    """The comparison's columns; ``hierarchical`` (several nodes) adds each SSD-SGD window and local
+    SGD run hierarchically beside the flat one."""
     specs = [ModeSpec("horovod")]
     for cfg in ssd_configs:
         window, _, wire = cfg.partition("/")
         if wire not in ("", "none", "fp16", "bf16", "int8"):
             raise SystemExit(f"--ssd-configs {cfg}: the wire format after / is one of fp16, bf16, int8")
         k, d = ("auto", "auto") if window == "auto" else parse_window(window)
-        specs.append(ModeSpec("ssd", k, d, wire or "none"))
+        specs += [ModeSpec("ssd", k, d, wire or "none", h) for h in (False, True)[:1 + hierarchical]]
     if with_local_sgd:
-        specs.append(ModeSpec("local-sgd", local_sgd_every, 0))
+        specs += [ModeSpec("local-sgd", local_sgd_every, 0, hierarchical=h) for h in (False, True)[:1 + hierarchical]]
     specs.append(ModeSpec("no-comm"))
     return specs
 
 
-def _lo_tx_bytes(prefix: list[str]) -> Optional[int]:
-    try:
-        out = subprocess.run(prefix + ["cat", "/sys/class/net/lo/statistics/tx_bytes"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout
-        return int(out)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-
-
-def launch_training(train_args: Sequence[str], ranks: int, prefix: list[str], run_dir: Path, threads: int,
+def launch_training(train_args: Sequence[str], ranks: int, net: Emulation, run_dir: Path, threads: int,
                     timeout: float, what: str) -> list[dict[str, Any]]:
-    """One training run of ``ranks`` ranks with horovodrun (Gloo over loopback, inside ``prefix``'s
-    network namespace when given); returns its metrics records."""
+    """One training run of ``ranks`` ranks with horovodrun (Gloo) in the emulated network ``net``;
+    returns its metrics records."""
     horovodrun = str(Path(sys.executable).with_name("horovodrun"))
-    cmd = prefix + [horovodrun, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", "--network-interface", "lo",
-                    sys.executable, "-m", "ssd_allreduce.train", "--no-progress", "--checkpoint-every", "0",
-                    "--out", str(run_dir), *train_args]
+    cmd = net.launcher_prefix + [horovodrun, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo",
+                                 "--network-interface", "lo", *net.rank_prefix,
+                                 sys.executable, "-m", "ssd_allreduce.train", "--no-progress", "--checkpoint-every", "0",
+                                 "--out", str(run_dir), *train_args]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
@@ -112,19 +109,21 @@ def launch_training(train_args: Sequence[str], ranks: int, prefix: list[str], ru
     return runlog.read(run_dir)
 
 
-def run_mode(spec: ModeSpec, a: argparse.Namespace, prefix: list[str], run_dir: Path, label: str) -> dict[str, Any]:
+def run_mode(spec: ModeSpec, a: argparse.Namespace, net: Emulation, run_dir: Path, label: str) -> dict[str, Any]:
     """Run one mode of the comparison; returns its summary + curve."""
     train_args = ["--model", a.model, "--data", a.data, "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
                   "--lr", str(a.lr), "--warmup-steps", str(a.warmup_steps), "--glu-beta", str(a.glu_beta),
                   "--label", label, *spec.args(), *(["--data-dir", a.data_dir] if a.data_dir else []),
                   *(["--slow-rank", "1", "--slow-fraction", str(a.straggler)] if a.straggler else [])]
-    tx0 = _lo_tx_bytes(prefix) if prefix else None
-    records = launch_training(train_args, a.ranks, prefix, run_dir, a.threads, a.run_timeout, spec.name)
-    tx1 = _lo_tx_bytes(prefix) if prefix else None
+    tx0 = net.tx_bytes()
+    records = launch_training(train_args, a.ranks, net, run_dir, a.threads, a.run_timeout, spec.name)
+    tx1 = net.tx_bytes()
     summary = [r for r in records if r["kind"] == "summary"][-1]
     summary["curve"] = [(r["wall"], r["test_accuracy"]) for r in records if r["kind"] == "epoch"]
-    summary["wire_bytes_per_step_per_rank"] = (
-        (tx1 - tx0) / summary["steps"] / a.ranks if tx0 is not None and tx1 is not None else None)
+    sent = (tx1 - tx0) / summary["steps"] if tx0 is not None and tx1 is not None else None
+    # one loopback: what each rank sent through it; nodes: what crossed between nodes in all
+    summary["wire_bytes_per_step_per_rank"] = sent / a.ranks if sent is not None and net.nodes == 1 else None
+    summary["inter_node_bytes_per_step"] = sent if net.nodes > 1 else None
     summary["name"] = spec.name
     return summary
 
@@ -151,6 +150,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "sync_every_used": (first.get("ssd_stats") or {}).get("sync_every") or None,
         "delay_used": (first.get("ssd_stats") or {}).get("delay"),
         "wire_bytes_per_step_per_rank": first["wire_bytes_per_step_per_rank"],
+        "inter_node_bytes_per_step": first.get("inter_node_bytes_per_step"),
         "peak_memory_mb": max(max(r["peak_memory_bytes"]) for r in runs) / 2**20,
         "extra_state_mb": first["extra_state_bytes"] / 2**20,
         "parameter_mb": first["parameter_bytes"] / 2**20,
@@ -187,6 +187,7 @@ FULL_TABLE = (("mode", "name", "{}"), ("img/s", "images_per_sec", "{:.0f}"),
               ("exposed comm ms", "comm_wait_ms", "{:.2f}"), ("hidden", "hidden_fraction", "{:.0%}"),
               ("payload B/step", "bytes_per_step", "{:,.0f}"),
               ("wire B/step/rank", "wire_bytes_per_step_per_rank", "{:,.0f}"),
+              ("inter-node B/step", "inter_node_bytes_per_step", "{:,.0f}"),
               ("peak MB", "peak_memory_mb", "{:.0f}"), ("extra state MB", "extra_state_mb", "{:.2f}"),
               ("time to target s", "time_to_target_s", "{:.1f}"), ("test acc", "test_accuracy", "{:.4f}"),
               ("acc vs hvd pp", "accuracy_vs_horovod_pp", "{:+.1f}"), ("x horovod", "x_horovod", "{:.2f}"),
@@ -197,6 +198,10 @@ COMPACT_TABLE = (("mode", "name", "{}"), ("img/s", "images_per_sec", "{:.0f}"), 
                  ("x no-comm", "x_no_comm", "{:.2f}"), ("test acc", "test_accuracy", "{:.4f}"),
                  ("B/step", "bytes_per_step", "{:,.0f}"), ("to target s", "time_to_target_s", "{:.1f}"))
 """What fits a terminal: printed after each bandwidth."""
+
+NODES_COMPACT_TABLE = COMPACT_TABLE[:-1] + (("between nodes B/step", "inter_node_bytes_per_step", "{:,.0f}"),
+                                            COMPACT_TABLE[-1])
+"""The same with ``--nodes``: what crossed the nodes' links."""
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[str]:
@@ -220,7 +225,10 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
         gap = r["accuracy_vs_horovod_pp"]
         parts.append(f"accuracy within 0.5 pp: {'met' if gap >= -0.5 else f'MISSED by {-gap - 0.5:.1f} pp'} ({gap:+.1f} pp)")
         ratio = r["bytes_per_step"] / base["bytes_per_step"]
-        if k:   # None: the run never left the warm-up
+        if r.get("inter_node_bytes_per_step") and base.get("inter_node_bytes_per_step"):
+            crossed = r["inter_node_bytes_per_step"] / base["inter_node_bytes_per_step"]
+            parts.append(f"bytes crossing between nodes/step = {crossed:.3f} of baseline (warm-up included)")
+        elif k:   # None: the run never left the warm-up
             parts.append(f"bytes/step = {ratio:.3f} of baseline (1/k = {1 / k:.3f}; the delta also carries BN "
                          "statistics)")
         if "k=auto" in r["name"]:
@@ -319,10 +327,10 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
 
 
 def compare(a: argparse.Namespace) -> dict[str, Any]:
-    specs = parse_modes(a.ssd_configs, a.local_sgd_every, not a.no_local_sgd)
+    specs = parse_modes(a.ssd_configs, a.local_sgd_every, not a.no_local_sgd, hierarchical=a.nodes > 1)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    ok, why = namespaces_available()
+    ok, why = emulation_available(a.nodes)
     rates: list[Optional[str]] = list(a.bandwidths) if ok else [None]
     if not ok:
         print(f"NOTE: no emulated network ({why}); running on the unshaped loopback", flush=True)
@@ -331,31 +339,35 @@ def compare(a: argparse.Namespace) -> dict[str, Any]:
                                            "python": platform.python_version()},
                                "command": "python -m ssd_allreduce.bench " + " ".join(sys.argv[1:])}
     for rate in rates:
-        label = f"tbf {rate}" if rate else "unshaped loopback"
-        with (ShapedNetwork(rate) if ok else nullcontext()) as net:
-            prefix = net.prefix() if net is not None else []
-            measured = measure_bandwidth_mbps(prefix) if prefix else None
+        with emulate(rate, a.nodes, a.ranks, ok) as net:
+            label, measured = net.label, net.measured_mbps
             print(f"== {label}: measured {measured:.0f} Mbit/s" if measured else f"== {label}", flush=True)
             runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in specs}
             for rep in range(a.repeats):   # interleave modes so drifts hit every mode alike
                 for spec in specs:
                     run_dir = out / "runs" / (rate or "unshaped") / f"{run_dirname(spec.name)}-{rep}"
                     t0 = time.time()
-                    runs[spec.name].append(run_mode(spec, a, prefix, run_dir, label))
+                    runs[spec.name].append(run_mode(spec, a, net, run_dir, label))
                     print(f"   {spec.name:<18} rep {rep}: {runs[spec.name][-1]['images_per_sec']:8.0f} img/s, "
                           f"acc {runs[spec.name][-1]['test_accuracy']:.4f} ({time.time() - t0:.0f} s)", flush=True)
         rows = [aggregate(runs[s.name]) for s in specs]
         add_ratios(rows, specs, a.target_accuracy)
         section = {"rate": rate or "unshaped", "measured_mbps": measured, "rows": rows,
                    "targets": check_targets(rows),
-                   "cost_model": cost_model_check(rows, specs, a.ranks, measured, a.latency_us)}
+                   "cost_model": cost_model_check(rows, specs, a.ranks, measured, a.latency_us) if a.nodes == 1 else []}
         results["bandwidths"].append(section)
-        print(markdown_table(rows, COMPACT_TABLE), flush=True)
+        print(markdown_table(rows, NODES_COMPACT_TABLE if a.nodes > 1 else COMPACT_TABLE), flush=True)
         for line in section["targets"]:
             print("  " + line)
         for c in section["cost_model"]:
             print(f"  cost model {c['name']}: predicted {c['predicted_ms']:.2f} ms, measured "
                   f"{c['measured_ms']:.2f} ms, error {c['error']:+.0%}")
+    measured = [(s["measured_mbps"], s["rows"]) for s in results["bandwidths"]]
+    if a.nodes > 1 and measured and all(m for m, _ in measured):
+        results["node_cost_model"] = nodecost.check_measured(measured, a.nodes, a.ranks // a.nodes)
+        for c in results["node_cost_model"]:
+            print(f"  cost model at {c['mbps']:.0f} Mbit/s, {c['name']}: predicted {c['predicted_ms']:.2f} ms, "
+                  f"measured {c['measured_ms']:.2f} ms, error {c['error']:+.0%}")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(render_markdown(results))
     for p in plot_results(results, out):
@@ -368,8 +380,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     c = results["config"]
     lines = [f"Command: `{results['command']}`", "",
              f"Machine: {results['machine']['host']}, {results['machine']['cpus']} CPUs, Python "
-             f"{results['machine']['python']}; {c['ranks']} ranks (horovodrun, Gloo over loopback); "
-             f"{c['model']} on {c['data']}, {c['epochs']} epochs, batch {c['batch_size']} per rank, "
+             f"{results['machine']['python']}; {c['ranks']} ranks (horovodrun, Gloo "
+             + (f"between {c['nodes']} emulated nodes); " if c.get("nodes", 1) > 1 else "over loopback); ")
+             + f"{c['model']} on {c['data']}, {c['epochs']} epochs, batch {c['batch_size']} per rank, "
              f"{c['repeats']} repeat(s); target accuracy {c['target_accuracy']}"
              + (f"; rank 1 a straggler, its compute {c['straggler']:.0%} slower" if c.get("straggler") else "")
              + ".", ""]
@@ -380,5 +393,15 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += [f"- cost model (latency {m['latency_us']:.0f} us/hop), {m['name']}: predicted "
                   f"{m['predicted_ms']:.2f} ms/step, measured {m['measured_ms']:.2f} ms/step ({m['error']:+.0%})"
                   for m in s["cost_model"]]
+        lines.append("")
+    checked = results.get("node_cost_model")
+    if checked:
+        c0 = checked[0]
+        lines += [f"Cost model on the nodes (`bench/nodecost.py`), calibrated on the slowest link: latency "
+                  f"{c0['inter_latency_us']:.0f} us a hop between nodes, {c0['intra_latency_us']:.0f} us inside one, "
+                  f"Horovod's overlap {c0['overlap']:.2f} of the compute.", "",
+                  "| Mbit/s | mode | predicted ms | measured ms | error |", "|---|---|---|---|---|"]
+        lines += [f"| {c['mbps']:.0f} | {c['name']} | {c['predicted_ms']:.2f} | {c['measured_ms']:.2f} | "
+                  f"{c['error']:+.0%} |" for c in checked]
         lines.append("")
     return "\n".join(lines)

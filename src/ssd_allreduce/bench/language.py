@@ -14,7 +14,6 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -27,7 +26,7 @@ from ..train.data import ShardedBatches, TextSplit, load_stdlib_text
 from ..train.models import build_language_model
 from ..train.runlog import markdown_table
 from .compare import launch_training, parse_window, run_dirname, save_figure
-from .netns import ShapedNetwork, measure_bandwidth_mbps, namespaces_available
+from .emulation import Emulation, emulate, emulation_available
 
 SIMULATOR_DEFAULT_CONFIG = "10:10"
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.1}
@@ -80,7 +79,7 @@ def plan(a: argparse.Namespace) -> list[Run]:
     return runs
 
 
-def run_one(run: Run, a: argparse.Namespace, prefix: list[str], out: Path) -> dict[str, Any]:
+def run_one(run: Run, a: argparse.Namespace, net: Emulation, out: Path) -> dict[str, Any]:
     """Train ``run`` on real ranks; its validation curve and summary."""
     train_args = ["--data", "stdlib", "--model", "gpt", "--epochs", "1", "--max-steps", str(a.steps),
                   "--eval-every", str(a.eval_every), "--eval-samples", str(a.eval_samples),
@@ -89,7 +88,7 @@ def run_one(run: Run, a: argparse.Namespace, prefix: list[str], out: Path) -> di
                   "--no-lr-scaling", "--weight-decay", "0.01" if run.optimizer == "adamw" else "0",
                   "--warmup-steps", str(a.warmup_steps), *run.args()]
     run_dir = out / "runs" / f"{run.optimizer}-{run.shards}-{run_dirname(run.name)}"
-    records = launch_training(train_args, a.ranks, prefix, run_dir, a.threads, a.run_timeout, run.name)
+    records = launch_training(train_args, a.ranks, net, run_dir, a.threads, a.run_timeout, run.name)
     summary = [r for r in records if r["kind"] == "summary"][-1]
     if summary["steps"] != a.steps:
         raise RuntimeError(f"{run.name} ran {summary['steps']} steps, not {a.steps}: the corpus holds fewer "
@@ -260,19 +259,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    ok, why = namespaces_available()
+    ok, why = emulation_available(1)
     shaped = ok and a.bandwidth != "none"
     if not shaped and a.bandwidth != "none":
         print(f"NOTE: no emulated network ({why}); running on the unshaped loopback", flush=True)
     rows = []
-    with (ShapedNetwork(a.bandwidth) if shaped else nullcontext()) as net:
-        prefix = net.prefix() if net is not None else []
-        measured = measure_bandwidth_mbps(prefix) if prefix else None
+    with emulate(a.bandwidth if shaped else None, 1, a.ranks, shaped) as net:
+        measured = net.measured_mbps
         network = f"tbf {a.bandwidth}, measured {measured:.0f} Mbit/s" if measured else "unshaped loopback"
         print(f"== {network}", flush=True)
         for run in plan(a):
             t = time.time()
-            rows.append(run_one(run, a, prefix, out))
+            rows.append(run_one(run, a, net, out))
             print(f"   {run.optimizer:<5} {run.shards:<10} {run.name:<28} val loss {rows[-1]['val_loss']:.4f} "
                   f"({time.time() - t:.0f} s)", flush=True)
     add_ratios(rows, a.tolerance)

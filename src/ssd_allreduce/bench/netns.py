@@ -156,9 +156,9 @@ def namespaces_available() -> tuple[bool, str]:
 
 
 _RECEIVER = r"""
-import socket, time
+import socket, sys, time
 srv = socket.socket()
-srv.bind(("127.0.0.1", 0))
+srv.bind((sys.argv[1], 0))
 srv.listen(1)
 print(srv.getsockname()[1], flush=True)
 conn, _ = srv.accept()
@@ -176,8 +176,8 @@ print(total, time.perf_counter() - start if start is not None else 0.0, flush=Tr
 
 _SENDER = r"""
 import socket, sys, time
-port, seconds = int(sys.argv[1]), float(sys.argv[2])
-sock = socket.create_connection(("127.0.0.1", port))
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+sock = socket.create_connection((host, port))
 chunk = b"\0" * (1 << 16)
 end = time.perf_counter() + seconds
 while time.perf_counter() < end:
@@ -186,8 +186,10 @@ sock.close()
 """
 
 
-def measure_bandwidth_mbps(prefix: list[str], seconds: float = 1.0) -> float:
-    """Mbit/s of one TCP stream over 127.0.0.1, run with ``prefix`` (e.g. a namespace's).
+def measure_bandwidth_mbps(prefix: list[str], seconds: float = 1.0, host: str = "127.0.0.1",
+                           sender_prefix: list[str] | None = None) -> float:
+    """Mbit/s of one TCP stream to ``host``, the receiver run with ``prefix`` (e.g. a namespace's)
+    and the sender with ``sender_prefix`` (default: the same).
 
     The receiver times from its first read to EOF and does not count that first
     read, so the token bucket's initial burst barely inflates the result.
@@ -195,7 +197,7 @@ def measure_bandwidth_mbps(prefix: list[str], seconds: float = 1.0) -> float:
     if not seconds > 0:
         raise ValueError(f"seconds must be > 0, got {seconds!r}")
     timeout = seconds + 30.0
-    receiver_cmd = [*prefix, sys.executable, "-c", _RECEIVER]
+    receiver_cmd = [*prefix, sys.executable, "-c", _RECEIVER, host]
     receiver = subprocess.Popen(receiver_cmd, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     try:
@@ -204,20 +206,20 @@ def measure_bandwidth_mbps(prefix: list[str], seconds: float = 1.0) -> float:
         if not port_line.strip().isdigit():
             receiver.kill()
             _, err = receiver.communicate(timeout=COMMAND_TIMEOUT_S)
-            raise RuntimeError(f"`{' '.join(receiver_cmd[:-1])} <receiver>` did not report a "
+            raise RuntimeError(f"`{' '.join(receiver_cmd[:-2])} <receiver>` did not report a "
                                f"port within {COMMAND_TIMEOUT_S:g} s: {err.strip()}")
-        _run([*prefix, sys.executable, "-c", _SENDER, port_line.strip(), str(seconds)],
-             timeout=timeout)
+        sender = prefix if sender_prefix is None else sender_prefix
+        _run([*sender, sys.executable, "-c", _SENDER, host, port_line.strip(), str(seconds)], timeout=timeout)
         out, err = receiver.communicate(timeout=COMMAND_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"bandwidth receiver `{' '.join(receiver_cmd[:-1])}` saw no EOF "
+        raise RuntimeError(f"bandwidth receiver `{' '.join(receiver_cmd[:-2])}` saw no EOF "
                            f"{COMMAND_TIMEOUT_S:g} s after the sender ended") from exc
     finally:
         if receiver.poll() is None:
             receiver.kill()
             receiver.wait()
     if receiver.returncode != 0:
-        raise RuntimeError(f"bandwidth receiver `{' '.join(receiver_cmd[:-1])}` failed "
+        raise RuntimeError(f"bandwidth receiver `{' '.join(receiver_cmd[:-2])}` failed "
                            f"(exit {receiver.returncode}): {err.strip()}")
     nbytes, elapsed = out.split()
     if float(elapsed) <= 0:

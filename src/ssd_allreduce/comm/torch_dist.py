@@ -5,6 +5,7 @@ only waits for them when the result is needed, and then on the device, not on th
 """
 from __future__ import annotations
 
+import pickle
 from contextlib import nullcontext
 from typing import Any, Optional, Sequence
 
@@ -54,7 +55,7 @@ class TorchDistCommunicator(Communicator):
             for flat in flats:
                 if pre != 1.0:
                     flat.mul_(pre)
-                works.append(dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+                works.append(self._sum_async(flat))
         return _TorchHandle(works, stream, tensors=tensors, groups=groups, flats=flats, scale=post)
 
     def allgather_async(self, tensor: Tensor, name: str) -> Handle:
@@ -63,11 +64,17 @@ class TorchDistCommunicator(Communicator):
             stream.wait_stream(torch.cuda.current_stream(tensor.device))
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             output = tensor.new_empty(tensor.numel() * self.size)
-            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-            work = gather(output, tensor.reshape(-1), group=self.group, async_op=True)
+            work = self._gather_async(output, tensor.reshape(-1))
         handle = _TorchHandle([work], stream, tensors=[], groups=[], flats=[output], scale=1.0)
         handle.output = output
         return handle
+
+    def _sum_async(self, flat: Tensor) -> Any:
+        return dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+
+    def _gather_async(self, output: Tensor, part: Tensor) -> Any:
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        return gather(output, part, group=self.group, async_op=True)
 
     def poll(self, handle: Handle) -> bool:
         assert isinstance(handle, _TorchHandle)
@@ -94,3 +101,39 @@ class TorchDistCommunicator(Communicator):
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
+
+class ProcessGroupCommunicator(TorchDistCommunicator):
+    """Collectives on a process group made directly from a store (``ProcessGroupGloo(store, rank,
+    size)``), outside ``torch.distributed``'s registry: whatever launched the job (Horovod, MPI),
+    such a group has threads of its own, so its collectives never queue behind another's."""
+
+    name = "process-group"
+
+    def __init__(self, group: Any, rank: int, size: int, device: str = "cpu") -> None:
+        self.group, self.rank, self.size, self.device = group, rank, size, torch.device(device)
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def _sum_async(self, flat: Tensor) -> Any:
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.SUM
+        return self.group.allreduce([flat], opts)
+
+    def _gather_async(self, output: Tensor, part: Tensor) -> Any:
+        return self.group.allgather([list(output.chunk(self.size))], [part])
+
+    def broadcast_(self, tensors: Sequence[Tensor], root_rank: int, name: str) -> None:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = root_rank
+        for t in tensors:
+            self.group.broadcast([t], opts).wait()
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        sizes = torch.zeros(self.size, dtype=torch.int64, device=self.device)   # NCCL moves device tensors only
+        self.group.allgather([list(sizes.chunk(self.size))], [torch.tensor([data.numel()], device=self.device)]).wait()
+        padded = torch.zeros(int(sizes.max()), dtype=torch.uint8, device=self.device)
+        padded[:data.numel()] = data.to(self.device)
+        everyone = torch.empty(self.size * padded.numel(), dtype=torch.uint8, device=self.device)
+        self.group.allgather([list(everyone.chunk(self.size))], [padded]).wait()
+        return [pickle.loads(chunk[:n].cpu().numpy().tobytes())
+                for chunk, n in zip(everyone.chunk(self.size), sizes.tolist())]

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import checkpoint, runlog
 from .data import DataSplit, FolderBatches, ShardedBatches, cifar_augment, load_dataset
-from .launch import DistContext, init_distributed, shutdown, spans_nodes
+from .launch import DistContext, init_distributed, shutdown
 from .models import MODEL_NAMES, build_language_model, build_model, count_parameters
 from .elastic import fit_elastic
 from .modes import Mode, make_mode
@@ -385,10 +385,7 @@ def _total(values: Any) -> Optional[float]:
 # ---------------------------------------------------------------------------------- the run
 def train(args: argparse.Namespace) -> int:
     timeout = fault_timeout(args.fault_timeout)
-    # Horovod's own notes saw slowdowns with dynamic process sets: only where hierarchical may run
-    hierarchical = args.local_sync == "on" or (args.local_sync == "auto" and spans_nodes())
-    ctx = init_distributed(args.backend, args.device, timeout,
-                           process_sets=args.mode in ("ssd", "local-sgd") and hierarchical)
+    ctx = init_distributed(args.backend, args.device, timeout)
     check_args(args, ctx.backend, ctx.size)
     watchdog = Watchdog(timeout, ctx.rank)
     try:

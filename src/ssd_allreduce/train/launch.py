@@ -89,11 +89,9 @@ def _init_torch_distributed(use_cuda: bool, timeout: float) -> tuple[int, int, i
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
-def init_distributed(backend: str = "auto", device: str = "auto", fault_timeout: float = 0.0,
-                     process_sets: bool = False) -> DistContext:
+def init_distributed(backend: str = "auto", device: str = "auto", fault_timeout: float = 0.0) -> DistContext:
     """Initialise ``backend`` ("auto", "horovod", "torch", "mpi") and pin one GPU per local rank;
-    ``fault_timeout`` > 0 bounds the backend's own waits on a lost peer (see ``watchdog``);
-    ``process_sets``: let Horovod add process sets later (hierarchical SSD-SGD's nodes)."""
+    ``fault_timeout`` > 0 bounds the backend's own waits on a lost peer (see ``watchdog``)."""
     if backend == "auto":
         backend = detect_backend()
     if backend not in BACKENDS:
@@ -108,8 +106,6 @@ def init_distributed(backend: str = "auto", device: str = "auto", fault_timeout:
         import horovod.torch as hvd
         check_horovod_gpu_support(use_cuda, hvd.nccl_built())
         set_backend_timeouts(fault_timeout)
-        if process_sets:
-            os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
         hvd.init()
         rank, size, local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
         if use_cuda:
@@ -124,14 +120,6 @@ def init_distributed(backend: str = "auto", device: str = "auto", fault_timeout:
         local_rank = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistContext(backend, rank, size, local_rank, dev, make_communicator(backend))
-
-
-def spans_nodes() -> bool:
-    """Whether the launcher says this job may span several nodes (read before any collective)."""
-    if os.environ.get("SSD_NODE"):
-        return True
-    counts = (os.environ.get(v, "") for v in ("HOROVOD_CROSS_SIZE", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"))
-    return any(c.isdigit() and int(c) > 1 for c in counts)
 
 
 def check_horovod_gpu_support(use_cuda: bool, nccl_built: bool) -> None:

@@ -118,12 +118,16 @@ class SSDMode(Mode):
 
     def make_optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
         a = self.args
-        return DistributedOptimizer(
+        wrapped = DistributedOptimizer(
             opt, named_parameters=self.model.named_parameters(), named_buffers=self.model.named_buffers(),
             compression=getattr(Compression, a.compression),
             sync_every=a.sync_every, delay=0 if a.mode == "local-sgd" else a.delay, max_sync_every=a.max_sync_every,
             warmup_steps=a.warmup_steps, glu_beta=a.glu_beta, compensation=a.compensation,
             backend=self.ctx.comm, local_sync={"auto": None, "on": True, "off": False}[a.local_sync])
+        if wrapped.node_layout and self.ctx.is_root:
+            print(f"hierarchical SSD-SGD on {wrapped.node_layout}: gradients averaged inside each node every "
+                  "step, windows between nodes", flush=True)
+        return wrapped
 
     def step(self, scaler: torch.amp.GradScaler) -> StepCost:
         stats = self.optimizer.ssd_stats
