@@ -130,7 +130,7 @@ def test_comparison_on_emulated_nodes_runs_every_window_flat_and_hierarchical(tm
     """4 ranks as 2 emulated nodes: the rows, the bytes that crossed the nodes' links, the cost model."""
     out = tmp_path / "nodes"
     proc = subprocess.run([PYTHON, "-m", "ssd_allreduce.bench", "--ranks", "4", "--nodes", "2", "--bandwidths",
-                           "200mbit", "--epochs", "1", "--ssd-configs", "5:5", "--warmup-steps", "4", "--out", str(out)],
+                           "200mbit", "--epochs", "3", "--ssd-configs", "5:5", "--warmup-steps", "4", "--out", str(out)],
                           env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
@@ -144,8 +144,9 @@ def test_comparison_on_emulated_nodes_runs_every_window_flat_and_hierarchical(tm
         return
     assert 160 < section["measured_mbps"] < 220 and "2 nodes x 2 ranks, links tbf 200mbit" in proc.stdout
     crossed = {name: r["inter_node_bytes_per_step"] for name, r in rows.items()}
-    # Horovod sends every step's gradients between the nodes, SSD-SGD every fifth step's delta
-    assert crossed["horovod"] > 2 * crossed["ssd k=5 d=5"] > 0 and crossed["horovod"] > 2 * crossed["ssd k=5 d=5 hier"]
+    # Horovod sends every step's gradients between the nodes, SSD-SGD after its 4 synchronous steps
+    # every fifth step's delta (evaluation and set-up traffic count for every mode)
+    assert crossed["horovod"] > 1.5 * max(crossed["ssd k=5 d=5"], crossed["ssd k=5 d=5 hier"])
     assert crossed["no-comm"] < crossed["ssd k=5 d=5"]
     assert rows["ssd k=5 d=5 hier"]["wire_bytes_per_step_per_rank"] is None
     checked = {c["name"] for c in results["node_cost_model"]}
