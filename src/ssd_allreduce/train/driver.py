@@ -15,6 +15,7 @@ checkpoints/; ``--resume`` continues from its latest checkpoint, exactly.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import random
@@ -423,6 +424,10 @@ def run(args: argparse.Namespace, ctx: DistContext, watchdog: Watchdog) -> None:
             print(runlog.format_table([summary]))
             runlog.plot([trainer.out], trainer.out / "curves.png")
     log.close()
+    # DDP's reducer holds the process group: release it before the group is torn down (a reducer
+    # outliving the group aborted one rank at exit, "terminate called without an active exception")
+    del trainer
+    gc.collect()
     shutdown(ctx)
 
 
