@@ -21,7 +21,7 @@ from .compression import compress, decompress_into_, reduces_by_gather, wire_byt
 from .settings import AUTO, SSDSettings
 from .stats import SSDStats
 from .topology import Hierarchy
-from .window import MISSING_GRADIENTS, NONFINITE_ADVICE, DeferredVerdict, GatherHandles, Window
+from .window import NONFINITE_ADVICE, DeferredVerdict, GatherHandles, Window, missing_gradients
 
 
 class DelayStage:
@@ -338,11 +338,9 @@ class DelayStage:
             raise FloatingPointError(self._nonfinite_message(verdict.launched_at) + NONFINITE_ADVICE)
 
     def _raise_missing_gradients(self, launched_at: int, share: float) -> None:
-        n, size = round(share * self.window_comm.size), self.window_comm.size
-        if self.window_comm is not self.comm:   # hierarchical: the flag is a node's
-            raise RuntimeError(MISSING_GRADIENTS.replace("{n} of {size} ranks", "a rank on {n} of {size} nodes")
-                               .format(n=n, size=size, step=launched_at))
-        raise RuntimeError(MISSING_GRADIENTS.format(n=n, size=size, step=launched_at))
+        size = self.window_comm.size   # hierarchical: the flag is a node's
+        raise RuntimeError(missing_gradients(round(share * size), size, launched_at,
+                                             "ranks" if self.window_comm is self.comm else "nodes"))
 
     @staticmethod
     def _nonfinite_message(launched_at: int) -> str:

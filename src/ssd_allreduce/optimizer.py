@@ -43,7 +43,7 @@ from .engine import DelayStage
 from .settings import DEFAULT_GLU_BETA, SSDSettings
 from .stats import SSDStats
 from .topology import Hierarchy, resolve_hierarchy
-from .window import MISSING_GRADIENTS
+from .window import missing_gradients
 from .warmup import GradientAverager, Groups
 
 logger = logging.getLogger(__name__)
@@ -120,8 +120,8 @@ def DistributedOptimizer(
         raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
     _check_op(_resolve_op(op))
     comm = make_communicator(backend, process_set)
-    devices = [p.device.type for g in optimizer.param_groups for p in g["params"]]
-    hierarchy = resolve_hierarchy(local_sync, comm, devices[0] if devices else "cpu")
+    device = next((p.device.type for g in optimizer.param_groups for p in g["params"]), "cpu")
+    hierarchy = resolve_hierarchy(local_sync, comm, device)
     if hierarchy is not None:
         settings = dataclasses.replace(settings, local_sync=True)
     if num_groups and groups is None:
@@ -304,8 +304,6 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         self._ssd_comm = comm
         self._ssd_settings = settings
         self._ssd_hierarchy = hierarchy
-        # windows run unless the hierarchy has one node: then every step stays synchronous
-        self._ssd_windows = hierarchy is None or hierarchy.cross.size > 1
         self.backward_passes_per_step = backward_passes_per_step
         self.ssd_stats = SSDStats()
         self._ssd_engine = DelayStage(
@@ -384,6 +382,11 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
                 and not self._ssd_warned_scaler and averager is not None):
             averager.grad_ready(p)
 
+    @property
+    def _ssd_windows(self) -> bool:
+        """Windows run, unless the hierarchy has one node: then every step stays synchronous."""
+        return self._ssd_hierarchy is None or self._ssd_hierarchy.cross.size > 1
+
     def _ssd_averager_at(self, step: int) -> Optional[GradientAverager]:
         """Who averages the gradients of ``step``: everyone in the warm-up, the node after it
         (hierarchical), nobody after it (flat: the windows do)."""
@@ -409,8 +412,7 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
                 self._ssd_engine.tuner.warmup_collective(averager.last_seconds, averager.last_bytes)
             self._ssd_erred = erred
             if erred and (averager is self._ssd_averager or not self._ssd_windows):
-                raise RuntimeError(MISSING_GRADIENTS.format(n=erred, size=averager.comm.size,
-                                                            step=self._ssd_step))
+                raise RuntimeError(missing_gradients(erred, averager.comm.size, self._ssd_step))
         self._synchronized = True
 
     @contextmanager

@@ -45,8 +45,12 @@ class Window:
 
 NONFINITE_ADVICE = (": lower the learning rate or clip gradients, or pass nonfinite='skip' to skip such "
                     "windows; the global weights were not updated")
-MISSING_GRADIENTS = ("{n} of {size} ranks called optimizer.step() without any gradient at or before step "
-                     "{step}: call loss.backward() before optimizer.step() on every rank")
+def missing_gradients(n: int, size: int, step: int, among: str = "ranks") -> str:
+    """The error when ``n`` of ``size`` ranks (or, hierarchical, nodes with such a rank) stepped
+    without gradients."""
+    who = f"{n} of {size} ranks" if among == "ranks" else f"a rank on {n} of {size} nodes"
+    return (f"{who} called optimizer.step() without any gradient at or before step {step}: call "
+            "loss.backward() before optimizer.step() on every rank")
 
 
 class DeferredVerdict:

@@ -169,8 +169,10 @@ def check_measured(sections: Sequence[tuple[float, list[dict[str, Any]]]], nodes
         return lo
 
     mbps, rows = min(sections, key=lambda section: section[0])
-    by = {row_mode(r) + (" blocking" if r["mode"] == "local-sgd" else ""): r for r in rows}
-    flat, hier, hvd = by.get("ssd blocking"), by.get("ssd-hier blocking"), by["horovod"]
+    def blocking(hierarchical: bool) -> Optional[dict[str, Any]]:   # local SGD: its whole window is exposed
+        return next((r for r in rows if r["mode"] == "local-sgd" and r["name"].endswith(" hier") == hierarchical),
+                    None)
+    flat, hier, hvd = blocking(False), blocking(True), next(r for r in rows if r["mode"] == "horovod")
     inter_us = solve(lambda us: step_seconds("ssd", workload(flat), cluster(mbps, us, 0.0), *window(flat)),
                      flat["step_ms"] / 1e3) if flat else DEFAULT_LATENCY_US[0]
     overlap = calibrate_overlap(hvd["step_ms"] / 1e3, workload(hvd), cluster(mbps, inter_us, 0.0))
