@@ -104,3 +104,43 @@ def test_the_delay_stage_never_waits_on_the_gpu_from_the_host():
         torch.cuda.set_sync_debug_mode("default")
     assert opt.ssd_stats.windows_landed >= 4 and opt._ssd_engine.defers_checks
     opt.finish()
+
+
+def _kernels_under(event) -> set[str]:
+    """Names of the CUDA kernels launched inside a profiled CPU event, its children included."""
+    names = {k.name for k in event.kernels}
+    for child in event.cpu_children:
+        names |= _kernels_under(child)
+    return names
+
+
+def test_the_first_landing_launches_only_kernels_launched_before():
+    """CUDA loads a kernel at its first launch (0.1 s for a landing's on an H200, 3 % of a short
+    benchmark): the delay stage's start rehearses a window's work, so the first landing loads none."""
+    sys.path.insert(0, str(WORKERS.parent))
+    from fakes import LocalCommunicator
+    import ssd_allreduce
+    from torch import nn
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4)).cuda()
+    opt = ssd_allreduce.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                             named_parameters=model.named_parameters(),
+                                             named_buffers=model.named_buffers(), sync_every=3,
+                                             warmup_steps=2, backend=LocalCommunicator(mirrors=2))
+    x, y = torch.randn(8, 16, device="cuda"), torch.randint(0, 4, (8,), device="cuda")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(8):   # 2 warm-up steps, the start at step 2, a launch at 4, the landing at 7
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        torch.cuda.synchronize()
+    assert opt.ssd_stats.windows_landed == 1
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    landing = next(e for e in events if e.name == "ssd_allreduce.land")
+    before = set().union(*(set(k.name for k in e.kernels) for e in events
+                           if e.time_range.end <= landing.time_range.start))
+    first_time = _kernels_under(landing) - before
+    assert _kernels_under(landing) and not first_time, first_time
+    opt.finish()

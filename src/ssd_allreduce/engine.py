@@ -118,6 +118,25 @@ class DelayStage:
         else:
             k, d = self.settings.sync_every, self.settings.delay
         self._set_clock(WindowClock(k, d, step + k - 1))
+        self._rehearse()
+
+    def _rehearse(self) -> None:
+        """Run a window's device work once on tiny stand-ins of the tensors (same dtypes and
+        devices, hence the same kernels). CUDA loads a kernel at its first launch: unrehearsed,
+        the first landing took 0.1 s longer on an H200, 3 % of a 100-step benchmark."""
+        if not any(t.is_cuda for t in self.local):
+            return
+        tiny = [t.new_zeros(4) for t in self.local]
+        global_, snapshot, delta = FlatSpace(tiny), FlatSpace(tiny), FlatSpace(tiny)
+        launch_window(tiny, global_, snapshot, delta)
+        wire, contexts = compress(self.compression, delta.buffers)
+        decompress_into_(self.compression, delta.buffers, wire, contexts)
+        DeferredVerdict(0, 0, _zero_unless_finite_(delta), None).read()
+        apply_global_update_(global_, delta)
+        n = len(self.params)
+        compensate_local_(tiny[:n], tiny[n:], global_, snapshot, delta, glu_beta=self.settings.glu_beta,
+                          elapsed=self.clock.delay, sync_every=self.clock.sync_every,
+                          compensation=self.settings.compensation)
 
     def wire_bytes(self) -> int:
         """Bytes a window's delta puts on the wire from this rank (its compressed payload); a
@@ -296,9 +315,7 @@ class DelayStage:
             self.window = None
             self.check_deferred()
             if self.defers_checks:
-                finite = self.delta.all_finite()
-                for d in self.delta.buffers:
-                    d.masked_fill_(~finite.to(d.device), 0)
+                finite = _zero_unless_finite_(self.delta)
                 self.verdict = DeferredVerdict(window.launched_at, window.lands_at, finite, window.flag)
             else:
                 if window.flag is not None and float(window.flag) > 0:
@@ -464,6 +481,15 @@ def _copy_buffers(dst: list[Tensor], src: Sequence[Tensor], what: str) -> None:
     with torch.no_grad():
         for d, s in zip(dst, src):
             d.copy_(s)
+
+
+def _zero_unless_finite_(delta: FlatSpace) -> Tensor:
+    """Zero ``delta`` unless every element is finite, without reading it on the host; returns
+    the device's verdict."""
+    finite = delta.all_finite()
+    for d in delta.buffers:
+        d.masked_fill_(~finite.to(d.device), 0)
+    return finite
 
 
 def _shard_bounds(numel: int, which: int, of: int) -> tuple[int, int]:
