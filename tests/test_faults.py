@@ -31,32 +31,41 @@ EXPECTED_PHASE = {"warmup": re.escape("step 5 (warm-up: gradients averaged every
                   "checkpoint": "the checkpoint at step 22", "evaluation": "the evaluation after step 22"}
 
 
-def inject(tmp_path: Path, launcher: str, fault: str) -> tuple[str, float]:
-    """Run with the fault; returns (the ranks' output, the fault's time)."""
+def inject(tmp_path: Path, launcher: str, fault: str, lost: int = 1) -> tuple[str, float, int]:
+    """Run with the fault sent to rank ``lost``; returns (the ranks' output, the fault's time, the
+    lost rank's pid)."""
     out = tmp_path / "run"
-    cmd = LAUNCHERS[launcher](*TRAIN, "--out", str(out), "--fault-at", f"{fault}:1")
+    cmd = LAUNCHERS[launcher](*TRAIN, "--out", str(out), "--fault-at", f"{fault}:{lost}")
     proc = subprocess.run(cmd, env=launcher_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=180, start_new_session=True)
     assert proc.returncode != 0, f"the job exited 0 after {fault}:\n{proc.stdout}"
-    fault_file = out / "fault-rank1.time"
+    fault_file = out / f"fault-rank{lost}.time"
     assert fault_file.exists(), f"the fault {fault} was never reached:\n{proc.stdout}"
-    return proc.stdout, float(fault_file.read_text())
+    when, pid = fault_file.read_text().split()
+    return proc.stdout, float(when), int(pid)
 
 
-@pytest.mark.parametrize("launcher, fault", [
-    ("horovod-gloo", "stop:warmup:5"), ("horovod-gloo", "stop:window:30"), ("horovod-gloo", "kill:window:30"),
-    ("horovod-gloo", "stop:evaluation:22"), ("horovod-gloo", "stop:checkpoint:22"),
-    ("horovod-mpi", "stop:window:30"), ("torch-gloo", "stop:window:30"), ("mpi4py", "stop:window:30"),
+@pytest.mark.parametrize("launcher, fault, lost", [
+    ("horovod-gloo", "stop:warmup:5", 1), ("horovod-gloo", "stop:window:30", 1), ("horovod-gloo", "kill:window:30", 1),
+    ("horovod-gloo", "stop:evaluation:22", 1), ("horovod-gloo", "stop:checkpoint:22", 1),
+    ("horovod-gloo", "stop:window:30", 0), ("horovod-mpi", "stop:window:30", 1), ("torch-gloo", "stop:window:30", 1),
+    ("mpi4py", "stop:window:30", 1),
 ])
-def test_a_lost_rank_stops_the_survivor_within_the_bound_saying_where(tmp_path, launcher, fault):
-    output, fault_time = inject(tmp_path, launcher, fault)
+def test_a_lost_rank_stops_the_survivor_within_the_bound_saying_where_and_who(tmp_path, launcher, fault, lost):
+    output, fault_time, pid = inject(tmp_path, launcher, fault, lost)
     phase = EXPECTED_PHASE[fault.split(":")[1]]
-    said = re.search(rf"rank 0 at (\S+): (stopped during|no progress for \d+ s during) ({phase})[^\n]*", output)
-    assert said, f"rank 0 did not say where it stopped ({phase}):\n{output}"
+    survivor = 1 - lost
+    said = re.search(rf"rank {survivor} at (\S+): (stopped during|no progress for \d+ s during) ({phase})[^\n]*",
+                     output)
+    assert said, f"rank {survivor} did not say where it stopped ({phase}):\n{output}"
     seconds = datetime.fromisoformat(said[1]).timestamp() - fault_time
-    assert seconds < BOUND + SLACK, f"rank 0 stopped {seconds:.1f} s after the fault:\n{output}"
-    print(json.dumps({"launcher": launcher, "fault": fault, "seconds": round(seconds, 1),
-                      "message": said[0][:160]}))
+    assert seconds < BOUND + SLACK, f"rank {survivor} stopped {seconds:.1f} s after the fault:\n{output}"
+    # the roll call names the lost rank, its pid and (rank 0 keeps the roll call) how it went
+    who = rf"lost: rank {lost} \(pid {pid} on [^)]+\), " + ("which keeps the roll call, does not answer" if lost == 0
+                                                            else r"silent since it was at (start-up|step \d+|the )")
+    assert re.search(who, said[0]), f"rank {survivor} did not name rank {lost} as lost:\n{said[0]}"
+    print(json.dumps({"launcher": launcher, "fault": f"{fault}:{lost}", "seconds": round(seconds, 1),
+                      "message": said[0][:240]}))
 
 
 def test_after_a_lost_rank_the_newest_complete_checkpoint_resumes(tmp_path):

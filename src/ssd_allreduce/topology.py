@@ -19,9 +19,10 @@ import os
 import socket
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 from .comm import Communicator
+from .rendezvous import StoreUnavailable, interface, serve_from_rank0
 
 NODE_ENV = "SSD_NODE"
 
@@ -204,24 +205,11 @@ def _standalone_groups(comm: Communicator, layout: NodeLayout, device_type: str)
 
     from .comm.torch_dist import ProcessGroupCommunicator
 
-    iface = _interface()
-    where: Any = None
-    if comm.rank == 0:   # what went wrong here is told to every rank, which then stop alike
-        try:
-            host = _address_of(iface) if iface else socket.gethostbyname(socket.gethostname())
-            if host.startswith("127.") and layout.hosts > 1:
-                raise HierarchyUnavailable(
-                    f"this host's name resolves to the loopback address {host}, which the other nodes cannot "
-                    "reach: set GLOO_SOCKET_IFNAME (or HOROVOD_GLOO_IFACE) to the network interface between nodes")
-            server = dist.TCPStore(host, 0, comm.size, True, timeout=STORE_TIMEOUT, wait_for_workers=False)
-            where = ("ok", host, server.port)
-        except (OSError, RuntimeError) as exc:
-            where = ("error", str(exc))
-    told = comm.allgather_object(where)[0]
-    if told[0] == "error":
-        raise HierarchyUnavailable(f"rank 0 could not serve the groups' rendezvous: {told[1]}")
-    _, host, port = told
-    store = server if comm.rank == 0 else dist.TCPStore(host, port, comm.size, False, timeout=STORE_TIMEOUT)
+    iface = interface()
+    try:
+        store, _, _ = serve_from_rank0(comm, layout.hosts, STORE_TIMEOUT)
+    except StoreUnavailable as exc:
+        raise HierarchyUnavailable(str(exc)) from None
     tag = f"ssd-hierarchy-{next(_stores_built)}"
 
     def group(name: str, rank: int, size: int) -> ProcessGroupCommunicator:
@@ -237,22 +225,3 @@ def _standalone_groups(comm: Communicator, layout: NodeLayout, device_type: str)
         return ProcessGroupCommunicator(pg, rank, size, device_type)
     return (group(f"node{layout.node}", layout.local_rank, layout.local_size),
             group(f"cross{layout.local_rank}", layout.node, layout.num_nodes))
-
-
-def _interface() -> str:
-    """The network interface the launcher chose for collectives, if it said ("" if not)."""
-    for name in ("HOROVOD_GLOO_IFACE", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-        iface = os.environ.get(name, "").split(",")[0].strip()
-        if iface:
-            return iface
-    return ""
-
-
-def _address_of(iface: str) -> str:
-    import psutil
-
-    for addr in psutil.net_if_addrs().get(iface, []):
-        if addr.family == socket.AF_INET:
-            return addr.address
-    raise HierarchyUnavailable(f"the network interface {iface!r} (from the launcher's environment) has no IPv4 "
-                               "address on this host: set HOROVOD_GLOO_IFACE / GLOO_SOCKET_IFNAME to one it has")

@@ -39,6 +39,7 @@ from .models import MODEL_NAMES, build_language_model, build_model, count_parame
 from .elastic import fit_elastic
 from .modes import Mode, make_mode
 from .options import build_parser, check_args
+from .rollcall import RollCall
 from .watchdog import Watchdog, fault_timeout, stop_label
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -238,7 +239,7 @@ class Trainer:
         tests, send the fault asked for with --fault-at to this very process)."""
         self.watchdog.progress(PHASES[kind].format(step=step))
         if self.fault is not None and self.fault[1:] == (kind, step, self.ctx.rank):
-            (self.out / f"fault-rank{self.ctx.rank}.time").write_text(repr(time.time()))
+            (self.out / f"fault-rank{self.ctx.rank}.time").write_text(f"{time.time()!r} {os.getpid()}")
             os.kill(os.getpid(), self.fault[0])
 
     def adopt_world(self, rank: int, size: int, position: Position, committed_size: int) -> None:
@@ -389,13 +390,22 @@ def train(args: argparse.Namespace) -> int:
     ctx = init_distributed(args.backend, args.device, timeout)
     check_args(args, ctx.backend, ctx.size)
     watchdog = Watchdog(timeout, ctx.rank)
+    # elastic: a joining rank must not meet the others in a collective before hvd.elastic.run
+    if timeout > 0 and ctx.size > 1 and not args.elastic:
+        watchdog.rollcall = RollCall.start(ctx.comm, lambda: watchdog.phase)
     try:
         run(args, ctx, watchdog)
     except Exception as exc:   # a lost peer shows here as the backend's error: say where it hit
-        print(f"{stop_label(ctx.rank)} stopped during {watchdog.phase}: {type(exc).__name__}: {exc}",
+        lost = ""
+        if watchdog.rollcall is not None:
+            watchdog.rollcall.leave(type(exc).__name__)
+            lost = watchdog.rollcall.lost()
+        print(f"{stop_label(ctx.rank)} stopped during {watchdog.phase}{lost}: {type(exc).__name__}: {exc}",
               file=sys.stderr, flush=True)
         raise                  # the watchdog still bounds what exit hooks may wait for
     watchdog.stop()
+    if watchdog.rollcall is not None:
+        watchdog.rollcall.leave("finished")
     return 0
 
 

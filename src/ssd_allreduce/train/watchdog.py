@@ -6,7 +6,8 @@ receive timeout only inside a collective, MPI never. The watchdog is a thread th
 when training has made no progress for ``timeout`` seconds, saying at which step and in which
 phase, so the launcher (horovodrun, mpirun, torchrun, srun) ends the job. The backends' own
 timeouts are set to the same bound (``backend_timeouts``) so that, where a backend notices first,
-its message (Horovod's names the ranks that did not join a collective) is printed before.
+its message (Horovod's names the ranks that did not join a collective) is printed before. The
+roll call (``rollcall``) names the rank that was lost.
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import sys
 import threading
 import time
 from datetime import datetime, timedelta
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from .rollcall import RollCall
 
 EXIT_STALLED = 75
 ENV_TIMEOUT = "SSD_FAULT_TIMEOUT"
@@ -53,11 +57,13 @@ def torch_timeout(timeout: float) -> Optional[timedelta]:
 
 class Watchdog:
     """Call ``progress(phase)`` whenever training moves on; ``stop()`` at the end. It watches from
-    the first ``progress``: set-up (data, model, resume) may take as long as it needs."""
+    the first ``progress``: set-up (data, model, resume) may take as long as it needs. With a
+    ``rollcall`` it names the lost rank, asked a little before the bound so it stops on time."""
 
     def __init__(self, timeout: float, rank: int) -> None:
         self.timeout, self.rank = timeout, rank
         self.phase = "start-up"
+        self.rollcall: Optional["RollCall"] = None
         self._last: Optional[float] = None
         self._done = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -73,13 +79,24 @@ class Watchdog:
         self._done.set()
 
     def _watch(self) -> None:
+        lost: Optional[str] = None
+        asked_at: Optional[float] = None   # the progress mark the roll call was asked at
         while not self._done.wait(min(1.0, self.timeout / 10)):
-            if self._last is None:
+            last = self._last
+            if last is None:
                 continue
-            idle = time.monotonic() - self._last
-            if idle > self.timeout:
+            idle = time.monotonic() - last
+            if self.rollcall is not None and idle > self.timeout - min(self.rollcall.longest_answer, self.timeout / 2):
+                if asked_at != last:
+                    try:
+                        lost = self.rollcall.lost()
+                    except Exception as exc:   # never let naming the lost rank cost the bounded stop
+                        lost = f"; the roll call failed: {exc}"
+                    asked_at = last
+                    continue
+            if idle > self.timeout and self._last == last:
                 print(f"{stop_label(self.rank)} no progress for {idle:.0f} s during {self.phase}: another rank "
-                      f"stopped or froze, or a link is down; stopping this rank (exit {EXIT_STALLED}). "
+                      f"stopped or froze, or a link is down{lost or ''}; stopping this rank (exit {EXIT_STALLED}). "
                       f"Rerun with --resume to continue from the last checkpoint; --fault-timeout "
                       f"(${ENV_TIMEOUT}) sets the bound", file=sys.stderr, flush=True)
                 os._exit(EXIT_STALLED)   # not sys.exit: exit hooks would block on the lost peer
