@@ -121,6 +121,19 @@ def test_srun_pmix_horovod_allreduce(slurm_env: dict[str, str]) -> None:
     _check_hvd_lines(out)
 
 
+def test_srun_tasks_that_cannot_join_one_job_all_stop_saying_so(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    """A Horovod with Gloo alone (forced here) cannot take its ranks from plain srun: each task
+    would train alone as a job of 1. Every task stops before training, saying what to do."""
+    env = {**slurm_env, "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo"}
+    proc = run(["srun", "-n", "2", PYTHON, "-m", "ssd_allreduce.train", "--no-progress", "--backend", "horovod",
+                "--data", "digits", "--model", "cnn", "--epochs", "1", "--out", str(tmp_path / "run")],
+               env, timeout=180, check=False)
+    said = re.findall(r"srun started 2 tasks in this step \(SLURM_STEP_NUM_TASKS\) but this task's job has 1 "
+                      r"rank\(s\) through horovod.*srun --mpi=pmix", proc.stdout)
+    assert proc.returncode != 0 and len(said) == 2, proc.stdout
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_sbatch_horovod_job_completes(slurm_env: dict[str, str], tmp_path: Path) -> None:
     out_file = tmp_path / "job-%j.out"
     script = tmp_path / "hvd.sbatch"

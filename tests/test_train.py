@@ -309,3 +309,19 @@ def test_gpu_training_through_a_horovod_without_nccl_is_refused_with_what_to_do(
     check_horovod_gpu_support(use_cuda=True, nccl_built=True)
     with pytest.raises(SystemExit, match="built without NCCL.*--backend torch"):
         check_horovod_gpu_support(use_cuda=True, nccl_built=False)
+
+
+def test_slurm_task_count_is_checked_only_where_srun_started_the_ranks_itself():
+    from ssd_allreduce.train.launch import check_slurm_step
+
+    step = {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "2"}
+    check_slurm_step(4, "horovod", step)                                   # srun --mpi=pmix: one job of 4
+    with pytest.raises(SystemExit, match=r"srun started 4 tasks .* has 1 rank\(s\) through horovod.*--mpi=pmix"):
+        check_slurm_step(1, "horovod", step)                               # 4 tasks, each alone
+    with pytest.raises(SystemExit, match="has 2 rank"):
+        check_slurm_step(2, "mpi", step)
+    check_slurm_step(1, "horovod", {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"})    # the batch step: no srun step
+    # launchers that run one srun task per node and start the ranks themselves
+    for launcher in ({"HOROVOD_RANK": "0"}, {"TORCHELASTIC_RUN_ID": "x"}, {"OMPI_COMM_WORLD_SIZE": "8"},
+                     {"MPI_LOCALNRANKS": "4"}):
+        check_slurm_step(8, "horovod", {**step, **launcher})

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from . import checkpoint, runlog
 from .data import DataSplit, FolderBatches, ShardedBatches, cifar_augment, load_dataset
-from .launch import DistContext, init_distributed, shutdown
+from .launch import DistContext, check_slurm_step, init_distributed, shutdown
 from .models import MODEL_NAMES, build_language_model, build_model, count_parameters
 from .elastic import fit_elastic
 from .modes import Mode, make_mode
@@ -388,6 +388,7 @@ def _total(values: Any) -> Optional[float]:
 def train(args: argparse.Namespace) -> int:
     timeout = fault_timeout(args.fault_timeout)
     ctx = init_distributed(args.backend, args.device, timeout)
+    check_slurm_step(ctx.size, ctx.backend)
     check_args(args, ctx.backend, ctx.size)
     watchdog = Watchdog(timeout, ctx.rank)
     # elastic: a joining rank must not meet the others in a collective before hvd.elastic.run

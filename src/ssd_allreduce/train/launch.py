@@ -10,7 +10,7 @@ import importlib.util
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -19,6 +19,9 @@ from .watchdog import set_backend_timeouts, torch_timeout
 
 TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "GROUP_RANK")
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "HOROVOD_RANK")
+# set by horovodrun, torchrun, Open MPI's mpirun and MPICH's mpiexec for the processes they start
+# (under Slurm these run one srun task per node, so Slurm's task count is not the job's size)
+NON_SLURM_LAUNCHER_VARS = ("HOROVOD_RANK", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 
 
 @dataclass
@@ -73,7 +76,8 @@ def _init_torch_distributed(use_cuda: bool, timeout: float) -> tuple[int, int, i
 
     env = os.environ
     if "RANK" not in env and "SLURM_PROCID" in env:
-        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        # the step's tasks, which may be fewer than the allocation's (srun -n 2 inside sbatch -n 4)
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"])
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         env.setdefault("MASTER_ADDR", _slurm_master_addr())
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
@@ -120,6 +124,24 @@ def init_distributed(backend: str = "auto", device: str = "auto", fault_timeout:
         local_rank = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistContext(backend, rank, size, local_rank, dev, make_communicator(backend))
+
+
+def check_slurm_step(size: int, backend: str, env: Optional[Mapping[str, str]] = None) -> None:
+    """Where srun itself started this process (no horovodrun, mpirun or torchrun in between), every
+    task of the step must be a rank of this one job: otherwise the tasks did not find each other
+    and each would train alone. Raised alike on every task."""
+    env = os.environ if env is None else env
+    tasks = env.get("SLURM_STEP_NUM_TASKS")
+    if tasks is None or any(v in env for v in NON_SLURM_LAUNCHER_VARS) or int(tasks) == size:
+        return
+    if backend == "horovod":
+        how = ("This Horovod cannot take its ranks from srun alone: start the step with `srun --mpi=pmix` "
+               "and a Horovod built with MPI, or launch with horovodrun, or pass --backend torch to srun")
+    else:
+        how = "Start the step with `srun --mpi=pmix` (MPI), or pass --backend torch to plain srun"
+    raise SystemExit(f"srun started {tasks} tasks in this step (SLURM_STEP_NUM_TASKS) but this task's job has "
+                     f"{size} rank(s) through {backend}: the tasks would each train apart. {how}. "
+                     "Independent runs are separate steps (srun -n 1 each)")
 
 
 def check_horovod_gpu_support(use_cuda: bool, nccl_built: bool) -> None:
