@@ -94,6 +94,38 @@ def test_a_rank_removed_and_added_back_by_the_discovery_script(tmp_path):
     assert summary["ssd_stats"]["windows_landed"] > 300, summary
 
 
+def test_a_crashed_rank_is_dropped_and_training_goes_on_from_the_last_commit(tmp_path):
+    """A second host whose rank is SIGKILLed mid-window: Horovod blacklists the host, the survivor's
+    collective fails, every survivor restores the last commit and training finishes on what is left.
+    The second host is this machine under 127.0.0.2, which Horovod does not count as local and so
+    reaches through `ssh`: here a stand-in that runs the command on this machine."""
+    shim = tmp_path / "bin" / "ssh"
+    shim.parent.mkdir()
+    shim.write_text('#!/bin/bash\n# ssh [options] HOST COMMAND: run COMMAND here\nexec bash -c "${@: -1}"\n')
+    shim.chmod(0o755)
+    discover = tmp_path / "discover.sh"
+    discover.write_text("#!/bin/sh\necho localhost:1\necho 127.0.0.2:1\n")
+    discover.chmod(0o755)
+    run = tmp_path / "run"
+    epochs = [a for a in TRAIN if a not in ("--epochs", "400")] + ["--epochs", "6", "--mode", "ssd"]
+    out = run_ranks([str(BIN / "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2", "--host-discovery-script",
+                     str(discover), "--gloo", "--network-interface", "lo", PYTHON, *epochs, "--out", str(run),
+                     "--fault-at", "kill:window:54:1"],     # rank 1 is the one on 127.0.0.2
+                    timeout=240, env={"PATH": f"{shim.parent}:{BIN}:{os.environ.get('PATH', '')}"})
+    assert (run / "fault-rank1.time").exists(), out             # the rank on the second host was killed
+    recs = records(run)
+    changes = [(r["were"], r["ranks"], r["step"]) for r in recs if r["kind"] == "membership"]
+    assert changes == [(2, 1, 50)], (changes, out)               # back to the commit before step 54
+    assert "rank 0: 1 ranks now (were 2): continuing from the commit at step 50" in out, out
+    steps = [r["step"] for r in recs if r["kind"] == "step"]
+    after = steps[steps.index(51, steps.index(54)):]             # the steps after the restore
+    assert steps[:steps.index(54) + 1][:50] == list(range(1, 51)) and after[0] == 51, steps
+    assert after == list(range(51, 51 + len(after))), steps
+    summary = [r for r in recs if r["kind"] == "summary"][-1]
+    # 2 epochs and 6 of 22 steps by 2 ranks; alone, 12 of 44 are done, so 32 steps and 3 more epochs of 44
+    assert summary["ranks"] == 1 and summary["steps"] == 50 + 32 + 3 * 44 and summary["test_accuracy"] > 0.9, summary
+
+
 def test_a_preempted_elastic_run_says_how_to_resume_and_that_resume_finishes_it(tmp_path):
     discover = tmp_path / "discover.sh"
     discover.write_text("#!/bin/sh\necho localhost:2\n")
