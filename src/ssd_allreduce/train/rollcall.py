@@ -3,7 +3,8 @@ lost peer can name it (its rank, pid and host, and the step of its last beat). T
 Gloo reports a closed connection, a frozen peer only a timeout, MPI nothing at all.
 
 A peer is lost when its beat does not move while this rank watches (three beats' time) and it did
-not say it was leaving; rank 0 is lost when its store does not answer.
+not say it was leaving; rank 0 is lost when its store does not answer. A beat goes once a second,
+less often past 256 ranks (rank 0's store takes about 256 a second).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ BEAT_SECONDS = 1.0
 RANKS_PER_BEAT_SECOND = 256    # rank 0's store takes about this many beats a second
 CONNECT_TIMEOUT = datetime.timedelta(seconds=60)
 ANSWER_TIMEOUT = datetime.timedelta(seconds=3)
+READ_KEY = "ssd.rollcall.read"   # counts the peers whose watch is over (rank 0 serves until then)
 
 
 class RollCall:
@@ -42,27 +44,29 @@ class RollCall:
 
     @classmethod
     def start(cls, comm: Communicator, phase: Callable[[], str]) -> Optional["RollCall"]:
-        """Collective over ``comm``; None (said once, on rank 0) where rank 0 cannot serve it."""
+        """Collective over ``comm``; None on every rank (said once, on rank 0) where a rank cannot
+        reach rank 0's store: naming a lost rank is worth no failed run."""
         peers = [tuple(p) for p in comm.allgather_object((socket.gethostname(), os.getpid()))]
+        problem, store = None, None
         try:
             store, host, port = serve_from_rank0(comm, len({h for h, _ in peers}), CONNECT_TIMEOUT)
-        except StoreUnavailable as exc:
+        except StoreUnavailable as exc:   # rank 0's, told to every rank
+            problem = str(exc)
+        except (RuntimeError, OSError) as exc:
+            problem = f"rank {comm.rank} cannot reach rank 0's store: {exc}"
+        problems = [p for p in comm.allgather_object(problem) if p]
+        if problems:
             if comm.rank == 0:
-                print(f"ssd_allreduce: no roll call (a lost rank will not be named): {exc}", file=sys.stderr)
+                print(f"ssd_allreduce: no roll call (a lost rank will not be named): {problems[0]}", file=sys.stderr)
             return None
         rollcall = cls(store, (host, port), comm.rank, peers, phase)
         comm.allgather_object(None)
         return rollcall
 
     @property
-    def watch_seconds(self) -> float:
-        """How long ``lost()`` watches a peer's beat before naming it (three beats)."""
-        return 3 * self.interval
-
-    @property
     def longest_answer(self) -> float:
-        """The most ``lost()`` takes."""
-        return ANSWER_TIMEOUT.total_seconds() + self.watch_seconds
+        """What ``lost()`` takes at most unless told less: rank 0's answer, then three beats' watch."""
+        return ANSWER_TIMEOUT.total_seconds() + 3 * self.interval + 0.5
 
     def leave(self, why: str) -> None:
         """This rank stops on purpose (its own error, or the end): peers do not name it as lost.
@@ -77,57 +81,70 @@ class RollCall:
         self.store.set(f"beat/{self.rank}", json.dumps({"n": self._beats, "phase": self.phase(),
                                                         "leaving": self.leaving}))
 
-    def _beat_quietly(self) -> bool:
+    def _beat_quietly(self) -> None:
         try:
             self._beat()
-            return True
-        except Exception:   # rank 0 and its store are gone: a peer's lost() says so
-            return False
+        except Exception:   # rank 0 busy or gone: the next beat tries again
+            pass
 
     def _beat_on(self) -> None:
         while True:
             time.sleep(self.interval)
-            if not self._beat_quietly():
-                return
+            self._beat_quietly()
 
-    def lost(self) -> str:
-        """"; lost: ..." naming the peers whose beat stopped, or "" when every peer beats or is
-        leaving. Returns as soon as every peer was seen alive, at the latest after
-        ``longest_answer`` seconds."""
+    def lost(self, within: Optional[float] = None) -> str:
+        """The peers whose beat stopped, as "; lost: rank R (pid P on HOST), last heard at PHASE"
+        (or rank 0 whose store does not answer); "" where every peer beats, is leaving, or could
+        not be watched long enough to tell. Takes at most ``within`` seconds (default
+        ``longest_answer``), less once every peer was seen."""
+        within = self.longest_answer if within is None else within
+        t0 = time.monotonic()
         answered, found = threading.Event(), []
-        reader = threading.Thread(target=self._watch, args=(answered, found), name="ssd-rollcall-read", daemon=True)
+        reader = threading.Thread(target=self._watch, args=(answered, found, t0 + within),
+                                  name="ssd-rollcall-read", daemon=True)
         reader.start()
-        if answered.wait(ANSWER_TIMEOUT.total_seconds()):
-            reader.join(self.watch_seconds + 1.0)
-        if found:
-            return found[0]
-        return "" if self.rank == 0 else f"; lost: {self._who(0)}, which keeps the roll call, does not answer"
+        if answered.wait(min(ANSWER_TIMEOUT.total_seconds(), within / 2)):
+            reader.join(max(0.0, t0 + within - time.monotonic()))
+        if not answered.is_set() or (found and found[0] is None):
+            return "" if self.rank == 0 else f"; lost: {self._who(0)}, which keeps the roll call, does not answer"
+        return found[0] if found else ""   # rank 0 answered, then no verdict in time: name nobody
 
-    def _watch(self, answered: threading.Event, found: list[str]) -> None:
-        """Read the beats until every peer beat again or is leaving (rank 0, whose store the others
-        read, waits for them to be leaving), or ``watch_seconds`` passed; ``found`` gets the verdict."""
+    def _watch(self, answered: threading.Event, found: list[Optional[str]], deadline: float) -> None:
+        """Watch the peers' beats until each beat again or said it is leaving, or ``deadline``;
+        rank 0 also waits for the peers watching it to finish (it serves their store)."""
         import torch.distributed as dist
 
-        keys = [f"beat/{r}" for r in range(len(self.peers))]
+        def read(ranks: list[int]) -> dict[int, dict]:
+            return dict(zip(ranks, (json.loads(v) for v in reader.multi_get([f"beat/{r}" for r in ranks]))))
+
         peers = [r for r in range(len(self.peers)) if r != self.rank]
         try:
             reader = dist.TCPStore(*self.address, is_master=False, timeout=ANSWER_TIMEOUT)
-            first = now = [json.loads(v) for v in reader.multi_get(keys)]
+            first = read(peers)
+        except (RuntimeError, OSError):
+            found.append(None)   # rank 0's store does not answer
             answered.set()
-            deadline = time.monotonic() + self.watch_seconds
-            while time.monotonic() < deadline:
-                silent = [r for r in peers if now[r]["n"] == first[r]["n"] and not now[r]["leaving"]]
-                staying = [r for r in peers if not now[r]["leaving"]] if self.rank == 0 else []
-                if not silent and not staying:
+            return
+        answered.set()
+        try:
+            started, now = time.monotonic(), dict(first)
+            silent = [r for r in peers if not first[r]["leaving"]]
+            while True:
+                silent = [r for r in silent if now[r]["n"] == first[r]["n"] and not now[r]["leaving"]]
+                watching = self.rank == 0 and reader.add(READ_KEY, 0) < len(peers) - len(silent)
+                seen_enough = time.monotonic() - started >= 3 * self.interval   # three beats missed
+                if ((not silent or seen_enough) and not watching) or time.monotonic() + self.interval / 2 > deadline:
                     break
-                time.sleep(0.2)
-                now = [json.loads(v) for v in reader.multi_get(keys)]
-        except (RuntimeError, OSError):   # rank 0's store went away
-            if not answered.is_set() or not now[0]["leaving"]:
-                return                    # the caller names rank 0
-            silent = [r for r in peers if r != 0 and now[r]["n"] == first[r]["n"] and not now[r]["leaving"]]
-        found.append("; lost: " + ", ".join(f"{self._who(r)}, silent since it was at {first[r]['phase']}"
-                                            for r in silent) if silent else "")
+                time.sleep(self.interval / 2)
+                now.update(read(silent))
+            if self.rank != 0:
+                reader.add(READ_KEY, 1)
+        except (RuntimeError, OSError):   # rank 0 left (after serving, or lost): name nobody
+            return
+        if silent and time.monotonic() - started < 1.5 * self.interval:
+            silent = []   # a live peer may not have beaten yet
+        found.append("; lost: " + ", ".join(f"{self._who(r)}, last heard at {first[r]['phase']}" for r in silent)
+                     if silent else "")
 
     def _who(self, rank: int) -> str:
         host, pid = self.peers[rank]

@@ -79,24 +79,28 @@ class Watchdog:
         self._done.set()
 
     def _watch(self) -> None:
-        lost: Optional[str] = None
+        lost = ""
         asked_at: Optional[float] = None   # the progress mark the roll call was asked at
         while not self._done.wait(min(1.0, self.timeout / 10)):
             last = self._last
             if last is None:
                 continue
+            if self.rollcall is not None and asked_at != last:
+                ask = min(self.rollcall.longest_answer, self.timeout / 2)   # seconds before the bound
+                if time.monotonic() - last > self.timeout - ask:
+                    lost, asked_at = self._ask_rollcall(last + self.timeout - time.monotonic()), last
+                    if self._done.wait(max(0.0, last + self.timeout - time.monotonic())):
+                        return
             idle = time.monotonic() - last
-            if self.rollcall is not None and idle > self.timeout - min(self.rollcall.longest_answer, self.timeout / 2):
-                if asked_at != last:
-                    try:
-                        lost = self.rollcall.lost()
-                    except Exception as exc:   # never let naming the lost rank cost the bounded stop
-                        lost = f"; the roll call failed: {exc}"
-                    asked_at = last
-                    continue
             if idle > self.timeout and self._last == last:
                 print(f"{stop_label(self.rank)} no progress for {idle:.0f} s during {self.phase}: another rank "
-                      f"stopped or froze, or a link is down{lost or ''}; stopping this rank (exit {EXIT_STALLED}). "
+                      f"stopped or froze, or a link is down{lost}; stopping this rank (exit {EXIT_STALLED}). "
                       f"Rerun with --resume to continue from the last checkpoint; --fault-timeout "
                       f"(${ENV_TIMEOUT}) sets the bound", file=sys.stderr, flush=True)
                 os._exit(EXIT_STALLED)   # not sys.exit: exit hooks would block on the lost peer
+
+    def _ask_rollcall(self, within: float) -> str:
+        try:
+            return self.rollcall.lost(within)
+        except Exception as exc:   # naming the lost rank must never cost the bounded stop
+            return f"; the roll call failed: {exc}"
