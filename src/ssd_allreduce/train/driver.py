@@ -407,6 +407,7 @@ def train(args: argparse.Namespace) -> int:
     watchdog.stop()
     if watchdog.rollcall is not None:
         watchdog.rollcall.leave("finished")
+        watchdog.rollcall.close()
     return 0
 
 

@@ -40,7 +40,9 @@ class RollCall:
         self._beats = 0
         self._beat()   # every rank's key exists before anyone reads it
         store.set_timeout(ANSWER_TIMEOUT)
-        threading.Thread(target=self._beat_on, name="ssd-rollcall", daemon=True).start()
+        self._stopped = threading.Event()
+        self._beating = threading.Thread(target=self._beat_on, name="ssd-rollcall", daemon=True)
+        self._beating.start()
 
     @classmethod
     def start(cls, comm: Communicator, phase: Callable[[], str]) -> Optional["RollCall"]:
@@ -88,9 +90,15 @@ class RollCall:
             pass
 
     def _beat_on(self) -> None:
-        while True:
-            time.sleep(self.interval)
+        while not self._stopped.wait(self.interval):
             self._beat_quietly()
+
+    def close(self) -> None:
+        """Stop beating and let go of the store, here and now (the end of a run): a store left to
+        the interpreter's exit would be torn down while its threads still run."""
+        self._stopped.set()
+        self._beating.join(ANSWER_TIMEOUT.total_seconds() + self.interval)
+        self.store = None
 
     def lost(self, within: Optional[float] = None) -> str:
         """The peers whose beat stopped, as "; lost: rank R (pid P on HOST), last heard at PHASE"
