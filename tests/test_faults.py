@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 from datetime import datetime
@@ -35,16 +36,35 @@ EXPECTED_PHASE = {"warmup": re.escape("step 5 (warm-up: gradients averaged every
 
 def inject(tmp_path: Path, launcher: str, fault: str, lost: int = 1) -> tuple[str, float, int, float]:
     """Run with the fault sent to rank ``lost``; returns (the ranks' output, the fault's time, the
-    lost rank's pid, the job's end)."""
-    out = tmp_path / "run"
-    cmd = LAUNCHERS[launcher](*TRAIN, "--out", str(out), "--fault-at", f"{fault}:{lost}")
-    proc = subprocess.run(cmd, env=launcher_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=180, start_new_session=True)
-    assert proc.returncode != 0, f"the job exited 0 after {fault}:\n{proc.stdout}"
+    lost rank's pid, the job's end). A frozen rank is killed once the survivors' bound (and slack)
+    has passed: launchers wait long for a stopped process to end (torchrun 30 s)."""
+    out, log = tmp_path / "run", tmp_path / "ranks.log"
     fault_file = out / f"fault-rank{lost}.time"
-    assert fault_file.exists(), f"the fault {fault} was never reached:\n{proc.stdout}"
+    cmd = LAUNCHERS[launcher](*TRAIN, "--out", str(out), "--fault-at", f"{fault}:{lost}")
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, env=launcher_env(), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        end, killed = time.monotonic() + 180, False
+        while proc.poll() is None:
+            if time.monotonic() > end:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                pytest.fail(f"the job did not end within 180 s of its start:\n{log.read_text()}")
+            written = fault_file.read_text().split() if fault_file.exists() else []
+            if fault.startswith("stop") and not killed and len(written) == 2:
+                frozen_at, frozen = written
+                if time.time() > float(frozen_at) + BOUND + SLACK:
+                    killed = True
+                    try:
+                        os.kill(int(frozen), signal.SIGKILL)
+                    except ProcessLookupError:   # the launcher ended it already
+                        pass
+            time.sleep(0.2)
+    ended, output = time.time(), log.read_text()
+    assert proc.returncode != 0, f"the job exited 0 after {fault}:\n{output}"
+    assert fault_file.exists(), f"the fault {fault} was never reached:\n{output}"
     when, pid = fault_file.read_text().split()
-    return proc.stdout, float(when), int(pid), time.time()
+    return output, float(when), int(pid), ended
 
 
 PHASE_FAULTS = ("stop:warmup:5", "stop:window:30", "kill:window:30", "stop:evaluation:22", "stop:checkpoint:22")
