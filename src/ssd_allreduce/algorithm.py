@@ -95,6 +95,14 @@ class FlatSpace:
     def is_finite(self) -> bool:
         return bool(self.all_finite())
 
+    def zero_unless_finite_(self) -> Tensor:
+        """Zero every buffer unless every element is finite, without reading anything on the host;
+        returns the device's verdict (``all_finite``)."""
+        finite = self.all_finite()
+        for b in self.buffers:
+            b.masked_fill_(~finite.to(b.device), 0)
+        return finite
+
 
 def launch_window(local: Sequence[Tensor], global_: FlatSpace, snapshot: FlatSpace,
                   delta: FlatSpace) -> None:

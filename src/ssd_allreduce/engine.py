@@ -137,7 +137,7 @@ class DelayStage:
                 d.copy_(self.compression.mean_of_gathered(torch.cat([w, w]), 2, c))
         else:
             decompress_into_(self.compression, delta.buffers, wire, contexts)
-        DeferredVerdict(0, 0, _zero_unless_finite_(delta), None).read()
+        DeferredVerdict(0, 0, delta.zero_unless_finite_(), None).read()
         apply_global_update_(global_, delta)
         n = len(self.params)
         compensate_local_(tiny[:n], tiny[n:], global_, snapshot, delta, glu_beta=self.settings.glu_beta,
@@ -320,7 +320,7 @@ class DelayStage:
             self.window = None
             self.check_deferred()
             if self.defers_checks:
-                finite = _zero_unless_finite_(self.delta)
+                finite = self.delta.zero_unless_finite_()
                 self.verdict = DeferredVerdict(window.launched_at, window.lands_at, finite, window.flag)
             else:
                 if window.flag is not None and float(window.flag) > 0:
@@ -486,15 +486,6 @@ def _copy_buffers(dst: list[Tensor], src: Sequence[Tensor], what: str) -> None:
     with torch.no_grad():
         for d, s in zip(dst, src):
             d.copy_(s)
-
-
-def _zero_unless_finite_(delta: FlatSpace) -> Tensor:
-    """Zero ``delta`` unless every element is finite, without reading it on the host; returns
-    the device's verdict."""
-    finite = delta.all_finite()
-    for d in delta.buffers:
-        d.masked_fill_(~finite.to(d.device), 0)
-    return finite
 
 
 def _shard_bounds(numel: int, which: int, of: int) -> tuple[int, int]:

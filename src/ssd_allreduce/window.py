@@ -45,6 +45,8 @@ class Window:
 
 NONFINITE_ADVICE = (": lower the learning rate or clip gradients, or pass nonfinite='skip' to skip such "
                     "windows; the global weights were not updated")
+
+
 def missing_gradients(n: int, size: int, step: int, among: str = "ranks") -> str:
     """The error when ``n`` of ``size`` ranks (or, hierarchical, nodes with such a rank) stepped
     without gradients."""

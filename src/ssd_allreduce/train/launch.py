@@ -20,8 +20,8 @@ from .watchdog import set_backend_timeouts, torch_timeout
 TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "GROUP_RANK")
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "HOROVOD_RANK")
 # set by horovodrun, torchrun, Open MPI's mpirun and MPICH's mpiexec for the processes they start
-# (under Slurm these run one srun task per node, so Slurm's task count is not the job's size)
-# (or WORLD_SIZE, where a user set torch.distributed's place by hand inside `srun --pty`)
+# (under Slurm these run one srun task per node, so Slurm's task count is not the job's size), and
+# WORLD_SIZE, also where a user set torch.distributed's place by hand inside `srun --pty`
 NON_SLURM_LAUNCHER_VARS = ("HOROVOD_RANK", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS",
                            "WORLD_SIZE")
 
