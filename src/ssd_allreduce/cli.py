@@ -4,7 +4,7 @@
     ssd-allreduce train --mode ssd ...     # = python -m ssd_allreduce.train
     ssd-allreduce bench --bandwidths 100mbit   # = python -m ssd_allreduce.bench
     ssd-allreduce costmodel --model resnet50 --ranks 8 64
-    ssd-allreduce simulate --workers 64    # convergence study (= python -m ssd_allreduce.simulator)
+    ssd-allreduce simulate --workers 64    # convergence study (= python -m ssd_allreduce.bench convergence)
 
 Each tool is imported only when it is asked for, so ``doctor`` runs where torch does not import.
 """

@@ -12,9 +12,10 @@
 
 ``commit()`` first lands the window in flight on every rank (``optimizer.finish()``), so what is
 kept is the same global state everywhere. When a rank is lost, every survivor forgets its window in
-flight and restores the last commit; after Horovod re-initialises, rank 0's model and optimizer
-state are broadcast (``sync``) and a rank that joined takes rank 0's ``W`` at its first step.
-Windows then average over the new world size.
+flight and restores the last commit. After Horovod re-initialises, every rank's local weights
+become ``W`` (SPEC, "Membership changes"): survivors at the reset, and where ranks joined, rank 0's
+model, optimizer and SSD-SGD state are broadcast (``sync``). Windows then average over the new
+world size.
 """
 from __future__ import annotations
 
@@ -38,9 +39,12 @@ class SSDState(TorchState):
     def sync(self) -> None:
         """Rank 0's state everywhere. The optimizer goes first: a rank that joined with an empty
         optimizer state steps it on zero gradients inside ``broadcast_optimizer_state`` (weight
-        decay moves its weights), and the weights broadcast after it undo that."""
+        decay moves its weights), and the weights broadcast after it undo that. Then SSD-SGD's own
+        state (``W``, the clock) goes from rank 0 to a rank that joined, and the local weights
+        are ``W`` everywhere."""
         broadcast_optimizer_state(self.optimizer, root_rank=0)
         super().sync()
+        self.optimizer.adopt_root_state()
 
     def commit(self) -> None:
         """Land the window in flight (collective), keep the state, check for host changes."""
@@ -53,6 +57,7 @@ class SSDState(TorchState):
         super().restore()
 
     def reset(self) -> None:
-        """Horovod was re-initialised with other ranks: the optimizer takes the new world."""
+        """Horovod was re-initialised with other ranks: the optimizer takes the new world, its
+        local weights ``W`` (where only ranks left, no ``sync`` follows)."""
         self.optimizer.membership_changed()
         super().reset()

@@ -19,7 +19,7 @@ Example::
 
 This module is the Horovod-compatible shell (arguments, ``synchronize``/``skip_synchronize``,
 ``backward_passes_per_step``, AMP, checkpoints); the warm-up's gradient averaging is
-``warmup.GradientAverager`` and the delay stage is ``engine.DelayStage``.
+``warmup.GradientAverager`` and the delay stage is ``delay.DelayStage``.
 """
 from __future__ import annotations
 
@@ -39,11 +39,11 @@ from torch.profiler import record_function
 
 from .comm import Communicator, ReduceOp, make_communicator
 from .compression import Compression, compression_name
-from .engine import DelayStage
+from .delay import DelayStage, Position
 from .settings import DEFAULT_GLU_BETA, SSDSettings
 from .stats import SSDStats
 from .topology import Hierarchy, resolve_hierarchy
-from .window import missing_gradients
+from .delay.verdict import missing_gradients
 from .warmup import GradientAverager, Groups
 
 logger = logging.getLogger(__name__)
@@ -51,13 +51,13 @@ logger = logging.getLogger(__name__)
 STATE_KEY = "ssd_sgd"
 NO_GRADIENTS = ("optimizer.step() was called but no parameter has a gradient: call loss.backward() "
                 "before optimizer.step()")
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 _live_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 # Two optimizers of one process (a GAN, multi-task) must not share collective names: Horovod
 # refuses a name still in flight. Ranks build their optimizers in the same order, so a count of
-# them names each the same everywhere (the first step's check compares the names).
-_optimizers_built = itertools.count()
+# them (per job a process is in) names each the same everywhere (the first step's check compares).
+_optimizers_built: dict[Any, "itertools.count[int]"] = {}
 
 __all__ = ["DEFAULT_GLU_BETA", "DistributedOptimizer", "SSDStats", "finish"]
 
@@ -137,7 +137,7 @@ def DistributedOptimizer(
     # would call our step() and count a training step. Only this instance says so.
     optimizer.__dict__["__module__"] = "horovod.torch.optimizer"
     _rewrap_scheduler_step(optimizer)
-    name = f"ssd.{next(_optimizers_built)}"
+    name = f"ssd.{next(_optimizers_built.setdefault(comm.job_key, itertools.count()))}"
     optimizer._ssd_setup(named_parameters, named_buffers, comm, settings, compression,
                          backward_passes_per_step, name, hierarchy)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -476,6 +476,13 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         hidden = {}
         if found_inf is not None:
             grads = [p.grad for p in self._ssd_params if p.grad is not None]
+            if averaged and grad_scale is not None and self._ssd_hierarchy is not None:
+                raise RuntimeError(
+                    "GradScaler.step() without optimizer.synchronize() and scaler.unscale_(optimizer) first, "
+                    "with hierarchical SSD-SGD (local_sync): each rank's scaler would see only its own overflows, "
+                    "and a node's ranks, which must share their weights, would drift apart. Use Horovod's pattern: "
+                    "optimizer.synchronize(); scaler.unscale_(optimizer); then scaler.step(optimizer) inside "
+                    "optimizer.skip_synchronize()")
             if averaged and grad_scale is not None and not self._ssd_warned_scaler:
                 warnings.warn("GradScaler.step() without optimizer.synchronize() and scaler.unscale_(optimizer) "
                               "first while gradients are averaged (the warm-up, or every step inside a node): "
@@ -515,13 +522,13 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         disagree on the model or the settings; where only rank 0 loaded a checkpoint (Horovod's
         resume: load on rank 0, then ``hvd.broadcast_optimizer_state``), take its SSD-SGD state."""
         try:
-            self._ssd_engine.check_layout()
+            self._ssd_engine.layout.check(self._ssd_engine.local)
             moved = None
         except RuntimeError as exc:
             moved = str(exc)
         tensors = self._ssd_params + self._ssd_buffers
         mine = {"moved": moved, "name": self._ssd_name, "settings": self._ssd_settings,
-                "position": (self._ssd_step, *self._ssd_engine.position),
+                "position": self._ssd_engine.position(self._ssd_step),
                 "tensors": [(n, tuple(t.shape), str(t.dtype)) for n, t in
                             zip(self._ssd_param_names + self._ssd_buffer_names, tensors)],
                 "buckets": [[tuple(p.shape) for p in bucket] for bucket in self._ssd_averager.buckets]}
@@ -535,23 +542,22 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         self._ssd_agree_on_position([e["position"] for e in everyone])
         self._ssd_checked = True
 
-    def _ssd_agree_on_position(self, positions: list[tuple]) -> None:
+    def _ssd_agree_on_position(self, positions: list[Position]) -> None:
         root = positions[0]
         strays = [r for r, p in enumerate(positions) if p != root]
         if not strays:
             return
-        if any(positions[r] != (0, False, None, 0, None) for r in strays):
+        if any(not positions[r].fresh for r in strays):
             where = ", ".join(f"rank {r}: {p}" for r, p in enumerate(positions))
-            raise ValueError(f"ranks are at different SSD-SGD positions (step, delay stage started, window in "
-                             f"flight (launched at, lands at, steps), windows skipped in a row, window clock (k, d, "
-                             f"next launch)): {where}. Load the same checkpoint on every rank, or load it on "
-                             "rank 0 alone and call hvd.broadcast_optimizer_state(optimizer, root_rank=0)")
+            raise ValueError(f"ranks are at different SSD-SGD positions: {where}. Load the same checkpoint on "
+                             "every rank, or load it on rank 0 alone and call "
+                             "hvd.broadcast_optimizer_state(optimizer, root_rank=0)")
         if self._ssd_comm.rank in strays:
             logger.warning("SSD-SGD state taken from rank 0 (step %d): this rank started afresh, as after "
-                           "hvd.broadcast_optimizer_state of a checkpoint loaded on rank 0", root[0])
-        self._ssd_engine.adopt_root_state(root[1:])
-        self._ssd_step = root[0]
-        self.ssd_stats.steps = root[0]
+                           "hvd.broadcast_optimizer_state of a checkpoint loaded on rank 0", root.step)
+        self._ssd_engine.adopt_root_state(root)
+        self._ssd_step = root.step
+        self.ssd_stats.steps = root.step
 
     def finish(self) -> None:
         """Land the window in flight now (all ranks together: end of training, or before an
@@ -565,15 +571,25 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         self._ssd_engine.discard_window()
 
     def membership_changed(self) -> None:
-        """After Horovod elastic re-initialised with other ranks: take the new rank and size, and
-        compare ranks at the next step, where a rank that joined takes rank 0's SSD-SGD state
-        (``SSDState`` calls it)."""
+        """After Horovod elastic re-initialised with other ranks: the window in flight is dropped,
+        the local weights become ``W`` (the same on every rank: commits land windows), the new
+        rank and size are taken, and ranks are compared at the next step, where a rank that
+        joined takes rank 0's SSD-SGD state (``SSDState`` calls it)."""
         self.discard_window()
+        if self._ssd_engine.started:
+            self._ssd_engine.reset_local_to_global()
         self._ssd_averager.discard()
         self._ssd_comm.refresh()
         self._ssd_checked = False
         self._synchronized = False
         self._ssd_backward_passes.clear()
+
+    def adopt_root_state(self) -> None:
+        """Compare ranks now (collective), a rank at the very start taking rank 0's SSD-SGD state,
+        and set the local weights to ``W`` (after a change of ranks: ``SSDState.sync``)."""
+        self._ssd_check_ranks()
+        if self._ssd_engine.started:
+            self._ssd_engine.reset_local_to_global()
 
     @property
     def node_layout(self) -> Optional[str]:
@@ -589,13 +605,13 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
     def global_weights(self) -> Optional[list[Tensor]]:
         """W, shaped like the parameters then the buffers (None during warm-up)."""
         engine = self._ssd_engine
-        return engine.global_.views if engine.started else None
+        return engine.state.global_.views if engine.started else None
 
     @property
     def extra_state_bytes(self) -> int:
         """Memory SSD-SGD holds beyond the wrapped optimizer: W, the snapshot and the in-flight
         buffer (zero during warm-up, three copies of the parameters and buffers after it)."""
-        return self._ssd_engine.extra_state_bytes
+        return self._ssd_engine.state.nbytes
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -622,8 +638,8 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
                 raise ValueError("the checkpoint's windows ran between nodes, and this job has one node, where "
                                  "hierarchical SSD-SGD is synchronous SGD and runs none: resume on as many nodes, "
                                  "or with local_sync=False")
-        self.ssd_stats.__init__(**(ssd["stats"] if ssd else {}))   # the engine then shows its window
-        self._ssd_engine.load_state_dict(ssd or {}, int(ssd["step"]) if ssd else 0)
+        self.ssd_stats.load_state_dict(ssd["stats"] if ssd else {})   # the engine then shows its window
+        self._ssd_engine.load_state_dict(ssd or {})
         self._ssd_base.load_state_dict(self, state_dict)
         self._synchronized = False
         self._ssd_backward_passes.clear()

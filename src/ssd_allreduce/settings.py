@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from functools import cached_property
 from typing import Any, Optional, Union
 
-from .algorithm import COMPENSATIONS, Schedule
-from .autotune import MIN_WARMUP_STEPS
+from .algorithm import COMPENSATIONS
 
 DEFAULT_GLU_BETA = 0.5
 NONFINITE_POLICIES = ("raise", "skip")
 AUTO = "auto"
+MIN_WARMUP_STEPS = 5   # "auto" times this many warm-up steps at least
 
 
 @dataclass(frozen=True)
@@ -19,10 +18,12 @@ class SSDSettings:
     """What every rank and every resume must agree on.
 
     ``delay`` defaults to ``sync_every``; either may be ``"auto"`` (chosen from measured times,
-    ``sync_every`` at most ``max_sync_every``; see ``autotune``); ``compression`` is the name of
+    ``sync_every`` at most ``max_sync_every``; see ``delay.tuner``); ``compression`` is the name of
     the wire format; ``max_skipped_windows``: with ``nonfinite="skip"``, how many windows in a
     row may be skipped before training stops; ``local_sync``: hierarchical SSD-SGD (gradients
-    averaged inside each node every step, the windows between nodes), as resolved for this job.
+    averaged inside each node every step, the windows between nodes), as resolved for this job;
+    ``outer_lr``, ``outer_momentum``, ``outer_nesterov``: the outer optimizer on each window's
+    average (1, 0: none, the core algorithm).
     """
 
     sync_every: Union[int, str] = 5
@@ -35,6 +36,9 @@ class SSDSettings:
     max_skipped_windows: int = 3
     max_sync_every: int = 16
     local_sync: bool = False
+    outer_lr: float = 1.0
+    outer_momentum: float = 0.0
+    outer_nesterov: bool = True
 
     def __post_init__(self) -> None:
         for name in ("sync_every", "delay"):
@@ -46,24 +50,36 @@ class SSDSettings:
                              f"delay={self.delay!r}")
         if self.delay is None:
             object.__setattr__(self, "delay", self.sync_every)
-        if isinstance(self.max_sync_every, bool) or not isinstance(self.max_sync_every, int) \
-                or self.max_sync_every < 1:
+        if not _is_int(self.max_sync_every) or self.max_sync_every < 1:
             raise ValueError(f"max_sync_every must be an integer >= 1, got {self.max_sync_every!r}")
-        self.schedule  # validates sync_every, delay and warmup_steps
+        widest = self.max_sync_every if self.sync_every == AUTO else self.sync_every
+        if not _is_int(widest) or widest < 1:
+            raise ValueError(f"sync_every must be an integer >= 1, got {self.sync_every!r}")
+        if self.delay != AUTO and (not _is_int(self.delay) or not 0 <= self.delay <= widest):
+            raise ValueError(f"delay must be an integer in [0, sync_every={widest}], got {self.delay!r}")
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.auto and self.warmup_steps < MIN_WARMUP_STEPS:
             raise ValueError(f"sync_every='auto' and delay='auto' time the warm-up's steps: warmup_steps must "
                              f"be >= {MIN_WARMUP_STEPS}, got {self.warmup_steps}")
         beta = self.glu_beta
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or math.isnan(beta) or not 0 <= beta <= 1:
+        if not _is_number(beta) or not 0 <= beta <= 1:
             raise ValueError(f"glu_beta must be a number in [0, 1], got {beta!r}")
         object.__setattr__(self, "glu_beta", float(beta))
         if self.compensation not in COMPENSATIONS:
             raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {self.compensation!r}")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
-        if isinstance(self.max_skipped_windows, bool) or not isinstance(self.max_skipped_windows, int) \
-                or self.max_skipped_windows < 1:
+        if not _is_int(self.max_skipped_windows) or self.max_skipped_windows < 1:
             raise ValueError(f"max_skipped_windows must be an integer >= 1, got {self.max_skipped_windows!r}")
+        if not _is_number(self.outer_lr) or self.outer_lr <= 0:
+            raise ValueError(f"outer_lr must be a number > 0, got {self.outer_lr!r}")
+        if not _is_number(self.outer_momentum) or not 0 <= self.outer_momentum < 1:
+            raise ValueError(f"outer_momentum must be a number in [0, 1), got {self.outer_momentum!r}")
+        object.__setattr__(self, "outer_lr", float(self.outer_lr))
+        object.__setattr__(self, "outer_momentum", float(self.outer_momentum))
+        if not isinstance(self.outer_nesterov, bool):
+            raise ValueError(f"outer_nesterov must be True or False, got {self.outer_nesterov!r}")
 
     @property
     def auto(self) -> bool:
@@ -72,13 +88,6 @@ class SSDSettings:
 
     def in_warmup(self, step: int) -> bool:
         return step < self.warmup_steps
-
-    @cached_property
-    def schedule(self) -> Schedule:
-        """The fixed schedule; with "auto", the widest one allowed (a validation of the bounds)."""
-        k = self.max_sync_every if self.sync_every == AUTO else self.sync_every
-        d = 0 if self.delay == AUTO else self.delay
-        return Schedule(k, d, self.warmup_steps)  # type: ignore[arg-type]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,3 +104,11 @@ class SSDSettings:
         """``"name: mine vs theirs"`` for every setting that differs."""
         mine, theirs = self.as_dict(), other.as_dict()
         return [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)

@@ -1,42 +1,38 @@
 """N SSD-SGD workers in one process: the oracle of the multi-rank tests and the engine of
-convergence studies at scale (``python -m ssd_allreduce.simulator``, see ``bench/convergence.py``).
+convergence studies at scale (``python -m ssd_allreduce.bench convergence``).
 
-It drives the same functions of ``algorithm`` as the real optimizer, with exact means in place of
-allreduces, so a multi-rank run must match it to float tolerance.
+It drives the same clock and the same functions of ``algorithm`` as the real optimizer, with exact
+means in place of allreduces, so a multi-rank run must match it to float tolerance.
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .algorithm import FlatSpace, apply_global_update_, compensate_local_, launch_window
+from .algorithm import apply_global_update_, compensate_local_, launch_window, outer_step_
+from .delay.clock import WindowClock
 from .settings import SSDSettings
+from .tensors import FlatSpace, model_tensors
 
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def ordered_tensors(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
-    """(parameters, floating-point buffers), each sorted by name, as the optimizer orders them
-    when given ``named_parameters`` and ``named_buffers``."""
-    params = [p for _, p in sorted(model.named_parameters())]
-    buffers = [b for _, b in sorted(model.named_buffers()) if b.is_floating_point()]
-    return params, buffers
-
-
 class Simulator:
     """``num_workers`` copies of ``model`` (identical start, like a broadcast), each with its own
-    optimizer from ``make_optimizer``, trained with SSD-SGD's schedule and landing. With
-    ``ranks_per_node``, hierarchical SSD-SGD: consecutive workers form nodes whose gradients are
-    averaged every step, and the windows average the nodes' deltas (one node: synchronous SGD)."""
+    optimizer from ``make_optimizer``, trained with SSD-SGD's schedule and landing; ``options``
+    are further ``SSDSettings`` (``outer_lr``, ``outer_momentum``, ...). With ``ranks_per_node``,
+    hierarchical SSD-SGD: consecutive workers form nodes whose gradients are averaged every step,
+    and the windows average the nodes' deltas (one node: synchronous SGD)."""
 
     def __init__(self, model: nn.Module,
                  make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
                  num_workers: int, *, sync_every: int, delay: int, warmup_steps: int,
-                 glu_beta: float, compensation: str = "glu", ranks_per_node: Optional[int] = None) -> None:
+                 glu_beta: float, compensation: str = "glu", ranks_per_node: Optional[int] = None,
+                 **options: Any) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if ranks_per_node is not None and (ranks_per_node < 1 or num_workers % ranks_per_node):
@@ -45,14 +41,16 @@ class Simulator:
         self.nodes = [every] if ranks_per_node is None else [
             every[i:i + ranks_per_node] for i in range(0, num_workers, ranks_per_node)]
         self.hierarchical = ranks_per_node is not None
-        self.settings = SSDSettings(sync_every, delay, warmup_steps, glu_beta, compensation)
-        self.schedule = self.settings.schedule
+        self.settings = SSDSettings(sync_every=sync_every, delay=delay, warmup_steps=warmup_steps,
+                                    glu_beta=glu_beta, compensation=compensation, **options)
         self.models = [copy.deepcopy(model) for _ in range(num_workers)]
         self.optimizers = [make_optimizer(m.parameters()) for m in self.models]
-        self.tensors = [ordered_tensors(m) for m in self.models]
+        self.tensors = [model_tensors(m) for m in self.models]
         self.step_index = 0
+        self.clock: Optional[WindowClock] = None
         self.global_: Optional[FlatSpace] = None
         self.delta: Optional[FlatSpace] = None
+        self.momentum: Optional[FlatSpace] = None
         self.snapshots: list[FlatSpace] = []
         self._own_delta: Optional[FlatSpace] = None
         self.launched_at: Optional[int] = None
@@ -76,22 +74,25 @@ class Simulator:
             loss = loss_fn(model(x), y)
             loss.backward()
             losses.append(float(loss.detach()))
-        t, sched = self.step_index, self.schedule
-        windows = not sched.in_warmup(t) and (not self.hierarchical or len(self.nodes) > 1)
+        t = self.step_index
+        warmup = self.settings.in_warmup(t)
+        windows = not warmup and (not self.hierarchical or len(self.nodes) > 1)
         if windows and self.global_ is None:
-            self._enter_delay_stage()
-        if sched.in_warmup(t):
+            self._enter_delay_stage(t)
+        if warmup:
             self._average_gradients([list(range(self.num_workers))])
         elif self.hierarchical:
             self._average_gradients(self.nodes)
         for opt in self.optimizers:
             opt.step()
         if windows:
-            if sched.lands_at(t):
-                self._land(sched.delay)
-            if sched.launches_at(t):
+            clock = self.clock
+            if self.launched_at is not None and t == self.launched_at + clock.delay:
+                self._land(clock.delay)
+            if clock.launches_at(t):
                 self._launch(t)
-                if sched.delay == 0:
+                clock.advance()
+                if clock.delay == 0:
                     self._land(0)
         self.step_index += 1
         return losses
@@ -115,13 +116,15 @@ class Simulator:
                     for i in group:
                         self.tensors[i][0][j].grad = mean.clone()
 
-    def _enter_delay_stage(self) -> None:
+    def _enter_delay_stage(self, step: int) -> None:
         local0 = self._local(0)
         self.global_ = FlatSpace(local0)
         self.global_.copy_from_(local0)
         self.delta = FlatSpace(local0)
+        self.momentum = FlatSpace(local0) if self.settings.outer_momentum else None
         self.snapshots = [FlatSpace(local0) for _ in self.models]
         self._own_delta = FlatSpace(local0)
+        self.clock = WindowClock.starting(self.settings.sync_every, self.settings.delay, step)
         with torch.no_grad():
             for i in range(self.num_workers):
                 torch._foreach_copy_(self._local(i), self.global_.views)
@@ -145,12 +148,15 @@ class Simulator:
         if self.launched_at is None:
             return
         assert self.global_ is not None and self.delta is not None
+        s = self.settings
+        n = len(self.tensors[0][0])
+        outer_step_(self.delta.leading(n), None if self.momentum is None else self.momentum.leading(n),
+                    lr=s.outer_lr, mu=s.outer_momentum, nesterov=s.outer_nesterov)
         apply_global_update_(self.global_, self.delta)
         for i, (params, buffers) in enumerate(self.tensors):
             compensate_local_(params, buffers, self.global_, self.snapshots[i], self.delta,
-                              glu_beta=self.settings.glu_beta, elapsed=elapsed,
-                              sync_every=self.settings.sync_every,
-                              compensation=self.settings.compensation)
+                              glu_beta=s.glu_beta, elapsed=elapsed, sync_every=s.sync_every,
+                              compensation=s.compensation)
         self.launched_at = None
         self.windows_landed += 1
 
@@ -158,13 +164,7 @@ class Simulator:
         """A copy of the model holding ``W`` (worker 0's weights during warm-up)."""
         model = copy.deepcopy(self.models[0])
         if self.global_ is not None:
-            params, buffers = ordered_tensors(model)
+            params, buffers = model_tensors(model)
             with torch.no_grad():
                 torch._foreach_copy_(params + buffers, self.global_.views)
         return model
-
-
-if __name__ == "__main__":  # the convergence-study command; the study needs data, so it lives in bench/
-    from ssd_allreduce.bench.convergence import main
-
-    main()

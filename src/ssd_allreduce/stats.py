@@ -1,7 +1,7 @@
 """Counters a user reads as ``optimizer.ssd_stats``."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
@@ -30,3 +30,8 @@ class SSDStats:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def load_state_dict(self, values: dict[str, Any]) -> None:
+        """Every counter as ``values`` has it (a checkpoint's ``as_dict()``), zero where absent."""
+        for f in fields(self):
+            setattr(self, f.name, values.get(f.name, f.default))

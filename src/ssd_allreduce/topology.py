@@ -3,26 +3,18 @@ fast link: gradients averaged every step) and one per local rank across the node
 the delayed windows, each local rank carrying its shard of the node's delta).
 
 A rank's node is ``$SSD_NODE`` where set (emulated nodes on one machine, or a scheduler's own
-naming), else its host name.
-
-With torch.distributed they are subgroups; with mpi4py, split communicators. With Horovod they are
-process groups of their own (Gloo, or NCCL for CUDA tensors) built from a store whose address goes
-round through Horovod: Horovod runs every collective of every process set from one background
-cycle that also negotiates across the whole job, so a node's gradient average would wait behind
-the window crossing the slow link (measured in docs/BENCHMARKS.md).
+naming), else its host name. How a backend builds the groups is its own (``Communicator.split``).
 """
 from __future__ import annotations
 
-import datetime
-import itertools
 import os
 import socket
 import warnings
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from .comm import Communicator
-from .rendezvous import StoreUnavailable, interface, serve_from_rank0
+from .rendezvous import StoreUnavailable
 
 NODE_ENV = "SSD_NODE"
 
@@ -129,8 +121,7 @@ def resolve_hierarchy(local_sync: Optional[bool], comm: Communicator, device_typ
         raise ValueError(f"local_sync must be True, False or None (automatic), got {local_sync!r}")
     if local_sync is False or comm.size == 1 or not comm.member:
         return None
-    backend = _whole_job_backend(comm)
-    if backend is None or os.environ.get("HOROVOD_ELASTIC") == "1":
+    if not comm.whole_job or os.environ.get("HOROVOD_ELASTIC") == "1":
         if local_sync:
             raise ValueError("local_sync=True builds its node and cross-node communicators itself: it needs "
                              "backend='horovod', 'torch' or 'mpi' over the whole job, without a process set, "
@@ -142,86 +133,17 @@ def resolve_hierarchy(local_sync: Optional[bool], comm: Communicator, device_typ
     if not layout.uniform:
         raise ValueError(f"local_sync=True needs the same number of ranks on every node, this job has "
                          f"{layout.describe()}: launch as many ranks per node, or pass local_sync=False")
-    key = (backend, layout, device_type)
+    key = (comm.job_key, layout, device_type)
     if key not in _built:   # one pair per job and layout: every optimizer of the process shares it
         try:
-            _built[key] = _communicators(backend, layout, comm, device_type)
-        except HierarchyUnavailable as exc:   # the same verdict on every rank
+            node, cross = comm.split([layout.nodes, layout.cross_groups], device_type, layout.hosts)
+        except StoreUnavailable as exc:   # the same verdict on every rank
             if local_sync:
                 raise RuntimeError(f"hierarchical SSD-SGD (local_sync=True): {exc}") from None
             warnings.warn(f"SSD-SGD stays flat (local_sync is automatic): {exc}")
             return None
+        _built[key] = (node, cross)
     return Hierarchy(layout, *_built[key])
 
 
-class HierarchyUnavailable(RuntimeError):
-    """The node and cross-node groups cannot be built here (told to every rank alike)."""
-
-
-_built: dict[tuple[str, NodeLayout, str], tuple[Communicator, Communicator]] = {}
-
-
-def _whole_job_backend(comm: Communicator) -> Optional[str]:
-    """"horovod", "torch" or "mpi" where ``comm`` is that backend over every rank of the job."""
-    if comm.name == "horovod":
-        import horovod.torch as hvd
-        return "horovod" if getattr(comm, "process_set", None) is hvd.global_process_set else None
-    if comm.name == "torch":
-        return "torch" if getattr(comm, "group", None) is None else None
-    if comm.name == "mpi":
-        from mpi4py import MPI
-        return "mpi" if getattr(comm, "comm", None) == MPI.COMM_WORLD else None
-    return None
-
-
-def _communicators(backend: str, layout: NodeLayout, comm: Communicator,
-                   device_type: str) -> tuple[Communicator, Communicator]:
-    """(this node's communicator, this local rank's across nodes), built collectively."""
-    mine_node, mine_cross = layout.nodes[layout.node], layout.cross_groups[layout.local_rank]
-    if backend == "torch":
-        import torch.distributed as dist
-
-        from .comm.torch_dist import TorchDistCommunicator
-        groups = {ranks: dist.new_group(list(ranks)) for ranks in layout.nodes + layout.cross_groups}
-        return TorchDistCommunicator(groups[mine_node]), TorchDistCommunicator(groups[mine_cross])
-    if backend == "mpi":
-        from mpi4py import MPI
-
-        from .comm.mpi import MPICommunicator
-        world = MPI.COMM_WORLD
-        return (MPICommunicator(world.Split(layout.node, layout.rank)),
-                MPICommunicator(world.Split(layout.local_rank, layout.rank)))
-    return _standalone_groups(comm, layout, device_type)
-
-
-STORE_TIMEOUT = datetime.timedelta(minutes=5)
-_stores_built = itertools.count()
-
-
-def _standalone_groups(comm: Communicator, layout: NodeLayout, device_type: str) -> tuple[Communicator, Communicator]:
-    """The node's and the cross-node group as process groups of their own, rendezvousing in a
-    store that rank 0 serves at the address its peers reach it by (told to them over ``comm``)."""
-    import torch.distributed as dist
-
-    from .comm.torch_dist import ProcessGroupCommunicator
-
-    iface = interface()
-    try:
-        store, _, _ = serve_from_rank0(comm, layout.hosts, STORE_TIMEOUT)
-    except StoreUnavailable as exc:
-        raise HierarchyUnavailable(str(exc)) from None
-    tag = f"ssd-hierarchy-{next(_stores_built)}"
-
-    def group(name: str, rank: int, size: int) -> ProcessGroupCommunicator:
-        prefixed = dist.PrefixStore(f"{tag}/{name}", store)
-        if device_type == "cuda":
-            pg = dist.ProcessGroupNCCL(prefixed, rank, size)
-        else:
-            opts = dist.ProcessGroupGloo._Options()
-            opts._timeout = STORE_TIMEOUT
-            opts._devices = [dist.ProcessGroupGloo.create_device(interface=iface) if iface
-                             else dist.ProcessGroupGloo.create_default_device()]
-            pg = dist.ProcessGroupGloo(prefixed, rank, size, opts)
-        return ProcessGroupCommunicator(pg, rank, size, device_type)
-    return (group(f"node{layout.node}", layout.local_rank, layout.local_size),
-            group(f"cross{layout.local_rank}", layout.node, layout.num_nodes))
+_built: dict[tuple[Any, NodeLayout, str], tuple[Communicator, Communicator]] = {}

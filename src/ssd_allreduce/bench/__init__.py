@@ -2,6 +2,6 @@
 synthetic benchmark (``synthetic``), the GLU ablation and convergence studies (``ablation``,
 ``convergence``), the emulated network (``netns``) and the cluster cost model (``costmodel``).
 
-The library never imports this package; the commands are ``python -m ssd_allreduce.bench`` and
-``python -m ssd_allreduce.costmodel``.
+The library never imports this package; the command is ``python -m ssd_allreduce.bench`` (see
+``bench --help`` for its subcommands).
 """

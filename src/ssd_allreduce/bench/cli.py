@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from . import ablation, compare, language, nodecost, overhead, synthetic
+from . import ablation, compare, convergence, costmodel, language, nodecost, overhead, synthetic
 from ..settings import DEFAULT_GLU_BETA
 from .compare import DEFAULT_BANDWIDTHS
 
@@ -35,6 +35,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     if argv[:1] == ["nodecost"]:
         nodecost.main(argv[1:])
+        return
+    if argv[:1] == ["costmodel"]:
+        costmodel.main(argv[1:])
+        return
+    if argv[:1] == ["convergence"]:
+        convergence.main(argv[1:])
         return
     workload = _pop_workload(argv)
     if workload == "gpt":

@@ -1,6 +1,6 @@
 """Convergence studies with the simulator: N workers of SSD-SGD in one process on the bundled digits.
 
-    python -m ssd_allreduce.simulator --workers 64 --sync-every 8 --delay 8 --glu-beta 0.5 \\
+    python -m ssd_allreduce.bench convergence --workers 64 --sync-every 8 --delay 8 --glu-beta 0.5 \\
         --shards label-skew --epochs 20 --baseline
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def study(workers: int, sync_every: int, delay: int, warmup_steps: int, glu_beta
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.simulator", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.bench convergence", description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--sync-every", type=int, default=8)
     ap.add_argument("--delay", type=int, default=None, help="default: sync-every")

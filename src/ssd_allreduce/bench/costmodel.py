@@ -246,7 +246,7 @@ def prediction_error(predicted: float, measured: float) -> float:
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: print :func:`cluster_table` for a reference or custom workload."""
     parser = argparse.ArgumentParser(
-        prog="python -m ssd_allreduce.costmodel",
+        prog="python -m ssd_allreduce.bench costmodel",
         description="Predict Horovod vs SSD-SGD throughput with an alpha-beta ring model.",
     )
     parser.add_argument("--model", choices=sorted(REFERENCE_MODELS), default="resnet50")

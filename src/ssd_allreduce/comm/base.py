@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from ..tensors import unflatten_
+
 
 class ReduceOp(enum.Enum):
     AVERAGE = "average"
@@ -67,6 +69,24 @@ class Communicator(ABC):
     def allgather_object(self, obj: Any) -> list[Any]:
         """Every rank's picklable ``obj``, in rank order (blocking)."""
 
+    @property
+    def job_key(self) -> Any:
+        """This process's place in its job: the optimizers of one key are numbered together (their
+        collectives' names) and share their hierarchical groups. One job per backend in a process."""
+        return self.name
+
+    @property
+    def whole_job(self) -> bool:
+        """This communicator spans every rank of the job (what ``split`` builds on)."""
+        return False
+
+    def split(self, partitions: Sequence[Sequence[Sequence[int]]], device_type: str = "cpu",
+              hosts: int = 1) -> list["Communicator"]:
+        """For each partition of the ranks into groups, this rank's group as a communicator of
+        its own (collective: every rank passes the same partitions). ``device_type`` is where
+        the groups' tensors live; ``hosts``, how many machines the ranks run on."""
+        raise NotImplementedError(f"the {self.name} backend cannot be split into groups")
+
     def refresh(self) -> None:
         """Re-read ``rank`` and ``size`` after the job's membership changed (Horovod elastic)."""
         raise NotImplementedError(f"the {self.name} backend has a fixed membership: elastic training "
@@ -81,34 +101,20 @@ def payload_bytes(tensors: Sequence[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def group_by_device_dtype(tensors: Sequence[Tensor]) -> list[list[int]]:
-    """Indices of ``tensors`` grouped so each group can be flattened into one buffer."""
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    return list(groups.values())
-
-
 class FlattenedHandle(Handle):
-    """A reduction running on flat buffers that are copied back into the caller's tensors."""
+    """A reduction running on flat buffers (``tensors.flatten``) copied back into the caller's
+    tensors when it is done."""
 
     def __init__(self, tensors: Sequence[Tensor], groups: list[list[int]],
                  flats: list[Tensor], scale: float) -> None:
         self.tensors, self.groups, self.flats, self.scale = list(tensors), groups, flats, scale
 
     def finish(self) -> None:
-        """Scale the reduced buffers and copy them back (a no-op copy for a single tensor)."""
+        """Scale the reduced buffers and copy them back (nothing to copy where a buffer is the tensor)."""
         with torch.no_grad():
-            for flat, members in zip(self.flats, self.groups):
-                if self.scale != 1.0:
-                    flat.mul_(self.scale)
-                if len(members) == 1 and flat is self.tensors[members[0]]:
-                    continue
-                offset = 0
-                for i in members:
-                    t = self.tensors[i]
-                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                    offset += t.numel()
+            if self.scale != 1.0:
+                torch._foreach_mul_(self.flats, self.scale)
+        unflatten_(self.tensors, self.groups, self.flats)
 
 
 def sum_gathered_(target: Tensor, everyone: Tensor, scale: float = 1.0) -> None:
@@ -118,18 +124,6 @@ def sum_gathered_(target: Tensor, everyone: Tensor, scale: float = 1.0) -> None:
     total = everyone.view(target.dtype).view(-1, target.numel()).float().sum(dim=0)
     with torch.no_grad():
         target.copy_((total * scale).view_as(target))
-
-
-def flatten_groups(tensors: Sequence[Tensor]) -> tuple[list[list[int]], list[Tensor]]:
-    """One contiguous buffer per (device, dtype) group; a lone contiguous tensor is used as is."""
-    groups = group_by_device_dtype(tensors)
-    flats = []
-    for members in groups:
-        if len(members) == 1 and tensors[members[0]].is_contiguous():
-            flats.append(tensors[members[0]])
-        else:
-            flats.append(torch.cat([tensors[i].reshape(-1) for i in members]))
-    return groups, flats
 
 
 def sum_scale(op: ReduceOp, size: int, prescale_factor: float, postscale_factor: float) -> tuple[float, float]:

@@ -1,6 +1,8 @@
 """Horovod backend: NCCL on GPUs, Gloo or MPI on CPUs, with Horovod's tensor fusion."""
 from __future__ import annotations
 
+import datetime
+import itertools
 import pickle
 from typing import Any, Optional, Sequence
 
@@ -8,6 +10,9 @@ import torch
 from torch import Tensor
 
 from .base import Communicator, Handle, ReduceOp, sum_gathered_, sum_scale
+
+GROUP_TIMEOUT = datetime.timedelta(minutes=5)
+_splits = itertools.count()   # each split's groups meet under their own prefix
 
 
 class _HorovodHandle(Handle):
@@ -50,6 +55,41 @@ class HorovodCommunicator(Communicator):
         self.rank = self.process_set.rank() if self.member else -1
         # Horovod reads a broadcast's root as a global rank; ours is a rank in the set
         self._global_ranks = list(self.process_set.ranks or range(self._hvd.size()))
+
+    @property
+    def whole_job(self) -> bool:
+        return self.process_set is self._hvd.global_process_set
+
+    def split(self, partitions: Sequence[Sequence[Sequence[int]]], device_type: str = "cpu",
+              hosts: int = 1) -> list[Communicator]:
+        """Process groups of their own (Gloo, or NCCL for CUDA tensors), not Horovod process sets:
+        Horovod runs every process set's collectives from one background cycle that also
+        negotiates across the whole job, so a group's collectives would wait behind the others'.
+        They meet in a store rank 0 serves (``rendezvous``); a store that cannot be served raises
+        ``StoreUnavailable`` on every rank."""
+        import torch.distributed as dist
+
+        from ..rendezvous import interface, serve_from_rank0
+        from .torch_dist import ProcessGroupCommunicator
+
+        iface = interface()
+        store, _, _ = serve_from_rank0(self, hosts, GROUP_TIMEOUT)
+        tag = f"ssd-groups-{next(_splits)}"
+        mine = []
+        for p, partition in enumerate(partitions):
+            index, ranks = next((i, r) for i, r in enumerate(partition) if self.rank in r)
+            prefixed = dist.PrefixStore(f"{tag}/{p}/{index}", store)
+            rank, size = list(ranks).index(self.rank), len(ranks)
+            if device_type == "cuda":
+                group = dist.ProcessGroupNCCL(prefixed, rank, size)
+            else:
+                opts = dist.ProcessGroupGloo._Options()
+                opts._timeout = GROUP_TIMEOUT
+                opts._devices = [dist.ProcessGroupGloo.create_device(interface=iface) if iface
+                                 else dist.ProcessGroupGloo.create_default_device()]
+                group = dist.ProcessGroupGloo(prefixed, rank, size, opts)
+            mine.append(ProcessGroupCommunicator(group, rank, size, device_type))
+        return mine
 
     def allreduce_async_(self, tensors: Sequence[Tensor], name: str,
                          op: ReduceOp = ReduceOp.AVERAGE, prescale_factor: float = 1.0,

@@ -10,7 +10,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .base import Communicator, FlattenedHandle, Handle, ReduceOp, flatten_groups, sum_gathered_, sum_scale
+from ..tensors import flatten
+from .base import Communicator, FlattenedHandle, Handle, ReduceOp, sum_gathered_, sum_scale
 
 
 # MPI has no 16-bit floating-point sum: such buffers are gathered and summed here, in rank order
@@ -42,6 +43,16 @@ class MPICommunicator(Communicator):
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
 
+    @property
+    def whole_job(self) -> bool:
+        return self.comm == self._MPI.COMM_WORLD
+
+    def split(self, partitions: Sequence[Sequence[Sequence[int]]], device_type: str = "cpu",
+              hosts: int = 1) -> list[Communicator]:
+        """Split communicators, one per partition (colour: this rank's group)."""
+        return [MPICommunicator(self.comm.Split(next(i for i, ranks in enumerate(p) if self.rank in ranks), self.rank))
+                for p in partitions]
+
     @staticmethod
     def _numpy(t: Tensor) -> Any:
         if t.device.type != "cpu":
@@ -55,7 +66,7 @@ class MPICommunicator(Communicator):
                          op: ReduceOp = ReduceOp.AVERAGE, prescale_factor: float = 1.0,
                          postscale_factor: float = 1.0) -> Handle:
         pre, post = sum_scale(op, self.size, prescale_factor, postscale_factor)
-        groups, flats = flatten_groups(tensors)
+        groups, flats = flatten(tensors)
         buffers = [self._numpy(flat) for flat in flats]   # validates before anything is modified
         requests, gathered = [], {}
         for i, (flat, buffer) in enumerate(zip(flats, buffers)):

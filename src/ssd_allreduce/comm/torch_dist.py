@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .base import Communicator, FlattenedHandle, Handle, ReduceOp, flatten_groups, sum_scale
+from ..tensors import flatten
+from .base import Communicator, FlattenedHandle, Handle, ReduceOp, sum_scale
 
 
 class _TorchHandle(FlattenedHandle):
@@ -35,6 +36,19 @@ class TorchDistCommunicator(Communicator):
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
+    @property
+    def whole_job(self) -> bool:
+        return self.group is None
+
+    def split(self, partitions: Sequence[Sequence[Sequence[int]]], device_type: str = "cpu",
+              hosts: int = 1) -> list[Communicator]:
+        """Subgroups (``new_group``: every rank creates every group, in the same order)."""
+        mine = []
+        for partition in partitions:
+            groups = {tuple(ranks): dist.new_group(list(ranks)) for ranks in partition}
+            mine.append(TorchDistCommunicator(next(g for ranks, g in groups.items() if self.rank in ranks)))
+        return mine
+
     def _side_stream(self, device: torch.device) -> Optional["torch.cuda.Stream"]:
         if device.type != "cuda":
             return None
@@ -50,7 +64,7 @@ class TorchDistCommunicator(Communicator):
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(tensors[0].device))
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            groups, flats = flatten_groups(tensors)
+            groups, flats = flatten(tensors)
             works = []
             for flat in flats:
                 if pre != 1.0:
@@ -112,6 +126,10 @@ class ProcessGroupCommunicator(TorchDistCommunicator):
     def __init__(self, group: Any, rank: int, size: int, device: str = "cpu") -> None:
         self.group, self.rank, self.size, self.device = group, rank, size, torch.device(device)
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    @property
+    def whole_job(self) -> bool:
+        return False
 
     def _sum_async(self, flat: Tensor) -> Any:
         opts = dist.AllreduceOptions()

@@ -28,11 +28,14 @@ def fit_elastic(trainer: Any, log: runlog.RunLog, preempt: Any, bar: Any, fit: C
         trainer.adopt_world(hvd.rank(), hvd.size(), type(trainer.position)(**state.position), state.ranks)
         trainer.check_ranks()
         log.set_enabled(trainer.ctx.is_root)
+        step = trainer.position.global_step
         if hvd.size() != before:
-            step = trainer.position.global_step
             print(f"rank {hvd.rank()}: {hvd.size()} ranks now (were {before}): continuing from the commit at "
                   f"step {step}", flush=True)
             log.write("membership", step=step, ranks=hvd.size(), were=before)
+        if step:   # (re)entered after a commit: a rank that joined or one that stayed
+            print(f"rank {hvd.rank()} of {hvd.size()} at step {step}{trainer.mode.after_membership_change()}",
+                  flush=True)
 
         def commit() -> None:
             state.position, state.ranks = asdict(trainer.position), trainer.ctx.size

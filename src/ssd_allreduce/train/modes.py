@@ -12,6 +12,7 @@ from torch import nn
 
 from ..compression import Compression
 from ..optimizer import DistributedOptimizer
+from ..tensors import model_tensors
 from .launch import DistContext
 
 MODES = ("ssd", "horovod", "ddp", "local-sgd", "no-comm")
@@ -63,6 +64,10 @@ class Mode:
     def phase(self) -> str:
         """What the next step does, for fault reports: "warmup", "window" (one in flight) or "step"."""
         return "step"
+
+    def after_membership_change(self) -> str:
+        """What to say of this rank's state after a change of ranks (elastic)."""
+        return ""
 
     def bytes_per_step(self, steps: int) -> float:
         return 0.0
@@ -148,6 +153,15 @@ class SSDMode(Mode):
         if self.optimizer.ssd_stats.steps < self.args.warmup_steps:
             return "warmup"
         return "window" if self.optimizer.window_in_flight else "step"
+
+    def after_membership_change(self) -> str:
+        """Whether the local weights are ``W`` (SPEC: they must be after a change), and ``W``'s sum."""
+        global_weights = self.optimizer.global_weights
+        if global_weights is None:
+            return "; in the warm-up"
+        params, buffers = model_tensors(self.model)
+        at_global = all(torch.equal(t.detach(), w) for t, w in zip(params + buffers, global_weights))
+        return f"; local weights at W: {at_global}, W sum {sum(float(w.double().sum()) for w in global_weights):.10e}"
 
     def bytes_per_step(self, steps: int) -> float:
         """The payload per step after the warm-up (which sends gradients every step)."""

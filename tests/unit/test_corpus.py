@@ -12,7 +12,7 @@ import torch
 from ssd_allreduce.train import corpus
 from ssd_allreduce.train.data import ShardedBatches, TextSplit, load_stdlib_text
 
-from conftest import REPO
+from launchers import REPO
 
 
 @pytest.fixture(scope="module")

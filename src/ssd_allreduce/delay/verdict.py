@@ -1,50 +1,20 @@
-"""A window of the delay stage once launched: its collective in flight, and the checks its
-landing makes (read on the host later where reading them at once would stall a GPU)."""
+"""The checks a landing makes (a finite average, no rank without gradients) and the errors they
+raise; on CUDA read on the host a few steps later, so the device's queue never drains for them."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .comm import Handle
-
-
-@dataclass
-class GatherHandles:
-    """A window whose wire is gathered (``reduces_by_gather``): one gather per flat buffer, and
-    the missing-gradient flag's own allreduce."""
-
-    gathers: list[Handle]
-    flag: Handle
-
-    @property
-    def all(self) -> list[Handle]:
-        return self.gathers + [self.flag]
-
-
-@dataclass
-class Window:
-    """A launched window: in flight while ``handle`` is set, then its result sits in the delta.
-    ``flag`` travels with it: the share of ranks that stepped without gradients in the window."""
-
-    launched_at: int
-    lands_at: int
-    sync_every: int        # the local steps its delta covers
-    handle: Optional[Union[Handle, GatherHandles]] = None
-    wire: list[Tensor] = field(default_factory=list)
-    contexts: list[Any] = field(default_factory=list)
-    flag: Optional[Tensor] = None
-    launch_time: float = 0.0
-    seen_arrived: bool = False
-
-    def describe(self) -> tuple[int, int, int]:
-        return self.launched_at, self.lands_at, self.sync_every
-
 
 NONFINITE_ADVICE = (": lower the learning rate or clip gradients, or pass nonfinite='skip' to skip such "
                     "windows; the global weights were not updated")
+
+
+def nonfinite_message(launched_at: int) -> str:
+    return (f"the averaged model delta of the window launched at step {launched_at} is not finite "
+            "(NaN or Inf on some rank)")
 
 
 def missing_gradients(n: int, size: int, step: int, among: str = "ranks") -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, PYTHON, REPO
+from launchers import BIN, PYTHON, REPO
 
 PACKAGE = REPO / "src" / "ssd_allreduce"
 WINGS = ("train", "bench")
@@ -36,7 +36,7 @@ def _run(*cmd: str, ok: bool = True) -> subprocess.CompletedProcess:
 
 def test_importing_the_library_loads_neither_the_driver_nor_the_benchmark():
     modules = _library_modules()
-    assert {"ssd_allreduce.optimizer", "ssd_allreduce.engine", "ssd_allreduce.comm.horovod"} <= set(modules)
+    assert {"ssd_allreduce.optimizer", "ssd_allreduce.delay.stage", "ssd_allreduce.comm.horovod"} <= set(modules)
     probe = (f"import importlib, json, sys\n"
              f"for m in {modules!r}: importlib.import_module(m)\n"
              f"import ssd_allreduce; ssd_allreduce.DistributedOptimizer\n"
@@ -89,9 +89,9 @@ def test_the_installed_commands_work():
     ("ssd_allreduce.train", ["--help"], "--sync-every"),
     ("ssd_allreduce.bench", ["--help"], "--ablation"),
     ("ssd_allreduce.bench", ["synthetic", "--help"], "--num-batches-per-iter"),
-    ("ssd_allreduce.costmodel", ["--model", "resnet50", "--ranks", "8", "--bandwidth", "10"], "| 8 | 10 |"),
+    ("ssd_allreduce.bench", ["costmodel", "--model", "resnet50", "--ranks", "8", "--bandwidth", "10"], "| 8 | 10 |"),
     ("ssd_allreduce.doctor", [], "== PyTorch =="),
-    ("ssd_allreduce.simulator", ["--workers", "2", "--epochs", "1", "--warmup-steps", "2"], '"windows"'),
+    ("ssd_allreduce.bench", ["convergence", "--workers", "2", "--epochs", "1", "--warmup-steps", "2"], '"windows"'),
 ])
 def test_the_module_commands_users_type_keep_working(module, args, expect):
     assert expect in _run(PYTHON, "-m", module, *args).stdout
@@ -113,7 +113,7 @@ def test_the_scripts_use_the_environment_ssd_venv_names(tmp_path):
     link = tmp_path / "venv-elsewhere"
     link.symlink_to(venv)
     proc = subprocess.run([str(REPO / "scripts" / "test.sh"), "--fast", "-q", "-p", "no:cacheprovider",
-                           "tests/test_algorithm.py::test_schedule_positions"], env={**os.environ, "SSD_VENV": str(link)},
+                           "tests/unit/test_algorithm.py::test_the_clock_launches_every_k_steps_after_the_warmup_and_lands_d_later"], env={**os.environ, "SSD_VENV": str(link)},
                           capture_output=True, text=True, timeout=110, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"setup: ready ({link};" in proc.stdout + proc.stderr

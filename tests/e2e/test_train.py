@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,10 +15,9 @@ import psutil
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, horovodrun, launcher_env, mpirun, run_ranks, torchrun
+from launchers import PYTHON, REPO, horovodrun, launcher_env, mpirun, run_ranks, torchrun
 from ssd_allreduce.train.data import write_cifar10_fixture
 
-pytestmark = pytest.mark.multirank
 TRAIN = ["-m", "ssd_allreduce.train", "--no-progress", "--data", "digits", "--model", "cnn"]
 
 
@@ -324,3 +324,16 @@ def test_slurm_task_count_is_checked_only_where_srun_started_the_ranks_itself():
     for launcher in ({"HOROVOD_RANK": "0"}, {"TORCHELASTIC_RUN_ID": "x"}, {"OMPI_COMM_WORLD_SIZE": "8"},
                      {"MPI_LOCALNRANKS": "4"}, {"WORLD_SIZE": "8"}):   # the last: set by hand in `srun --pty`
         check_slurm_step(8, "horovod", {**step, **launcher})
+
+
+def test_training_driver_on_emulated_nodes(tmp_path):
+    """``python -m ssd_allreduce.train`` under horovodrun, each rank told its node by $SSD_NODE:
+    the automatic choice turns hierarchical SSD-SGD on, and the run learns."""
+    out = tmp_path / "run"
+    train = (f"SSD_NODE=node$((HOROVOD_RANK / 2)) exec {sys.executable} -m ssd_allreduce.train --no-progress "
+             f"--mode ssd --epochs 3 --warmup-steps 10 --out {out}")
+    log = run_ranks(horovodrun(4)[:-1] + ["bash", "-c", train], timeout=300)
+    assert log.count("hierarchical SSD-SGD on 2 node(s) x 2 rank(s)") == 1   # said once, by rank 0
+    summary = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert summary["local_sync_nodes"] == "2 node(s) x 2 rank(s)", summary
+    assert summary["test_accuracy"] >= 0.9 and summary["ssd_stats"]["node_allreduces"] > 0

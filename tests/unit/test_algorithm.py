@@ -2,33 +2,42 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from ssd_allreduce.algorithm import (FlatSpace, Schedule, apply_global_update_, compensate_local_,
-                                     launch_window)
+from ssd_allreduce.algorithm import apply_global_update_, compensate_local_, launch_window, outer_step_
+from ssd_allreduce.delay.clock import WindowClock
 from ssd_allreduce.settings import SSDSettings
-from ssd_allreduce.simulator import Simulator, ordered_tensors
+from ssd_allreduce.simulator import Simulator
+from ssd_allreduce.tensors import FlatSpace, model_tensors
 
-from conftest import WORKERS
 from reference import ReferenceSSD
 
-sys.path.insert(0, str(WORKERS))
-import problem  # noqa: E402
+import problem
 
 
-def test_schedule_positions():
-    s = Schedule(sync_every=4, delay=2, warmup_steps=3)
-    assert [t for t in range(20) if s.in_warmup(t)] == [0, 1, 2]
-    assert [t for t in range(20) if s.launches_at(t)] == [6, 10, 14, 18]
-    assert [t for t in range(20) if s.lands_at(t)] == [8, 12, 16]
-    full = Schedule(sync_every=3, delay=3, warmup_steps=0)
-    assert [t for t in range(10) if full.launches_at(t)] == [2, 5, 8]
-    assert [t for t in range(10) if full.lands_at(t)] == [5, 8]   # then the next launch, same step
-    assert not any(Schedule(2, 0, 0).lands_at(t) for t in range(10))
+def _launches_and_landings(clock: WindowClock, steps: int) -> tuple[list[int], list[int]]:
+    launches, landings, in_flight = [], [], None
+    for t in range(steps):
+        if in_flight is not None and t == in_flight + clock.delay and clock.delay:
+            landings.append(t)
+            in_flight = None
+        if clock.launches_at(t):
+            launches.append(t)
+            in_flight = t
+            clock.advance()
+    return launches, landings
+
+
+def test_the_clock_launches_every_k_steps_after_the_warmup_and_lands_d_later():
+    assert _launches_and_landings(WindowClock.starting(4, 2, step=3), 20) == ([6, 10, 14, 18], [8, 12, 16])
+    # d = k: a window lands at the step the next one launches (landing first)
+    assert _launches_and_landings(WindowClock.starting(3, 3, step=0), 10) == ([2, 5, 8], [5, 8])
+    clock = WindowClock.starting(2, 0, step=0)
+    assert _launches_and_landings(clock, 10)[0] == [1, 3, 5, 7, 9] and clock.launches == 5
+    assert not WindowClock.starting(2, 2, 0).check_due() and WindowClock.starting(2, 2, 0, next_check=0).check_due()
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
@@ -37,10 +46,12 @@ def test_schedule_positions():
     (dict(sync_every=4, delay=-1, warmup_steps=0), "got -1"),
     (dict(sync_every=4, delay=2, warmup_steps=-3), "warmup_steps must be an integer >= 0, got -3"),
     (dict(sync_every=2.5, delay=1, warmup_steps=0), "got 2.5"),
+    (dict(outer_lr=0.0), "outer_lr must be a number > 0, got 0.0"),
+    (dict(outer_momentum=1.0), "outer_momentum must be a number in [0, 1), got 1.0"),
 ])
-def test_schedule_rejects_bad_values(kwargs, fragment):
+def test_settings_reject_bad_window_values(kwargs, fragment):
     with pytest.raises(ValueError) as err:
-        Schedule(**kwargs)
+        SSDSettings(**kwargs)
     assert fragment in str(err.value)
 
 
@@ -57,7 +68,7 @@ def test_settings_reject_bad_glu_values(beta, compensation, fragment):
 
 def test_settings_default_the_delay_round_trip_and_name_differences():
     s = SSDSettings(sync_every=4, warmup_steps=3)
-    assert s.delay == 4 and s.schedule == Schedule(4, 4, 3)
+    assert s.delay == 4
     assert SSDSettings.from_dict(s.as_dict()) == s
     other = SSDSettings(sync_every=4, delay=2, warmup_steps=3, nonfinite="skip")
     assert s.differences(other) == ["delay: 4 vs 2", "nonfinite: 'raise' vs 'skip'"]
@@ -173,13 +184,13 @@ def test_simulator_matches_the_independent_reference_step_by_step_and_after_fini
         sim.step(batches, problem.loss_fn)
         ref.step(batches, problem.loss_fn)
         for r in range(workers):
-            params, buffers = ordered_tensors(sim.models[r])
+            params, buffers = model_tensors(sim.models[r])
             torch.testing.assert_close(params + buffers, ref.tensors(r), rtol=1e-5, atol=1e-6,
                                        msg=lambda m: f"k={k} d={d} step {step} worker {r}: {m}")
     sim.finish()
     ref.finish()
     for r in range(workers):
-        params, buffers = ordered_tensors(sim.models[r])
+        params, buffers = model_tensors(sim.models[r])
         torch.testing.assert_close(params + buffers, ref.tensors(r), rtol=1e-5, atol=1e-6)
 
 
@@ -199,7 +210,7 @@ def test_hierarchical_simulator_matches_the_independent_reference(ranks_per_node
     _run(sim, workers, steps)
     _run(ref, workers, steps)
     for r in range(workers):
-        params, buffers = ordered_tensors(sim.models[r])
+        params, buffers = model_tensors(sim.models[r])
         torch.testing.assert_close(params + buffers, ref.tensors(r), rtol=1e-5, atol=1e-6)
 
 

@@ -6,17 +6,15 @@ side-stream code with real overlap."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 
-from conftest import WORKERS, horovodrun, run_ranks, torchrun
-from test_multirank import assert_global_weights_identical, load, simulator_for
+from launchers import WORKERS, horovodrun, run_ranks, torchrun
+from oracle import assert_global_weights_identical, load, simulator_for
 from test_train import final_states
 
-sys.path.insert(0, str(WORKERS))
-import problem  # noqa: E402
+import problem
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                   reason="needs a CUDA GPU; this machine has none")]
@@ -79,7 +77,6 @@ def test_training_driver_with_amp_on_the_gpu(tmp_path):
 def test_the_delay_stage_never_waits_on_the_gpu_from_the_host():
     """With nonfinite="raise" a landing reads its checks on the host only once they have arrived,
     so CUDA's sync debug mode, set to raise on any synchronising call, sees none in the steps."""
-    sys.path.insert(0, str(WORKERS.parent))
     from fakes import LocalCommunicator
     import ssd_allreduce
     from torch import nn
@@ -117,7 +114,6 @@ def _kernels_under(event) -> set[str]:
 def test_the_first_landing_launches_only_kernels_launched_before():
     """CUDA loads a kernel at its first launch (0.1 s for a landing's on an H200, 3 % of a short
     benchmark): the delay stage's start rehearses a window's work, so the first landing loads none."""
-    sys.path.insert(0, str(WORKERS.parent))
     from fakes import LocalCommunicator
     import ssd_allreduce
     from torch import nn

@@ -7,11 +7,10 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON, REPO, horovodrun, launcher_env, run_ranks
+from launchers import PYTHON, REPO, horovodrun, launcher_env, run_ranks
 from ssd_allreduce.bench.convergence import study
 from ssd_allreduce.train.models import build_model
 
-pytestmark = pytest.mark.multirank
 
 COMPACT_HEADER = "| mode | img/s | x horovod | x no-comm | test acc | B/step | to target s |"
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import BIN, run_ranks
+from launchers import BIN, run_ranks
 from ssd_allreduce.bench.netns import measure_bandwidth_mbps
 from ssd_allreduce.bench.nodes import EmulatedNodes, emulated_nodes_available, link_burst_bytes, netem_available
 

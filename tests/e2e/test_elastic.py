@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, PYTHON, REPO, horovodrun, launcher_env, run_ranks
+from launchers import BIN, PYTHON, REPO, horovodrun, launcher_env, run_ranks
 
-pytestmark = pytest.mark.multirank
 TRAIN = ["-m", "ssd_allreduce.train", "--no-progress", "--data", "digits", "--model", "cnn", "--elastic",
          "--commit-every", "10", "--warmup-steps", "10", "--sync-every", "4", "--epochs", "400",
          "--checkpoint-every", "0", "--fault-timeout", "60"]
@@ -89,9 +89,52 @@ def test_a_rank_removed_and_added_back_by_the_discovery_script(tmp_path):
     assert lrs[50] == pytest.approx(0.1) and removed > 240, (lrs[50], removed)
     assert (lrs[removed], lrs[removed + 1], lrs[added], lrs[added + 1]) == pytest.approx((0.01, 0.005, 0.005, 0.01))
     assert "SSD-SGD state taken from rank 0" in output, output
+    # SPEC: after a change every rank's local weights are W, the same W on every rank
+    after = re.findall(r"rank (\d) of (\d) at step (\d+); local weights at W: (\w+), W sum (\S+)", output)
+    assert sorted((r, n, int(step)) for r, n, step, *_ in after) == [
+        ("0", "1", removed), ("0", "2", added), ("1", "2", added)], output
+    assert all(at == "True" for *_, at, _ in after), after
+    assert len({w for r, n, step, at, w in after if n == "2"}) == 1, after
     summary = [r for r in recs if r["kind"] == "summary"][-1]
     assert summary["ranks"] == 2 and summary["test_accuracy"] > 0.9, summary
     assert summary["ssd_stats"]["windows_landed"] > 300, summary
+
+
+def test_a_rank_joining_a_self_tuned_run_makes_the_same_collectives_and_takes_w(tmp_path):
+    """1 -> 2 with --sync-every auto: whether a launch re-checks the window (a blocking
+    agreement) is in the state the joining rank adopts from rank 0, so the two ranks make the same
+    collectives (a rank deciding from its own timings made Horovod wait forever)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:1\n")
+    discover = tmp_path / "discover.sh"
+    discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
+    discover.chmod(0o755)
+    run, log = tmp_path / "run", tmp_path / "ranks.log"
+    train = [a for a in TRAIN if a not in ("--sync-every", "4")]
+    cmd = [str(BIN / "horovodrun"), "-np", "1", "--min-np", "1", "--max-np", "2", "--host-discovery-script",
+           str(discover), "--gloo", "--network-interface", "lo", PYTHON, *train, "--mode", "ssd", "--sync-every", "auto",
+           "--max-steps", "700", "--slow-rank", "0", "--slow-fraction", "3", "--out", str(run)]
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, env=launcher_env(), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            wait_for(proc, "step 100", lambda: any(r["kind"] == "step" and r["step"] >= 100 for r in records(run)),
+                     120, log)
+            hosts.write_text("localhost:2\n")
+            wait_for(proc, "the change to 2 ranks",
+                     lambda: any(r["kind"] == "membership" and r["ranks"] == 2 for r in records(run)), 120, log)
+            proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    output = log.read_text()
+    assert proc.returncode == 0, output
+    after = re.findall(r"rank (\d) of 2 at step (\d+); local weights at W: (\w+), W sum (\S+)", output)
+    assert sorted(r for r, *_ in after) == ["0", "1"] and all(at == "True" for *_, at, _ in after), output
+    assert len({w for *_, w in after}) == 1, after
+    summary = [r for r in records(run) if r["kind"] == "summary"][-1]
+    assert summary["ranks"] == 2 and summary["steps"] == 700, summary
 
 
 def test_a_crashed_rank_is_dropped_and_training_goes_on_from_the_last_commit(tmp_path):

@@ -1,6 +1,6 @@
 """Runs on every rank of a test job (horovodrun, torchrun or mpirun) and saves what it saw.
 
-    ssd_ranks.py --backend horovod --out DIR --configs "k,d,beta,warmup;..." --steps N
+    ssd_ranks.py --backend horovod --out DIR --configs "k,d,beta,warmup[,wire];..." --steps N
 """
 from __future__ import annotations
 
@@ -67,9 +67,16 @@ def train_step(model, opt, rank: int, step: int, device: str = "cpu") -> None:
     opt.step()
 
 
-def run_config(args, rank: int, backend: str, k: int, d: int, beta: float, warmup: int) -> dict:
-    model, opt = build(backend, k, d, beta, warmup, args.big, args.device, args.compression, args.optimizer,
-                       args.local_sync)
+def allocated_by(run) -> int:
+    """Bytes the CPU allocator handed out while ``run()`` ran (the profiler's own count)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+
+
+def run_config(args, rank: int, backend: str, k: int, d: int, beta: float, warmup: int, wire: str) -> dict:
+    model, opt = build(backend, k, d, beta, warmup, args.big, args.device, wire, args.optimizer, args.local_sync)
     if args.resume_from:
         ckpt = torch.load(os.path.join(args.resume_from, f"ckpt_rank{rank}.pt"), weights_only=False,
                           map_location=args.device)
@@ -82,7 +89,20 @@ def run_config(args, rank: int, backend: str, k: int, d: int, beta: float, warmu
     landed = opt.ssd_stats.windows_landed
     data_rank = 0 if args.same_data else rank
     for step in range(start, args.steps):
-        train_step(model, opt, data_rank, step, args.device)
+        launches, landings = opt.ssd_stats.windows_launched, opt.ssd_stats.windows_landed
+        if args.profile_memory and opt.global_weights is not None:
+            x, y = problem.batch(data_rank, step)
+            opt.zero_grad()
+            problem.loss_fn(model(x), y).backward()
+            allocated = allocated_by(opt.step)
+            busy = (opt.ssd_stats.windows_launched, opt.ssd_stats.windows_landed) != (launches, landings)
+            record.setdefault("window_step_allocated" if busy else "plain_step_allocated", []).append(allocated)
+        else:
+            train_step(model, opt, data_rank, step, args.device)
+        inflight = opt._ssd_engine.state.window.inflight if opt.window_in_flight else None
+        if opt.ssd_stats.windows_launched != launches and inflight is not None and backend in ("torch", "mpi"):
+            record["collective_on_delta"] = all(f.data_ptr() == d.data_ptr() for f, d in zip(
+                inflight.handles[0].flats, opt._ssd_engine.state.delta.buffers))
         record["after_step"].append(problem.model_tensors(model))
         if opt.ssd_stats.windows_landed != landed:
             landed = opt.ssd_stats.windows_landed
@@ -132,6 +152,9 @@ def main() -> None:
     ap.add_argument("--ranks-per-node", type=int, default=0,
                     help="emulated nodes: rank r is on node r // N ($SSD_NODE)")
     ap.add_argument("--local-sync", choices=tuple(LOCAL_SYNC), default="off")
+    ap.add_argument("--profile-memory", action="store_true",
+                    help="count what each delay-stage opt.step() allocates (torch's profiler: MPI only; with "
+                         "Gloo's threads it can crash)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     member = init_backend(args.backend, args.subset, args.torch_backend, args.process_set)
@@ -143,8 +166,9 @@ def main() -> None:
         os.environ["SSD_NODE"] = f"node{rank // args.ranks_per_node}"
     result = {"size": size, "configs": {}}
     for spec in args.configs.split(";"):
-        k, d, beta, warmup = spec.split(",")
-        result["configs"][spec] = run_config(args, rank, backend, int(k), int(d), float(beta), int(warmup))
+        k, d, beta, warmup, *wire = spec.split(",")
+        result["configs"][spec] = run_config(args, rank, backend, int(k), int(d), float(beta), int(warmup),
+                                             wire[0] if wire else args.compression)
     if args.horovod_baseline:   # after the SSD-SGD configs: it takes no part in their process sets
         result["horovod_baseline"] = horovod_baseline(0 if args.same_data else rank, args.steps, args.optimizer)
     if args.process_set:

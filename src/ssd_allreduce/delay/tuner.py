@@ -7,8 +7,9 @@ cost, paid once per window, must not slow the steps by more than ``TOLERANCE`` c
 widest window allowed: the smallest k meeting both is taken. The first choice is made at the end
 of the warm-up, from its steps, its gradients' collectives (scaled to the delta's bytes: nothing
 is sent to measure) and a timed dry launch; it is re-checked every ``RETUNE_EVERY`` windows from
-what the windows took. Changes take effect
-at a launch, on every rank at the same step.
+what the windows took. Changes take effect at a launch, on every rank at the same step; when the
+next re-check is due is the clock's (``WindowClock.next_check``), so every rank, a joining or
+resumed one too, makes the same collective at the same launch.
 """
 from __future__ import annotations
 
@@ -17,34 +18,18 @@ import math
 import statistics
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .comm import Communicator
+from ..comm import Communicator
 
 logger = logging.getLogger(__name__)
 
 MARGIN = 1.5          # the collective must fit in d steps of compute with this much to spare
 RETUNE_EVERY = 20     # windows between re-checks (each is one small blocking collective)
-MIN_WARMUP_STEPS = 5  # steps whose compute time the first choice is made from
 TOLERANCE = 0.03      # the step time a window's own cost may add, against the widest window
 SAMPLES = 64          # the most recent step and window times a choice is made from
 MIN_SAMPLES = 4       # steps every rank must have timed before a choice is made
 PROVISIONAL = 5       # the window used until then (a resume at the end of the warm-up)
-
-
-@dataclass
-class WindowClock:
-    """When windows launch in the delay stage: the current ``(k, d)``, the next launch step, and
-    the windows launched so far (the re-checks count them; every rank holds the same clock)."""
-
-    sync_every: int
-    delay: int
-    next_launch: int
-    launches: int = 0
-
-    def as_tuple(self) -> tuple[int, int, int, int]:
-        return self.sync_every, self.delay, self.next_launch, self.launches
 
 
 def choose_window(compute_s: float, collective_s: float, window_s: float, *, sync_every: Optional[int],
@@ -79,7 +64,7 @@ class WindowTuner:
         self.in_flight: deque[float] = deque(maxlen=SAMPLES)
         self._last: Optional[tuple[float, float]] = None   # (end of the last step, comm wait by then)
         self.window_estimate = 0.0   # a window's host cost, from the dry launch
-        self.pending = False         # a choice waits for enough timed steps on every rank
+        self.last_compute: Optional[float] = None   # the compute time the last choice was made from
         self.log: list[dict[str, float]] = []
 
     def step_done(self, now: float, comm_wait_total: float, window_step: bool) -> None:
@@ -101,40 +86,43 @@ class WindowTuner:
         if nbytes:
             self.gradient_rate.append(seconds / nbytes)
 
-    def initial(self, step: int, delta_bytes: int, window_s: float) -> tuple[int, int]:
+    def initial(self, step: int, delta_bytes: int, window_s: float) -> Optional[tuple[int, int]]:
         """The first choice, at the end of the warm-up: its steps' compute, its gradients'
         collectives scaled to the delta's bytes (nothing is sent only to measure), and a timed
-        dry launch. Where some rank timed too few steps (a resume at the end of the warm-up), a
-        provisional window until the next launch."""
+        dry launch. None where some rank timed too few steps (a resume at the end of the
+        warm-up): the caller uses ``provisional`` and asks again at the next launch."""
         self.window_estimate = window_s
         rate = statistics.median(self.gradient_rate) if self.gradient_rate else 0.0
         plain = list(self.compute)
-        chosen = self._choose(step, statistics.median(plain) if plain else 0.0, rate * delta_bytes, window_s,
-                              len(plain))
-        if chosen is None:
-            k = self.sync_every or min(PROVISIONAL, self.max_sync_every)
-            return k, k
-        return chosen
+        return self._choose(step, statistics.median(plain) if plain else 0.0, rate * delta_bytes, window_s,
+                            len(plain))
 
-    def due(self, launches: int) -> bool:
-        """A re-check at this launch: every ``RETUNE_EVERY`` windows, or at every launch while a
-        choice waits for enough timed steps."""
-        return self.pending or (launches > 0 and launches % RETUNE_EVERY == 0)
+    @property
+    def provisional(self) -> tuple[int, int]:
+        """The window used until a choice can be made."""
+        k = self.sync_every or min(PROVISIONAL, self.max_sync_every)
+        return k, k
 
-    def retune(self, step: int, sync_every: int, delay: int) -> tuple[int, int]:
-        """A re-check from the recent steps and windows (every rank calls it at the same step):
-        the new window, or the current one while some rank has timed too few steps. A window's
-        cost is what its launch and landing steps took beyond the others (medians), and at least
-        the dry launch's estimate."""
-        plain = list(self.compute)
-        compute = statistics.median(plain) if plain else 0.0
+    def retune(self, step: int, sync_every: int, delay: int) -> Optional[tuple[int, int]]:
+        """A re-check from the recent steps and windows (every rank calls it at the same launch):
+        the new window, or None while some rank has timed too few steps. A window's cost is what
+        its launch and landing steps took beyond the others (medians), and at least the dry
+        launch's estimate. Where every step launches or lands a window (k = 1, or k = 2 with
+        d = 1) there are no plain steps: the compute time is the last choice's, or the window
+        steps' less the window's estimated cost."""
+        steps_per_window = 1 if delay in (0, sync_every) else 2   # launch and landing at one step or two
+        plain, busy = list(self.compute), list(self.window_steps)
+        if plain:
+            compute = statistics.median(plain)
+        elif self.last_compute is not None:
+            compute = self.last_compute
+        else:
+            compute = max(0.0, statistics.median(busy) - self.window_estimate / steps_per_window) if busy else 0.0
         window = self.window_estimate
-        if self.window_steps and plain:
-            steps_per_window = 1 if delay in (0, sync_every) else 2   # launch and landing at one step or two
-            window = max(window, steps_per_window * (statistics.median(self.window_steps) - compute))
+        if busy:
+            window = max(window, steps_per_window * (statistics.median(busy) - compute))
         collective = statistics.median(self.in_flight) if self.in_flight else 0.0
-        chosen = self._choose(step, compute, collective, window, len(plain))
-        return (sync_every, delay) if chosen is None else chosen
+        return self._choose(step, compute, collective, window, len(plain) + len(busy))
 
     def _choose(self, step: int, compute_s: float, collective_s: float, window_s: float,
                 samples: int) -> Optional[tuple[int, int]]:
@@ -142,8 +130,7 @@ class WindowTuner:
         everyone = self.comm.allgather_object(mine) if self.comm.size > 1 else [mine]
         # the slowest rank's numbers decide, and the fewest samples: every rank gets the same
         compute_s, collective_s, window_s = (max(e[i] for e in everyone) for i in range(3))
-        self.pending = min(e[3] for e in everyone) < MIN_SAMPLES
-        if self.pending:
+        if min(e[3] for e in everyone) < MIN_SAMPLES:
             return None
         k, d = choose_window(compute_s, collective_s, window_s, sync_every=self.sync_every,
                              max_sync_every=self.max_sync_every, auto_delay=self.auto_delay)
@@ -154,6 +141,7 @@ class WindowTuner:
                         "%.2f ms, window cost %.2f ms, slowest rank)", step, k, d, entry["compute_ms"],
                         entry["collective_ms"], entry["window_ms"])
         self.log.append(entry)
+        self.last_compute = compute_s
         self.in_flight.clear()
         self.compute.clear()
         self.window_steps.clear()

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, horovodrun, launcher_env, mpirun, run_ranks, torchrun
+from launchers import REPO, horovodrun, launcher_env, mpirun, run_ranks, torchrun
 
-pytestmark = pytest.mark.multirank
 BOUND = 6            # --fault-timeout of these runs, seconds
 SLACK = 5            # from the bound to the survivor's exit
 TRAIN = ["-m", "ssd_allreduce.train", "--no-progress", "--data", "digits", "--model", "cnn", "--epochs", "3",

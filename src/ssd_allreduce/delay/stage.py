@@ -1,0 +1,342 @@
+"""The steps-delay stage on one rank: launch, poll, land and finish windows in the clock's order
+(SPEC: land the window due at a step before launching the one ending there).
+
+The math is ``algorithm``'s, the state ``state``'s, how a delta crosses the ranks ``transport``'s;
+this module owns the order of operations and what a landing decides (land, skip, or raise).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.profiler import record_function
+
+from ..algorithm import apply_global_update_, compensate_local_, launch_window, outer_step_
+from ..comm import Communicator, ReduceOp
+from ..settings import AUTO, SSDSettings
+from ..stats import SSDStats
+from ..topology import Hierarchy
+from . import feedback, tuner as tuning
+from .clock import WindowClock
+from .layout import TensorLayout
+from .rehearsal import rehearse
+from .state import DelayState, Position, Window
+from .transport import GatherTransport, NodeShards, make_transport
+from .verdict import NONFINITE_ADVICE, DeferredVerdict, missing_gradients, nonfinite_message
+
+
+class DelayStage:
+    """SSD-SGD after the warm-up for the local tensors ``params`` then ``buffers`` (in an order
+    every rank shares). Nothing is allocated until ``start()``. Collectives are named after
+    ``name``, the same on every rank and different for each optimizer of a process.
+
+    With a ``hierarchy`` the windows run between nodes: each rank of a node carries its shard of
+    the node's delta across nodes (``hierarchy.cross``) and the node gathers them at the landing."""
+
+    def __init__(self, comm: Communicator, settings: SSDSettings, params: Sequence[Tensor],
+                 buffers: Sequence[Tensor], compression: Any, stats: SSDStats, name: str = "ssd",
+                 tensor_names: Optional[Sequence[str]] = None, hierarchy: Optional[Hierarchy] = None) -> None:
+        self.comm, self.settings, self.compression, self.stats, self.name = comm, settings, compression, stats, name
+        self.params, self.buffers = list(params), list(buffers)
+        self.layout = TensorLayout(self.local, tensor_names)
+        node = hierarchy.node if hierarchy is not None and hierarchy.node.size > 1 else None
+        self.shards = NodeShards(hierarchy.shard if hierarchy is not None else (0, 1), node, name)
+        self.transport = make_transport(hierarchy.cross if hierarchy is not None else comm, compression, name)
+        self.state = DelayState(self.local, self.shards.shard, settings.outer_momentum > 0)
+        self.tuner = (tuning.WindowTuner(comm, None if settings.sync_every == AUTO else settings.sync_every,
+                                         settings.max_sync_every, settings.delay == AUTO) if settings.auto else None)
+        self.verdict: Optional[DeferredVerdict] = None
+        self.defer_checks: Optional[bool] = None   # None: decided by ``defers_checks``
+        self.steps_without_gradients = 0   # on this rank, since the last launch
+        self._lossy: Optional[bool] = None   # the wire format rounds the delta (known at the first launch)
+        self._windows_seen = 0   # launches + landings by the last step's end (the tuner's window steps)
+
+    @property
+    def local(self) -> list[Tensor]:
+        return self.params + self.buffers
+
+    @property
+    def started(self) -> bool:
+        return self.state.started
+
+    @property
+    def in_flight(self) -> bool:
+        return self.state.window is not None
+
+    @property
+    def clock(self) -> Optional[WindowClock]:
+        return self.state.clock
+
+    def start(self, step: int) -> None:
+        """End of warm-up, at ``step``: ``W`` = rank 0's weights, bit-identical everywhere, and
+        ``w = W``; the window is chosen now where it is "auto"."""
+        self.layout.check(self.local)
+        limit = getattr(self.compression, "GATHER_LIMIT", None)
+        if isinstance(self.transport, GatherTransport) and limit and self.transport.comm.size >= limit:
+            warnings.warn(f"{self.transport.comm.size} ranks gather each other's int8 deltas: from {limit} ranks "
+                          "on that moves more bytes than a float32 allreduce; use compression=Compression.bf16 "
+                          "or fp16 at this scale")
+        self._allocate()
+        state = self.state
+        state.global_.copy_from_(self.local)
+        self.comm.broadcast_(state.global_.buffers, root_rank=0, name=f"{self.name}.global_weights")
+        self.reset_local_to_global()
+        k, d, next_check = self.settings.sync_every, self.settings.delay, None
+        if self.tuner is not None:
+            dry = 2.5 * tuning.timed(lambda: launch_window(self.local, state.global_, state.snapshot, state.delta))
+            chosen = self.tuner.initial(step, self.wire_bytes(), dry)   # the landing: 1.5 launches
+            (k, d), next_check = chosen or self.tuner.provisional, tuning.RETUNE_EVERY if chosen else 0
+        self._set_clock(WindowClock.starting(k, d, step, next_check))
+
+    def _allocate(self) -> None:
+        self.state.allocate()
+        rehearse(self.local, len(self.params), self.compression, isinstance(self.transport, GatherTransport),
+                 self.settings)
+
+    def wire_bytes(self) -> int:
+        """Bytes a window's delta puts on the wire from this rank."""
+        return self.transport.bytes_sent(self.shards.part(self.state.delta))
+
+    def reset_local_to_global(self) -> None:
+        """``w = W`` (parameters and buffers)."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.local, self.state.global_.views)
+
+    def step_done(self) -> None:
+        """The end of a training step (the tuner times steps)."""
+        if self.tuner is not None:
+            windows = self.stats.windows_launched + self.stats.windows_landed
+            self.tuner.step_done(time.perf_counter(), self.stats.comm_wait_seconds, windows != self._windows_seen)
+            self._windows_seen = windows
+
+    def after_local_step(self, step: int, without_gradients: bool = False) -> bool:
+        """The schedule at ``step``, after the local update: poll, land what is due, launch.
+        True when a skipped window brought non-finite local weights back to ``W``. A step
+        ``without_gradients`` is reported to every rank with the window and raises there."""
+        self.steps_without_gradients += without_gradients
+        self._poll()
+        state, clock = self.state, self.state.clock
+        reset = False
+        if state.window is not None and step == state.window.lands_at:
+            reset = self.land(elapsed=step - state.window.launched_at)
+        if clock.launches_at(step):
+            covers = clock.sync_every
+            self.check_deferred(before=step)
+            if clock.check_due():
+                self._retune(step)
+            self._launch(step, covers)
+            clock.advance()
+            if clock.delay == 0:
+                reset = self.land(elapsed=0) or reset
+        return reset
+
+    def _retune(self, step: int) -> None:
+        clock = self.state.clock
+        chosen = self.tuner.retune(step, clock.sync_every, clock.delay)
+        if chosen is not None:
+            clock.sync_every, clock.delay = chosen
+        clock.next_check = clock.launches + (tuning.RETUNE_EVERY if chosen is not None else 1)
+        self._set_clock(clock)
+
+    def finish(self, steps_done: int) -> bool:
+        """Land the window in flight now, ``steps_done`` steps into training (see ``land``)."""
+        window = self.state.window
+        if window is None:
+            self.check_deferred()
+            return False
+        return self.land(elapsed=steps_done - 1 - window.launched_at)
+
+    def _launch(self, step: int, covers: int) -> None:
+        """Launch the window that ends at ``step`` (``covers`` local steps); it lands ``d`` later."""
+        self.layout.check(self.local)
+        state = self.state
+        with record_function("ssd_allreduce.launch"):
+            launch_window(self.local, state.global_, state.snapshot, state.delta)
+            node = self.shards.node_comm
+            if node is not None and self.buffers:
+                # a node's ranks share their parameters, not their buffers' running statistics:
+                # the node's delta takes their mean (a small collective on the fast link)
+                views = state.delta.views[len(self.params):]
+                node.synchronize(node.allreduce_async_(views, name=f"{self.name}.node_buffers", op=ReduceOp.AVERAGE))
+            self.stats.windows_launched += 1
+            window = Window(step, step + state.clock.delay, covers, launch_time=time.perf_counter())
+            missing, self.steps_without_gradients = self.steps_without_gradients > 0, 0
+            state.window = window
+            if self.transport.comm.size == 1:   # the delta is its own average: nothing to send
+                return
+            parts = self.shards.part(state.delta)
+            if self._lossy is None:
+                self._lossy = feedback.is_lossy(self.compression, parts)
+            if self._lossy:
+                feedback.add_residual_(parts, self.shards.part(state.ensure_residual()))
+            window.inflight = self.transport.send(parts, missing)
+            self.stats.bytes_allreduced += self.transport.payload(window.inflight)
+
+    def discard_window(self) -> None:
+        """Forget the window in flight without waiting for it (its collective died with a lost rank)."""
+        self.state.window = self.verdict = None
+
+    def _poll(self) -> None:
+        window = self.state.window
+        if window is None or window.inflight is None:
+            return
+        if not self.transport.arrived(window.inflight):
+            self.stats.polls_pending += 1
+        elif self.tuner is not None and not window.seen_arrived:
+            window.seen_arrived = True
+            self.tuner.window_arrived(time.perf_counter() - window.launch_time)
+
+    def wait(self) -> None:
+        """Block until the window in flight has arrived in the delta (it is not landed)."""
+        window = self.state.window
+        if window is None or window.inflight is None:
+            return
+        with record_function("ssd_allreduce.wait"):
+            t0 = time.perf_counter()
+            self.transport.receive(window.inflight, self.shards.part(self.state.delta))
+            if self.tuner is not None and not window.seen_arrived:
+                self.tuner.window_arrived(time.perf_counter() - window.launch_time)
+            window.missing, window.inflight = window.inflight.flag, None
+            self.stats.comm_wait_seconds += time.perf_counter() - t0
+
+    def land(self, elapsed: int) -> bool:
+        """``W += G`` (``G`` the outer step on the average ``D``, ``D`` itself by default) and the
+        GLU compensation of the local tensors. A non-finite ``D`` never reaches ``W``: it raises,
+        or (``nonfinite="skip"``) the window is skipped and a rank whose own weights are not
+        finite goes back to ``W``; returns True then. Where checks are deferred
+        (``defers_checks``), a non-finite ``D`` lands as zero and raises a few steps later."""
+        window, state, settings = self.state.window, self.state, self.settings
+        if window is None:
+            return False
+        self.wait()
+        self.layout.check(self.local)
+        with record_function("ssd_allreduce.land"):
+            self.shards.gather_(state.delta)   # here, where every rank of the node is at the same step
+            state.window = None
+            self.check_deferred()
+            if self.defers_checks:
+                finite = state.delta.zero_unless_finite_()
+                self.verdict = DeferredVerdict(window.launched_at, window.lands_at, finite, window.missing)
+            else:
+                if window.missing is not None and float(window.missing) > 0:
+                    self._raise_missing_gradients(window.launched_at, float(window.missing))
+                if not state.delta.is_finite():
+                    return self._skip(window)
+            state.skipped_in_a_row = 0
+            if state.residual is not None:
+                part = self.shards.part
+                feedback.update_residual_(self.compression, part(state.residual), part(state.snapshot),
+                                          part(state.global_))
+            n = len(self.params)
+            outer_step_(state.delta.leading(n), None if state.momentum is None else state.momentum.leading(n),
+                        lr=settings.outer_lr, mu=settings.outer_momentum, nesterov=settings.outer_nesterov)
+            apply_global_update_(state.global_, state.delta)
+            compensate_local_(self.params, self.buffers, state.global_, state.snapshot, state.delta,
+                              glu_beta=settings.glu_beta, elapsed=elapsed, sync_every=window.sync_every,
+                              compensation=settings.compensation)
+            self.stats.windows_landed += 1
+            return False
+
+    @property
+    def defers_checks(self) -> bool:
+        """Read a landing's checks on the host later, not at the landing: on CUDA with
+        ``nonfinite="raise"``, where reading them at once would drain the device's queue."""
+        if self.defer_checks is not None:
+            return self.defer_checks
+        return self.settings.nonfinite == "raise" and self.state.global_.buffers[0].is_cuda
+
+    def check_deferred(self, before: Optional[int] = None) -> None:
+        """Raise if the last landing's deferred checks failed. Called where every rank is at the
+        same point (a landing, a launch after the landing's step, finish, a save or a load), never
+        when a rank's own device happens to be done, so ranks stop together; by then the result has
+        long arrived. ``before``: only a landing made before that step."""
+        verdict = self.verdict
+        if verdict is None or (before is not None and verdict.landed_at >= before):
+            return
+        self.verdict = None
+        finite, missing = verdict.read()
+        if missing > 0:
+            self._raise_missing_gradients(verdict.launched_at, missing)
+        if not finite:
+            raise FloatingPointError(nonfinite_message(verdict.launched_at) + NONFINITE_ADVICE)
+
+    def _raise_missing_gradients(self, launched_at: int, share: float) -> None:
+        size = self.transport.comm.size   # hierarchical: the flag is a node's
+        raise RuntimeError(missing_gradients(round(share * size), size, launched_at,
+                                             "ranks" if self.transport.comm is self.comm else "nodes"))
+
+    def _skip(self, window: Window) -> bool:
+        message = nonfinite_message(window.launched_at)
+        limit = self.settings.max_skipped_windows
+        if self.settings.nonfinite == "raise":
+            raise FloatingPointError(message + NONFINITE_ADVICE)
+        self.state.skipped_in_a_row += 1
+        self.stats.windows_skipped += 1
+        if self.state.skipped_in_a_row > limit:
+            raise FloatingPointError(f"{message}, and so were the {limit} windows before it: training "
+                                     "diverges; lower the learning rate or clip gradients")
+        warnings.warn(message + "; window skipped, global weights unchanged")
+        # a node's ranks share their parameters, not their buffers: they decide alike on the former
+        judged = self.params if self.shards.node_comm is not None else self.local
+        with torch.no_grad():
+            if all(bool(torch.isfinite(t).all()) for t in judged):
+                return False
+        self.reset_local_to_global()
+        return True
+
+    def position(self, step: int) -> Position:
+        return self.state.position(step)
+
+    def adopt_root_state(self, root: Position) -> None:
+        """Every rank takes rank 0's ``W``, outer momentum, window and clock (collective; rank 0's
+        window has arrived)."""
+        state = self.state
+        if not root.started:
+            self.load_state_dict({})
+            return
+        if root.window is not None and self.shards.node_comm is not None:   # the same verdict on every rank
+            raise ValueError("rank 0's SSD-SGD state has a window in flight whose averaged delta is spread over "
+                             "its node's ranks (hierarchical SSD-SGD): load every rank's own checkpoint on every "
+                             "rank, or save after optimizer.finish() on every rank")
+        if not state.started:
+            self._allocate()
+        mine, state.window = state.window, None
+        state.skipped_in_a_row = root.skipped_in_a_row
+        shared = state.global_.buffers + ([] if state.momentum is None else state.momentum.buffers)
+        self.comm.broadcast_(shared, root_rank=0, name=f"{self.name}.adopt.global_weights")
+        self._set_clock(WindowClock(*root.clock))
+        if root.window is not None:
+            missing = torch.zeros(1, device=state.delta.buffers[0].device)
+            if mine is not None and mine.missing is not None:   # rank 0's is the one broadcast
+                missing.copy_(mine.missing.reshape(1))
+            self.comm.broadcast_(state.snapshot.buffers + state.delta.buffers + [missing], root_rank=0,
+                                 name=f"{self.name}.adopt.window")
+            state.window = Window(*root.window, missing=missing)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The state, with a window in flight waited for, not landed: a resumed run lands it at
+        the same step."""
+        self.wait()
+        self.check_deferred()
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s output; ``{}`` resets to before ``start()``. A deferred
+        check still unread is read first: a failed landing is reported, not forgotten."""
+        if self.state.window is not None and self.state.window.inflight is not None:
+            raise RuntimeError("load_state_dict() while a window is in flight: call finish() first")
+        self.check_deferred()
+        self.state.load_state_dict(state)
+        if self.state.started:
+            rehearse(self.local, len(self.params), self.compression, isinstance(self.transport, GatherTransport),
+                     self.settings)
+            self._set_clock(self.state.clock)
+
+    def _set_clock(self, clock: WindowClock) -> None:
+        """Use ``clock``; ``stats`` shows its window."""
+        self.state.clock = clock
+        self.stats.sync_every, self.stats.delay = clock.sync_every, clock.delay
