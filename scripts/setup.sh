@@ -65,7 +65,9 @@ if [ ! -x "$VENV/bin/python" ]; then
       > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_ssd_parent_env.pth"
   fi
 fi
-VPY=$VENV/bin/python
+# the venv's own directory, links resolved: the commands pip writes name their interpreter by it,
+# so a venv reached through a link (SSD_VENV) keeps working once the link is gone
+VPY=$(cd "$VENV" && pwd -P)/bin/python
 PIP_SOURCE=()
 [ -z "${SSD_WHEELS:-}" ] || PIP_SOURCE=(--no-index --find-links "$SSD_WHEELS")
 pip_install() { "$VPY" -m pip install -q --disable-pip-version-check ${PIP_SOURCE[@]+"${PIP_SOURCE[@]}"} "$@"; }

@@ -13,7 +13,7 @@ import torch
 from ssd_allreduce import __version__
 from ssd_allreduce.doctor import TITLES, collect, main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(120)
 
 

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
 SLURM_DIR = Path(os.environ.get("SSD_SLURM_DIR", "/tmp/ssd-allreduce-slurm"))
 PYTHON = sys.executable
