@@ -30,29 +30,27 @@ import logging
 import os
 import warnings
 import weakref
-from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
-from torch.profiler import record_function
 
 from .comm import Communicator, ReduceOp, make_communicator
 from .compression import Compression, compression_name
-from .delay import DelayStage, Position
+from .delay import DelayStage
 from .settings import DEFAULT_GLU_BETA, SSDSettings
 from .stats import SSDStats
 from .topology import Hierarchy, resolve_hierarchy
-from .delay.verdict import missing_gradients
 from .warmup import GradientAverager, Groups
+from .agreement import RankAgreement
+from .amp import ScaledLocalStep
+from .protocol import HorovodProtocol
+from .saved_state import SavedState
 
 logger = logging.getLogger(__name__)
 
-STATE_KEY = "ssd_sgd"
 NO_GRADIENTS = ("optimizer.step() was called but no parameter has a gradient: call loss.backward() "
                 "before optimizer.step()")
-STATE_VERSION = 3
-
 _live_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 # Two optimizers of one process (a GAN, multi-task) must not share collective names: Horovod
 # refuses a name still in flight. Ranks build their optimizers in the same order, so a count of
@@ -76,7 +74,7 @@ def DistributedOptimizer(
     *,
     sync_every: Union[int, str] = 5,
     delay: Optional[Union[int, str]] = None,
-    warmup_steps: int = 500,
+    warmup_steps: int = SSDSettings.warmup_steps,   # settings.DEFAULT_WARMUP_STEPS
     glu_beta: float = DEFAULT_GLU_BETA,
     compensation: str = "glu",
     named_buffers: Optional[Iterable[tuple[str, Tensor]]] = None,
@@ -130,7 +128,8 @@ def DistributedOptimizer(
     base = type(optimizer)
     # The methods are copied into a direct subclass of the user's class (not mixed in), so that
     # super(type(opt), opt).step(), which hvd.broadcast_optimizer_state() calls, is the user's step.
-    methods = {k: v for k, v in vars(_SSDSGDOptimizer).items() if k not in ("__dict__", "__weakref__")}
+    methods = {k: v for part in reversed(_SSDSGDOptimizer.__mro__[:-2]) for k, v in vars(part).items()
+               if k not in ("__dict__", "__weakref__")}
     optimizer.__class__ = type(base.__name__, (base,), {**methods, "_ssd_base": base})
     # hvd.broadcast_optimizer_state() initialises an empty optimizer state by calling the wrapped
     # class's own step() when `optimizer.__module__` is Horovod's optimizer module; otherwise it
@@ -221,29 +220,6 @@ def _rewrap_scheduler_step(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step = step  # type: ignore[method-assign]
 
 
-def _check_same_optimizer(ref: dict[str, Any], theirs: dict[str, Any], rank: int) -> None:
-    """Raise, naming what differs, where rank ``rank`` built another optimizer than rank 0."""
-    if theirs["name"] != ref["name"]:
-        raise ValueError(f"this optimizer is SSD-SGD optimizer #{ref['name'].split('.')[1]} built on "
-                         f"rank 0 but #{theirs['name'].split('.')[1]} on rank {rank}: build the "
-                         "optimizers in the same order on every rank")
-    diff = ref["settings"].differences(theirs["settings"])
-    if diff:
-        raise ValueError(f"rank {rank} runs SSD-SGD with other settings than rank 0 (rank 0 vs "
-                         f"rank {rank}: {'; '.join(diff)}): pass the same settings on every rank")
-    a, b = ref["tensors"], theirs["tensors"]
-    for i in range(max(len(a), len(b))):
-        x = a[i] if i < len(a) else None
-        y = b[i] if i < len(b) else None
-        if x != y:
-            raise ValueError(f"rank {rank}'s model differs from rank 0's at tensor #{i}: "
-                             f"rank 0 has {x}, rank {rank} has {y} (name, shape, dtype); "
-                             "every rank must build the same model")
-    if ref["buckets"] != theirs["buckets"]:
-        raise ValueError(f"rank {rank} lists the optimizer's parameters in another order than rank 0 (its "
-                         "warm-up allreduces would not match): build the parameter groups alike on every rank")
-
-
 def _check_op(op: ReduceOp) -> None:
     """SSD-SGD averages: Sum and Adasum have no meaning for its delayed windows."""
     if op is ReduceOp.SUM:
@@ -255,23 +231,6 @@ def _check_op(op: ReduceOp) -> None:
         raise ValueError("op=Adasum is not supported: Adasum combines gradients every step, SSD-SGD "
                          "averages a model delta every k steps. Use op=Average (the default), or keep "
                          "hvd.DistributedOptimizer(op=hvd.Adasum) for Adasum")
-
-
-def _unscale_and_find_nonfinite_(grads: list[Tensor], grad_scale: Optional[Tensor]) -> bool:
-    """Divide ``grads`` by ``grad_scale`` (if any) and say whether any is not finite: one fused
-    pass per device (GradScaler's own kernel) and one value read on the host."""
-    found = []
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for g in grads:   # a sparse gradient is checked and scaled through its values, as GradScaler does
-        by_device.setdefault(g.device, []).append(g._values() if g.is_sparse else g)
-    with torch.no_grad():
-        for device, group in by_device.items():
-            flag = torch.zeros(1, device=device)
-            inv_scale = (torch.ones(1, device=device) if grad_scale is None
-                         else grad_scale.double().reciprocal().float().reshape(1).to(device))
-            torch._amp_foreach_non_finite_check_and_unscale_(group, flag, inv_scale)
-            found.append(flag.to(grads[0].device))
-    return bool(torch.cat(found).sum() > 0) if found else False
 
 
 def _named(named: Optional[Iterable[tuple[str, Tensor]]], what: str) -> list[tuple[str, Tensor]]:
@@ -286,9 +245,9 @@ def _named(named: Optional[Iterable[tuple[str, Tensor]]], what: str) -> list[tup
     return items
 
 
-class _SSDSGDOptimizer(torch.optim.Optimizer):
-    """Methods copied into the class made by ``DistributedOptimizer``, a subclass of the user's
-    optimizer class ``self._ssd_base``, whose ``step`` makes the local update."""
+class _SSDSGDOptimizer(HorovodProtocol, ScaledLocalStep, RankAgreement, SavedState, torch.optim.Optimizer):
+    """Methods copied (with its parts') into the class made by ``DistributedOptimizer``, a subclass
+    of the user's optimizer class ``self._ssd_base``, whose ``step`` makes the local update."""
 
     _ssd_base: type
     # GradScaler then always calls step() and tells it about non-finite gradients, so every rank
@@ -366,66 +325,7 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
                              "should train later can be frozen (requires_grad=False) and unfrozen then")
         self._ssd_base.add_param_group(self, param_group)
 
-    # ------------------------------------------------------------------ Horovod protocol
-    def _ssd_count_backward(self, p: Tensor) -> None:
-        step, passes = self._ssd_backward_passes.get(p, (-1, 0))
-        passes = passes + 1 if step == self._ssd_step else 1
-        self._ssd_backward_passes[p] = (self._ssd_step, passes)
-        if passes > self.backward_passes_per_step:
-            raise RuntimeError("Gradients were computed more than backward_passes_per_step times "
-                               "before call to step(). Increase backward_passes_per_step to "
-                               "accumulate gradients locally.")
-        # no collective from backward before the ranks were compared (the first step after a build,
-        # a load or a change of ranks), nor where GradScaler may rewrite gradients in flight
-        averager = self._ssd_averager_at(self._ssd_step)
-        if (passes == self.backward_passes_per_step and self._ssd_comm.member and self._ssd_checked
-                and not self._ssd_warned_scaler and averager is not None):
-            averager.grad_ready(p)
 
-    @property
-    def _ssd_windows(self) -> bool:
-        """Windows run, unless the hierarchy has one node: then every step stays synchronous."""
-        return self._ssd_hierarchy is None or self._ssd_hierarchy.cross.size > 1
-
-    def _ssd_averager_at(self, step: int) -> Optional[GradientAverager]:
-        """Who averages the gradients of ``step``: everyone in the warm-up, the node after it
-        (hierarchical), nobody after it (flat: the windows do)."""
-        return self._ssd_averager if self._ssd_settings.in_warmup(step) else self._ssd_node_averager
-
-    def set_backward_passes_per_step(self, passes: int) -> None:
-        if not isinstance(passes, int) or passes < 1:
-            raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {passes!r}")
-        self.backward_passes_per_step = passes
-
-    def synchronize(self) -> None:
-        """Average the gradients across ranks during warm-up (after it, SSD-SGD steps on local
-        gradients and this only marks the step as synchronised)."""
-        self._ssd_synchronize(all(p.grad is None for p in self._ssd_params))
-
-    def _ssd_synchronize(self, without_gradients: bool) -> None:
-        """``synchronize()``; a rank that steps without gradients makes every rank raise (at once,
-        or where the windows carry the news to the other nodes, when the window lands)."""
-        averager = self._ssd_averager_at(self._ssd_step) if self._ssd_comm.member else None
-        if averager is not None:
-            erred = averager.average_(without_gradients)
-            if self._ssd_engine.tuner is not None and averager is self._ssd_averager:
-                self._ssd_engine.tuner.warmup_collective(averager.last_seconds, averager.last_bytes)
-            self._ssd_erred = erred
-            if erred and (averager is self._ssd_averager or not self._ssd_windows):
-                raise RuntimeError(missing_gradients(erred, averager.comm.size, self._ssd_step))
-        self._synchronized = True
-
-    @contextmanager
-    def skip_synchronize(self) -> Iterator[None]:
-        """Make ``step()`` skip the gradient synchronisation, after an explicit ``synchronize()``
-        (for gradient clipping or ``GradScaler.unscale_`` on averaged gradients)."""
-        self._should_synchronize = False
-        try:
-            yield
-        finally:
-            self._should_synchronize = True
-
-    # ------------------------------------------------------------------ the step
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One training step: synchronous SGD during warm-up, then a local step plus the window
         schedule (land the window due now, launch the one ending now)."""
@@ -469,95 +369,6 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         self._ssd_step += 1
         self.ssd_stats.steps = self._ssd_step
 
-    def _ssd_local_update(self, averaged: bool) -> None:
-        """The wrapped optimizer's step, with GradScaler's unscale and skip handled here."""
-        found_inf = getattr(self, "found_inf", None)  # set by GradScaler (see _step_supports_amp_scaling)
-        grad_scale = getattr(self, "grad_scale", None)
-        hidden = {}
-        if found_inf is not None:
-            grads = [p.grad for p in self._ssd_params if p.grad is not None]
-            if averaged and grad_scale is not None and self._ssd_hierarchy is not None:
-                raise RuntimeError(
-                    "GradScaler.step() without optimizer.synchronize() and scaler.unscale_(optimizer) first, "
-                    "with hierarchical SSD-SGD (local_sync): each rank's scaler would see only its own overflows, "
-                    "and a node's ranks, which must share their weights, would drift apart. Use Horovod's pattern: "
-                    "optimizer.synchronize(); scaler.unscale_(optimizer); then scaler.step(optimizer) inside "
-                    "optimizer.skip_synchronize()")
-            if averaged and grad_scale is not None and not self._ssd_warned_scaler:
-                warnings.warn("GradScaler.step() without optimizer.synchronize() and scaler.unscale_(optimizer) "
-                              "first while gradients are averaged (the warm-up, or every step inside a node): "
-                              "each rank's scaler then sees only its own overflows and the loss scales can drift "
-                              "apart; use Horovod's pattern (synchronize, unscale_, then scaler.step inside "
-                              "skip_synchronize())")
-                self._ssd_warned_scaler = True
-            if averaged:  # decide on the averaged gradients, identical on every rank
-                if _unscale_and_find_nonfinite_(grads, grad_scale):
-                    return
-            else:
-                if bool(found_inf.item()):
-                    return
-                if grad_scale is not None:
-                    _unscale_and_find_nonfinite_(grads, grad_scale)
-            # hide them from a wrapped optimizer that would read them itself (fused Adam): done here
-            hidden = {"grad_scale": grad_scale, "found_inf": found_inf}
-            self.grad_scale = self.found_inf = None
-        try:
-            with record_function("ssd_allreduce.local_step"):
-                self._ssd_base.step(self)
-        finally:
-            for name, value in hidden.items():
-                setattr(self, name, value)
-
-    def _ssd_zero_nonfinite_state(self) -> None:
-        """After a rank went back to ``W``: momentum (or Adam's moments) that went non-finite with
-        its weights would make the next step non-finite again."""
-        with torch.no_grad():
-            for state in self.state.values():
-                for value in state.values():
-                    if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                        value.zero_()
-
-    def _ssd_check_ranks(self) -> None:
-        """At the first step (and the first after ``load_state_dict``), on every rank: fail if ranks
-        disagree on the model or the settings; where only rank 0 loaded a checkpoint (Horovod's
-        resume: load on rank 0, then ``hvd.broadcast_optimizer_state``), take its SSD-SGD state."""
-        try:
-            self._ssd_engine.layout.check(self._ssd_engine.local)
-            moved = None
-        except RuntimeError as exc:
-            moved = str(exc)
-        tensors = self._ssd_params + self._ssd_buffers
-        mine = {"moved": moved, "name": self._ssd_name, "settings": self._ssd_settings,
-                "position": self._ssd_engine.position(self._ssd_step),
-                "tensors": [(n, tuple(t.shape), str(t.dtype)) for n, t in
-                            zip(self._ssd_param_names + self._ssd_buffer_names, tensors)],
-                "buckets": [[tuple(p.shape) for p in bucket] for bucket in self._ssd_averager.buckets]}
-        everyone = self._ssd_comm.allgather_object(mine)
-        moved = [(r, e["moved"]) for r, e in enumerate(everyone) if e["moved"]]
-        if moved:   # raised on every rank, not only where the model moved
-            raise RuntimeError("; ".join(f"rank {r}: {m}" if len(everyone) > 1 else m for r, m in moved))
-        ref = everyone[0]
-        for rank, theirs in enumerate(everyone[1:], start=1):
-            _check_same_optimizer(ref, theirs, rank)
-        self._ssd_agree_on_position([e["position"] for e in everyone])
-        self._ssd_checked = True
-
-    def _ssd_agree_on_position(self, positions: list[Position]) -> None:
-        root = positions[0]
-        strays = [r for r, p in enumerate(positions) if p != root]
-        if not strays:
-            return
-        if any(not positions[r].fresh for r in strays):
-            where = ", ".join(f"rank {r}: {p}" for r, p in enumerate(positions))
-            raise ValueError(f"ranks are at different SSD-SGD positions: {where}. Load the same checkpoint on "
-                             "every rank, or load it on rank 0 alone and call "
-                             "hvd.broadcast_optimizer_state(optimizer, root_rank=0)")
-        if self._ssd_comm.rank in strays:
-            logger.warning("SSD-SGD state taken from rank 0 (step %d): this rank started afresh, as after "
-                           "hvd.broadcast_optimizer_state of a checkpoint loaded on rank 0", root.step)
-        self._ssd_engine.adopt_root_state(root)
-        self._ssd_step = root.step
-        self.ssd_stats.steps = root.step
 
     def finish(self) -> None:
         """Land the window in flight now (all ranks together: end of training, or before an
@@ -613,61 +424,4 @@ class _SSDSGDOptimizer(torch.optim.Optimizer):
         buffer (zero during warm-up, three copies of the parameters and buffers after it)."""
         return self._ssd_engine.state.nbytes
 
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state plus all SSD-SGD state under ``"ssd_sgd"``. A window in
-        flight is waited for (not landed), so a resumed run lands it at the same step."""
-        state = self._ssd_base.state_dict(self)
-        state[STATE_KEY] = {
-            "version": STATE_VERSION,
-            "step": self._ssd_step,
-            "settings": self._ssd_settings.as_dict(),
-            "names": self._ssd_param_names + self._ssd_buffer_names,
-            "stats": self.ssd_stats.as_dict(),
-            **self._ssd_engine.state_dict(),
-        }
-        return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what ``state_dict()`` saved; a plain optimizer state starts SSD-SGD at step 0."""
-        state_dict = dict(state_dict)
-        ssd = state_dict.pop(STATE_KEY, None)
-        if ssd is not None:
-            self._ssd_check_compatible(ssd)
-            if not self._ssd_windows and ssd.get("global_weights") is not None:
-                raise ValueError("the checkpoint's windows ran between nodes, and this job has one node, where "
-                                 "hierarchical SSD-SGD is synchronous SGD and runs none: resume on as many nodes, "
-                                 "or with local_sync=False")
-        self.ssd_stats.load_state_dict(ssd["stats"] if ssd else {})   # the engine then shows its window
-        self._ssd_engine.load_state_dict(ssd or {})
-        self._ssd_base.load_state_dict(self, state_dict)
-        self._synchronized = False
-        self._ssd_backward_passes.clear()
-        self._ssd_checked = False   # the next step compares positions across ranks
-        if ssd is None:
-            logger.warning("optimizer state has no SSD-SGD part: starting at step 0 (warm-up)")
-            self._ssd_step = 0
-            return
-        self._ssd_step = int(ssd["step"])
-
-    def _ssd_check_compatible(self, ssd: dict[str, Any]) -> None:
-        if ssd.get("version") != STATE_VERSION:
-            raise ValueError(f"SSD-SGD state version {ssd.get('version')!r} is not {STATE_VERSION}: it was "
-                             "written by another ssd_allreduce release; resume with that release or start anew")
-        names = self._ssd_param_names + self._ssd_buffer_names
-        if ssd["names"] != names:
-            first = next(i for i in range(max(len(names), len(ssd["names"])))
-                         if i >= len(names) or i >= len(ssd["names"]) or names[i] != ssd["names"][i])
-            raise ValueError(f"the checkpoint's model differs from this one at tensor #{first} "
-                             f"({ssd['names'][first] if first < len(ssd['names']) else None!r} vs "
-                             f"{names[first] if first < len(names) else None!r}): load it into the same model")
-        diff = SSDSettings.from_dict(ssd["settings"]).differences(self._ssd_settings)
-        if diff:
-            raise ValueError(f"the checkpoint was written with other SSD-SGD settings (checkpoint vs this "
-                             f"optimizer: {'; '.join(diff)}): build the optimizer with the checkpoint's "
-                             "settings to resume")
-
-    def __getstate__(self) -> dict[str, Any]:
-        raise TypeError("an SSD-SGD optimizer is saved with optimizer.state_dict(), which carries "
-                        "the global weights and the window in flight; pickling the optimizer "
-                        "object itself is not supported")

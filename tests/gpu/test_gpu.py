@@ -99,7 +99,7 @@ def test_the_delay_stage_never_waits_on_the_gpu_from_the_host():
         steps(12)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert opt.ssd_stats.windows_landed >= 4 and opt._ssd_engine.defers_checks
+    assert opt.ssd_stats.windows_landed >= 4 and opt._ssd_engine.verdicts.defers(opt._ssd_engine.state.delta)
     opt.finish()
 
 

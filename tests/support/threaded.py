@@ -10,6 +10,7 @@ order, once, so every rank receives the same bits. Buffers are packed with the l
 """
 from __future__ import annotations
 
+import itertools
 import pickle
 import threading
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from ssd_allreduce.comm.base import Communicator, FlattenedHandle, Handle, Reduc
 from ssd_allreduce.tensors import flatten
 
 _thread = threading.local()
+_worlds = itertools.count()   # a world's key outlives it (ids of freed objects are reused)
 
 
 class CollectiveMismatch(RuntimeError):
@@ -43,6 +45,7 @@ class World:
 
     def __init__(self, size: int, timeout: float = 30.0) -> None:
         self.size, self.timeout = size, timeout
+        self.key = next(_worlds)
         self.cond = threading.Condition()
         self.ops: dict[int, _Op] = {}
         self.subworlds: dict[Any, "World"] = {}
@@ -120,7 +123,7 @@ class ThreadedCommunicator(Communicator):
 
     @property
     def job_key(self) -> Any:
-        return (id(self.world), self.rank)
+        return (self.world.key, self.rank)
 
     def refresh(self) -> None:
         """Nothing to re-read: a test re-points ``world``, ``rank`` and ``size`` itself."""

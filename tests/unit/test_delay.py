@@ -186,8 +186,9 @@ def test_the_window_is_in_flight_while_local_steps_run_then_lands():
         in_flight = opt.window_in_flight
         for t in range(3, 6):                           # polled at 3 (pending), 4 (arrived), lands at 5
             step(model, opt, comm.rank, t)
-        return in_flight, opt.ssd_stats.polls_pending, opt.ssd_stats.windows_landed
-    assert run_threads(2, rank_fn, pending_polls=1) == [(True, 1, 1)] * 2
+        return in_flight, opt.ssd_stats.polls_pending >= 1, opt.ssd_stats.windows_landed
+    # at least one poll finds it pending (more where the other thread has not launched yet)
+    assert run_threads(2, rank_fn, pending_polls=1) == [(True, True, 1)] * 2
 
 
 def test_the_collective_runs_on_the_deltas_own_buffer_and_the_stage_holds_three_copies():
@@ -229,7 +230,7 @@ def test_a_deferred_check_lands_a_nonfinite_delta_as_zero_and_raises_at_the_next
     verdict is read at the next launch, a step every rank reaches alike, so all stop there."""
     def rank_fn(comm):
         model, opt = build(comm, 4, 1, 0.5, 0)
-        opt._ssd_engine.defer_checks = True
+        opt._ssd_engine.verdicts.defer = True
         for t in range(5):                            # windows launched at 3, 7, 11; the first lands at 4
             step(model, opt, comm.rank, t)
         before = [w.clone() for w in opt.global_weights]
@@ -239,7 +240,7 @@ def test_a_deferred_check_lands_a_nonfinite_delta_as_zero_and_raises_at_the_next
         for t in range(5, 11):                        # the NaN window: launched at 7, landed (as zero) at 8
             step(model, opt, comm.rank, t)
         unchanged = all(torch.equal(a, b) for a, b in zip(opt.global_weights, before))
-        pending = opt._ssd_engine.verdict is not None and opt.ssd_stats.windows_landed == 2
+        pending = opt._ssd_engine.verdicts.pending is not None and opt.ssd_stats.windows_landed == 2
         with pytest.raises(FloatingPointError, match="window launched at step 7 is not finite"):
             step(model, opt, comm.rank, 11)
         return unchanged and pending
@@ -386,7 +387,7 @@ def test_loading_a_state_reads_a_deferred_check_first_rather_than_forgetting_it(
     opt = ssd_allreduce.DistributedOptimizer(
         problem.make_sgd(model.parameters()), named_parameters=model.named_parameters(), sync_every=2, delay=1,
         warmup_steps=0, backend=LocalCommunicator(mirrors=2))
-    opt._ssd_engine.defer_checks = True
+    opt._ssd_engine.verdicts.defer = True
     for t in range(2):
         step(model, opt, 0, t)
     saved = opt.state_dict()
@@ -394,7 +395,7 @@ def test_loading_a_state_reads_a_deferred_check_first_rather_than_forgetting_it(
         model[0].weight[0, 0] = float("nan")
     for t in range(2, 5):                             # the NaN window launched at 3 lands (as zero) at 4
         step(model, opt, 0, t)
-    assert opt._ssd_engine.verdict is not None
+    assert opt._ssd_engine.verdicts.pending is not None
     with pytest.raises(FloatingPointError, match="window launched at step 3 is not finite"):
         opt.load_state_dict(saved)
 

@@ -505,7 +505,7 @@ def test_ranks_that_list_the_parameters_in_another_order_stop_before_any_warmup_
 
 
 def test_gradscaler_unscaling_covers_sparse_gradients():
-    from ssd_allreduce.optimizer import _unscale_and_find_nonfinite_
+    from ssd_allreduce.amp import unscale_and_find_nonfinite_ as _unscale_and_find_nonfinite_
     dense = torch.full((3,), 4.0)
     sparse = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.tensor([2.0, 6.0]), (4,), check_invariants=True)
     assert not _unscale_and_find_nonfinite_([dense, sparse], torch.tensor(2.0))

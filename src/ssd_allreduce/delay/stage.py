@@ -1,13 +1,12 @@
 """The steps-delay stage on one rank: launch, poll, land and finish windows in the clock's order
 (SPEC: land the window due at a step before launching the one ending there).
 
-The math is ``algorithm``'s, the state ``state``'s, how a delta crosses the ranks ``transport``'s;
-this module owns the order of operations and what a landing decides (land, skip, or raise).
+The math is ``algorithm``'s, the state ``state``'s, how a delta crosses the ranks ``transport``'s,
+what a landing decides ``verdict``'s; this module owns the order of operations.
 """
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -25,7 +24,7 @@ from .layout import TensorLayout
 from .rehearsal import rehearse
 from .state import DelayState, Position, Window
 from .transport import GatherTransport, NodeShards, make_transport
-from .verdict import NONFINITE_ADVICE, DeferredVerdict, missing_gradients, nonfinite_message
+from .verdict import Verdicts
 
 
 class DelayStage:
@@ -46,13 +45,12 @@ class DelayStage:
         self.shards = NodeShards(hierarchy.shard if hierarchy is not None else (0, 1), node, name)
         self.transport = make_transport(hierarchy.cross if hierarchy is not None else comm, compression, name)
         self.state = DelayState(self.local, self.shards.shard, settings.outer_momentum > 0)
+        self.verdicts = Verdicts(settings, stats, self.state, self.transport.comm.size,
+                                 "ranks" if hierarchy is None else "nodes")
         self.tuner = (tuning.WindowTuner(comm, None if settings.sync_every == AUTO else settings.sync_every,
                                          settings.max_sync_every, settings.delay == AUTO) if settings.auto else None)
-        self.verdict: Optional[DeferredVerdict] = None
-        self.defer_checks: Optional[bool] = None   # None: decided by ``defers_checks``
         self.steps_without_gradients = 0   # on this rank, since the last launch
         self._lossy: Optional[bool] = None   # the wire format rounds the delta (known at the first launch)
-        self._windows_seen = 0   # launches + landings by the last step's end (the tuner's window steps)
 
     @property
     def local(self) -> list[Tensor]:
@@ -74,25 +72,23 @@ class DelayStage:
         """End of warm-up, at ``step``: ``W`` = rank 0's weights, bit-identical everywhere, and
         ``w = W``; the window is chosen now where it is "auto"."""
         self.layout.check(self.local)
-        limit = getattr(self.compression, "GATHER_LIMIT", None)
-        if isinstance(self.transport, GatherTransport) and limit and self.transport.comm.size >= limit:
-            warnings.warn(f"{self.transport.comm.size} ranks gather each other's int8 deltas: from {limit} ranks "
-                          "on that moves more bytes than a float32 allreduce; use compression=Compression.bf16 "
-                          "or fp16 at this scale")
         self._allocate()
         state = self.state
         state.global_.copy_from_(self.local)
         self.comm.broadcast_(state.global_.buffers, root_rank=0, name=f"{self.name}.global_weights")
         self.reset_local_to_global()
-        k, d, next_check = self.settings.sync_every, self.settings.delay, None
-        if self.tuner is not None:
-            dry = 2.5 * tuning.timed(lambda: launch_window(self.local, state.global_, state.snapshot, state.delta))
-            chosen = self.tuner.initial(step, self.wire_bytes(), dry)   # the landing: 1.5 launches
-            (k, d), next_check = chosen or self.tuner.provisional, tuning.RETUNE_EVERY if chosen else 0
-        self._set_clock(WindowClock.starting(k, d, step, next_check))
+        if self.tuner is None:
+            self._set_clock(WindowClock.starting(self.settings.sync_every, self.settings.delay, step))
+            return
+        # a window's host cost before the first: a launch timed on the scratch buffers, the landing 1.5 launches
+        dry = 2.5 * tuning.timed(lambda: launch_window(self.local, state.global_, state.snapshot, state.delta))
+        self._set_clock(self.tuner.first_clock(step, self.wire_bytes(), dry))
 
     def _allocate(self) -> None:
         self.state.allocate()
+        self._rehearse()
+
+    def _rehearse(self) -> None:
         rehearse(self.local, len(self.params), self.compression, isinstance(self.transport, GatherTransport),
                  self.settings)
 
@@ -108,9 +104,7 @@ class DelayStage:
     def step_done(self) -> None:
         """The end of a training step (the tuner times steps)."""
         if self.tuner is not None:
-            windows = self.stats.windows_launched + self.stats.windows_landed
-            self.tuner.step_done(time.perf_counter(), self.stats.comm_wait_seconds, windows != self._windows_seen)
-            self._windows_seen = windows
+            self.tuner.step_done(time.perf_counter(), self.stats)
 
     def after_local_step(self, step: int, without_gradients: bool = False) -> bool:
         """The schedule at ``step``, after the local update: poll, land what is due, launch.
@@ -124,28 +118,21 @@ class DelayStage:
             reset = self.land(elapsed=step - state.window.launched_at)
         if clock.launches_at(step):
             covers = clock.sync_every
-            self.check_deferred(before=step)
+            self.verdicts.check_deferred(before=step)
             if clock.check_due():
-                self._retune(step)
+                self.tuner.recheck(clock, step)
+                self._set_clock(clock)
             self._launch(step, covers)
             clock.advance()
             if clock.delay == 0:
                 reset = self.land(elapsed=0) or reset
         return reset
 
-    def _retune(self, step: int) -> None:
-        clock = self.state.clock
-        chosen = self.tuner.retune(step, clock.sync_every, clock.delay)
-        if chosen is not None:
-            clock.sync_every, clock.delay = chosen
-        clock.next_check = clock.launches + (tuning.RETUNE_EVERY if chosen is not None else 1)
-        self._set_clock(clock)
-
     def finish(self, steps_done: int) -> bool:
         """Land the window in flight now, ``steps_done`` steps into training (see ``land``)."""
         window = self.state.window
         if window is None:
-            self.check_deferred()
+            self.verdicts.check_deferred()
             return False
         return self.land(elapsed=steps_done - 1 - window.launched_at)
 
@@ -162,9 +149,8 @@ class DelayStage:
                 views = state.delta.views[len(self.params):]
                 node.synchronize(node.allreduce_async_(views, name=f"{self.name}.node_buffers", op=ReduceOp.AVERAGE))
             self.stats.windows_launched += 1
-            window = Window(step, step + state.clock.delay, covers, launch_time=time.perf_counter())
+            state.window = window = Window(step, step + state.clock.delay, covers, launch_time=time.perf_counter())
             missing, self.steps_without_gradients = self.steps_without_gradients > 0, 0
-            state.window = window
             if self.transport.comm.size == 1:   # the delta is its own average: nothing to send
                 return
             parts = self.shards.part(state.delta)
@@ -177,7 +163,7 @@ class DelayStage:
 
     def discard_window(self) -> None:
         """Forget the window in flight without waiting for it (its collective died with a lost rank)."""
-        self.state.window = self.verdict = None
+        self.state.window = self.verdicts.pending = None
 
     def _poll(self) -> None:
         window = self.state.window
@@ -204,10 +190,8 @@ class DelayStage:
 
     def land(self, elapsed: int) -> bool:
         """``W += G`` (``G`` the outer step on the average ``D``, ``D`` itself by default) and the
-        GLU compensation of the local tensors. A non-finite ``D`` never reaches ``W``: it raises,
-        or (``nonfinite="skip"``) the window is skipped and a rank whose own weights are not
-        finite goes back to ``W``; returns True then. Where checks are deferred
-        (``defers_checks``), a non-finite ``D`` lands as zero and raises a few steps later."""
+        GLU compensation of the local tensors, unless the verdict skips the window: then a rank
+        whose own weights are not finite goes back to ``W`` and True is returned."""
         window, state, settings = self.state.window, self.state, self.settings
         if window is None:
             return False
@@ -216,16 +200,8 @@ class DelayStage:
         with record_function("ssd_allreduce.land"):
             self.shards.gather_(state.delta)   # here, where every rank of the node is at the same step
             state.window = None
-            self.check_deferred()
-            if self.defers_checks:
-                finite = state.delta.zero_unless_finite_()
-                self.verdict = DeferredVerdict(window.launched_at, window.lands_at, finite, window.missing)
-            else:
-                if window.missing is not None and float(window.missing) > 0:
-                    self._raise_missing_gradients(window.launched_at, float(window.missing))
-                if not state.delta.is_finite():
-                    return self._skip(window)
-            state.skipped_in_a_row = 0
+            if not self.verdicts.judge(window.launched_at, window.lands_at, state.delta, window.missing):
+                return self._back_to_global_if_nonfinite()
             if state.residual is not None:
                 part = self.shards.part
                 feedback.update_residual_(self.compression, part(state.residual), part(state.snapshot),
@@ -240,45 +216,7 @@ class DelayStage:
             self.stats.windows_landed += 1
             return False
 
-    @property
-    def defers_checks(self) -> bool:
-        """Read a landing's checks on the host later, not at the landing: on CUDA with
-        ``nonfinite="raise"``, where reading them at once would drain the device's queue."""
-        if self.defer_checks is not None:
-            return self.defer_checks
-        return self.settings.nonfinite == "raise" and self.state.global_.buffers[0].is_cuda
-
-    def check_deferred(self, before: Optional[int] = None) -> None:
-        """Raise if the last landing's deferred checks failed. Called where every rank is at the
-        same point (a landing, a launch after the landing's step, finish, a save or a load), never
-        when a rank's own device happens to be done, so ranks stop together; by then the result has
-        long arrived. ``before``: only a landing made before that step."""
-        verdict = self.verdict
-        if verdict is None or (before is not None and verdict.landed_at >= before):
-            return
-        self.verdict = None
-        finite, missing = verdict.read()
-        if missing > 0:
-            self._raise_missing_gradients(verdict.launched_at, missing)
-        if not finite:
-            raise FloatingPointError(nonfinite_message(verdict.launched_at) + NONFINITE_ADVICE)
-
-    def _raise_missing_gradients(self, launched_at: int, share: float) -> None:
-        size = self.transport.comm.size   # hierarchical: the flag is a node's
-        raise RuntimeError(missing_gradients(round(share * size), size, launched_at,
-                                             "ranks" if self.transport.comm is self.comm else "nodes"))
-
-    def _skip(self, window: Window) -> bool:
-        message = nonfinite_message(window.launched_at)
-        limit = self.settings.max_skipped_windows
-        if self.settings.nonfinite == "raise":
-            raise FloatingPointError(message + NONFINITE_ADVICE)
-        self.state.skipped_in_a_row += 1
-        self.stats.windows_skipped += 1
-        if self.state.skipped_in_a_row > limit:
-            raise FloatingPointError(f"{message}, and so were the {limit} windows before it: training "
-                                     "diverges; lower the learning rate or clip gradients")
-        warnings.warn(message + "; window skipped, global weights unchanged")
+    def _back_to_global_if_nonfinite(self) -> bool:
         # a node's ranks share their parameters, not their buffers: they decide alike on the former
         judged = self.params if self.shards.node_comm is not None else self.local
         with torch.no_grad():
@@ -291,9 +229,7 @@ class DelayStage:
         return self.state.position(step)
 
     def adopt_root_state(self, root: Position) -> None:
-        """Every rank takes rank 0's ``W``, outer momentum, window and clock (collective; rank 0's
-        window has arrived)."""
-        state = self.state
+        """Every rank takes rank 0's SSD-SGD state (collective; rank 0's window has arrived)."""
         if not root.started:
             self.load_state_dict({})
             return
@@ -301,27 +237,16 @@ class DelayStage:
             raise ValueError("rank 0's SSD-SGD state has a window in flight whose averaged delta is spread over "
                              "its node's ranks (hierarchical SSD-SGD): load every rank's own checkpoint on every "
                              "rank, or save after optimizer.finish() on every rank")
-        if not state.started:
+        if not self.state.started:
             self._allocate()
-        mine, state.window = state.window, None
-        state.skipped_in_a_row = root.skipped_in_a_row
-        shared = state.global_.buffers + ([] if state.momentum is None else state.momentum.buffers)
-        self.comm.broadcast_(shared, root_rank=0, name=f"{self.name}.adopt.global_weights")
-        self._set_clock(WindowClock(*root.clock))
-        if root.window is not None:
-            missing = torch.zeros(1, device=state.delta.buffers[0].device)
-            if mine is not None and mine.missing is not None:   # rank 0's is the one broadcast
-                missing.copy_(mine.missing.reshape(1))
-            self.comm.broadcast_(state.snapshot.buffers + state.delta.buffers + [missing], root_rank=0,
-                                 name=f"{self.name}.adopt.window")
-            state.window = Window(*root.window, missing=missing)
+        self.state.adopt(self.comm, root, self.name)
+        self._set_clock(self.state.clock)
 
-    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """The state, with a window in flight waited for, not landed: a resumed run lands it at
         the same step."""
         self.wait()
-        self.check_deferred()
+        self.verdicts.check_deferred()
         return self.state.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -329,11 +254,10 @@ class DelayStage:
         check still unread is read first: a failed landing is reported, not forgotten."""
         if self.state.window is not None and self.state.window.inflight is not None:
             raise RuntimeError("load_state_dict() while a window is in flight: call finish() first")
-        self.check_deferred()
+        self.verdicts.check_deferred()
         self.state.load_state_dict(state)
         if self.state.started:
-            rehearse(self.local, len(self.params), self.compression, isinstance(self.transport, GatherTransport),
-                     self.settings)
+            self._rehearse()
             self._set_clock(self.state.clock)
 
     def _set_clock(self, clock: WindowClock) -> None:

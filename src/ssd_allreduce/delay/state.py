@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..comm import Communicator
 from ..tensors import FlatSpace
 from .clock import WindowClock
 from .transport import InFlight
@@ -84,6 +85,22 @@ class DelayState:
     def position(self, step: int) -> Position:
         return Position(step, self.started, None if self.window is None else self.window.describe(),
                         self.skipped_in_a_row, None if self.clock is None else self.clock.as_tuple())
+
+    def adopt(self, comm: Communicator, root: Position, name: str) -> None:
+        """Take rank 0's ``W``, outer momentum, window (arrived on rank 0) and clock: collective,
+        on an allocated state."""
+        mine, self.window = self.window, None
+        self.skipped_in_a_row = root.skipped_in_a_row
+        shared = self.global_.buffers + ([] if self.momentum is None else self.momentum.buffers)
+        comm.broadcast_(shared, root_rank=0, name=f"{name}.adopt.global_weights")
+        self.clock = WindowClock(*root.clock)
+        if root.window is not None:
+            missing = torch.zeros(1, device=self.delta.buffers[0].device)
+            if mine is not None and mine.missing is not None:   # rank 0's is the one broadcast
+                missing.copy_(mine.missing.reshape(1))
+            comm.broadcast_(self.snapshot.buffers + self.delta.buffers + [missing], root_rank=0,
+                            name=f"{name}.adopt.window")
+            self.window = Window(*root.window, missing=missing)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything above; the window must have arrived (its average is saved)."""

@@ -8,6 +8,7 @@ collective's buffer (no packing copy on backends that flatten what they are give
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -90,7 +91,14 @@ class GatherTransport(Transport):
 
 
 def make_transport(comm: Communicator, compression: Any, name: str) -> Transport:
-    return (GatherTransport if reduces_by_gather(compression) else Transport)(comm, compression, f"{name}.delta")
+    """The transport for ``compression``'s wire format (warning where a gather grows too big)."""
+    if not reduces_by_gather(compression):
+        return Transport(comm, compression, f"{name}.delta")
+    limit = getattr(compression, "GATHER_LIMIT", None)
+    if limit and comm.size >= limit:
+        warnings.warn(f"{comm.size} ranks gather each other's int8 deltas: from {limit} ranks on that moves more "
+                      "bytes than a float32 allreduce; use compression=Compression.bf16 or fp16 at this scale")
+    return GatherTransport(comm, compression, f"{name}.delta")
 
 
 class NodeShards:

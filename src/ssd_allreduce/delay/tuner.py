@@ -21,6 +21,8 @@ from collections import deque
 from typing import Callable, Optional
 
 from ..comm import Communicator
+from ..stats import SSDStats
+from .clock import WindowClock
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +65,35 @@ class WindowTuner:
         self.gradient_rate: deque[float] = deque(maxlen=SAMPLES)    # warm-up collectives, seconds per byte
         self.in_flight: deque[float] = deque(maxlen=SAMPLES)
         self._last: Optional[tuple[float, float]] = None   # (end of the last step, comm wait by then)
+        self._windows_seen = 0   # launches + landings by the last step's end: a step with one is a window step
         self.window_estimate = 0.0   # a window's host cost, from the dry launch
         self.last_compute: Optional[float] = None   # the compute time the last choice was made from
         self.log: list[dict[str, float]] = []
 
-    def step_done(self, now: float, comm_wait_total: float, window_step: bool) -> None:
+    def first_clock(self, step: int, delta_bytes: int, window_s: float) -> WindowClock:
+        """The clock of a delay stage entered at ``step``: the first choice, or the provisional
+        window with a re-check at the first launch where some rank timed too few steps."""
+        chosen = self.initial(step, delta_bytes, window_s)
+        k, d = chosen or self.provisional
+        return WindowClock.starting(k, d, step, RETUNE_EVERY if chosen else 0)
+
+    def recheck(self, clock: WindowClock, step: int) -> None:
+        """At a launch where ``clock`` says a re-check is due (every rank alike): the new window
+        from the next launch on, and the next re-check's launch."""
+        chosen = self.retune(step, clock.sync_every, clock.delay)
+        if chosen is not None:
+            clock.sync_every, clock.delay = chosen
+        clock.next_check = clock.launches + (RETUNE_EVERY if chosen is not None else 1)
+
+    def step_done(self, now: float, stats: SSDStats) -> None:
         """A step ended at ``now``; the time since the last one, less what was spent waiting on
         communication, is a step's compute (with its window's launch or landing, if it had one)."""
+        windows = stats.windows_launched + stats.windows_landed
         if self._last is not None:
-            sample = max((now - self._last[0]) - (comm_wait_total - self._last[1]), 0.0)
-            (self.window_steps if window_step else self.compute).append(sample)
-        self._last = (now, comm_wait_total)
+            sample = max((now - self._last[0]) - (stats.comm_wait_seconds - self._last[1]), 0.0)
+            (self.window_steps if windows != self._windows_seen else self.compute).append(sample)
+        self._last = (now, stats.comm_wait_seconds)
+        self._windows_seen = windows
 
     def window_arrived(self, seconds: float) -> None:
         """A window's collective was seen complete ``seconds`` after its launch (an upper bound
