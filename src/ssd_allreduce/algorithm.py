@@ -9,7 +9,9 @@ snapshot of ``w`` at launch, ``D`` mean over ranks of ``s - W``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import math
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -17,6 +19,44 @@ from torch import Tensor
 from .tensors import FlatSpace
 
 COMPENSATIONS = ("glu", "overwrite")
+
+
+def glu_beta_for(delay: int) -> float:
+    """GLU's ``beta`` for a window in flight ``delay`` steps (``glu_beta="auto"``): 1 for a delay of
+    one step, falling by 1/8 a step to 0.5 from five steps on. Keeping this rank's own progress
+    (beta 1) lets the ranks' weights drift apart for ``delay`` steps; the global estimate
+    (beta < 1) enters the next window's delta, so W moves by an average over windows that lags the
+    steps, which is harmless over long windows and destabilising over short ones (measured in
+    docs/BENCHMARKS.md, "Quality")."""
+    return max(0.5, min(1.0, 1.0 - (delay - 1) / 8))
+
+
+def local_lr_scale_for(optimizer: torch.optim.Optimizer, ranks: int) -> float:
+    """The delay stage's learning-rate factor for ``optimizer``'s local steps (``local_lr_scale=
+    "auto"``): sqrt(``ranks``) for Adam's family, 1 otherwise. An Adam step is normalised by the
+    gradient's own noise: a rank's gradient on its batch is ``ranks`` times noisier than the
+    average synchronous training steps on, so where noise dominates, the average of the ranks'
+    local steps is sqrt(ranks) shorter than the synchronous step (the square-root rule of Adam's
+    batch size). SGD's step is linear in the gradient: its average is the synchronous step."""
+    adaptive = "betas" in optimizer.defaults
+    return math.sqrt(ranks) if adaptive else 1.0
+
+
+@contextmanager
+def scaled_lr(param_groups: Sequence[dict], factor: float) -> Iterator[None]:
+    """The groups' learning rates times ``factor`` for the duration (an LR scheduler's own values
+    are back afterwards)."""
+    if factor == 1.0:
+        yield
+        return
+    saved = [g["lr"] for g in param_groups]
+    for g in param_groups:
+        g["lr"] = g["lr"] * factor
+    try:
+        yield
+    finally:
+        for g, lr in zip(param_groups, saved):
+            g["lr"] = lr
 
 
 def launch_window(local: Sequence[Tensor], global_: FlatSpace, snapshot: FlatSpace,

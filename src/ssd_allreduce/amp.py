@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
+from .algorithm import scaled_lr
 from .tensors import group_indices
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ class ScaledLocalStep:
     _ssd_warned_scaler: bool
     state: Any
 
-    def _ssd_local_update(self, averaged: bool) -> None:
+    def _ssd_local_update(self, averaged: bool, lr_scale: float = 1.0) -> None:
         """The wrapped optimizer's step, with GradScaler's unscale and skip handled here."""
         found_inf = getattr(self, "found_inf", None)  # set by GradScaler (see _step_supports_amp_scaling)
         grad_scale = getattr(self, "grad_scale", None)
@@ -75,7 +76,7 @@ class ScaledLocalStep:
             hidden = {"grad_scale": grad_scale, "found_inf": found_inf}
             self.grad_scale = self.found_inf = None
         try:
-            with record_function("ssd_allreduce.local_step"):
+            with record_function("ssd_allreduce.local_step"), scaled_lr(self.param_groups, lr_scale):
                 self._ssd_base.step(self)
         finally:
             for name, value in hidden.items():

@@ -38,7 +38,8 @@ from torch import Tensor
 from .comm import Communicator, ReduceOp, make_communicator
 from .compression import Compression, compression_name
 from .delay import DelayStage
-from .settings import DEFAULT_GLU_BETA, SSDSettings
+from .algorithm import local_lr_scale_for
+from .settings import AUTO, DEFAULT_GLU_BETA, SSDSettings
 from .stats import SSDStats
 from .topology import Hierarchy, resolve_hierarchy
 from .warmup import GradientAverager, Groups
@@ -75,7 +76,7 @@ def DistributedOptimizer(
     sync_every: Union[int, str] = 5,
     delay: Optional[Union[int, str]] = None,
     warmup_steps: int = SSDSettings.warmup_steps,   # settings.DEFAULT_WARMUP_STEPS
-    glu_beta: float = DEFAULT_GLU_BETA,
+    glu_beta: Union[float, str] = DEFAULT_GLU_BETA,
     compensation: str = "glu",
     named_buffers: Optional[Iterable[tuple[str, Tensor]]] = None,
     backend: Union[str, Communicator] = "horovod",
@@ -83,6 +84,10 @@ def DistributedOptimizer(
     max_skipped_windows: int = 3,
     max_sync_every: int = 16,
     local_sync: Optional[bool] = None,
+    outer_lr: float = 1.0,
+    outer_momentum: float = 0.0,
+    outer_nesterov: bool = True,
+    local_lr_scale: Union[float, str] = 1.0,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` (in place) so it trains with SSD-SGD; returns the same object, still an
     instance of its class.
@@ -108,12 +113,21 @@ def DistributedOptimizer(
     - ``local_sync``: hierarchical SSD-SGD: after the warm-up, gradients are still averaged every
       step inside each node (the fast link) and the windows run between nodes only (one node:
       synchronous SGD throughout). None (default): on where the job spans several nodes with
-      several ranks on each. A rank's node is ``$SSD_NODE``, else its host name.
+      several ranks on each. A rank's node is ``$SSD_NODE``, else its host name;
+    - ``outer_lr``, ``outer_momentum``, ``outer_nesterov``: an outer optimizer on each window's
+      average (DiLoCo's: ``m = mu m + D``, the global step ``lr (D + mu m)``, Nesterov, or ``lr m``);
+      1 and 0 (the default): none;
+    - ``local_lr_scale``: the local steps' learning rate after the warm-up, relative to the one
+      the optimizer (or its scheduler) sets; "auto": sqrt(ranks) for Adam's family, 1 for SGD
+      (``algorithm.local_lr_scale_for`` says why).
     """
     if hasattr(optimizer, "_ssd_base"):
         raise ValueError("this optimizer is already wrapped by ssd_allreduce.DistributedOptimizer")
-    settings = SSDSettings(sync_every, delay, warmup_steps, glu_beta, compensation, nonfinite,
-                           compression_name(compression), max_skipped_windows, max_sync_every)
+    settings = SSDSettings(sync_every=sync_every, delay=delay, warmup_steps=warmup_steps, glu_beta=glu_beta,
+                           compensation=compensation, nonfinite=nonfinite, compression=compression_name(compression),
+                           max_skipped_windows=max_skipped_windows, max_sync_every=max_sync_every,
+                           outer_lr=outer_lr, outer_momentum=outer_momentum, outer_nesterov=outer_nesterov,
+                           local_lr_scale=local_lr_scale)
     if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
         raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
     _check_op(_resolve_op(op))
@@ -263,6 +277,9 @@ class _SSDSGDOptimizer(HorovodProtocol, ScaledLocalStep, RankAgreement, SavedSta
         self._ssd_comm = comm
         self._ssd_settings = settings
         self._ssd_hierarchy = hierarchy
+        window_ranks = hierarchy.cross.size if hierarchy is not None else comm.size
+        self._ssd_local_lr_scale = (local_lr_scale_for(self, window_ranks) if settings.local_lr_scale == AUTO
+                                    else settings.local_lr_scale)
         self.backward_passes_per_step = backward_passes_per_step
         self.ssd_stats = SSDStats()
         self._ssd_engine = DelayStage(
@@ -353,10 +370,10 @@ class _SSDSGDOptimizer(HorovodProtocol, ScaledLocalStep, RankAgreement, SavedSta
                                   "after optimizer.synchronize(); the gradients are averaged once.")
                 else:
                     self._ssd_synchronize(without_gradients)
-            self._ssd_local_update(averaged=True)
+            self._ssd_local_update(averaged=True, lr_scale=self._ssd_local_lr_scale if windows else 1.0)
             without_gradients = self._ssd_erred > 0   # the node's: the same on all its ranks
         else:
-            self._ssd_local_update(averaged=False)
+            self._ssd_local_update(averaged=False, lr_scale=self._ssd_local_lr_scale if windows else 1.0)
         if windows and self._ssd_engine.after_local_step(t, without_gradients):
             self._ssd_zero_nonfinite_state()
         self._ssd_end_step()

@@ -5,12 +5,17 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
-from .algorithm import COMPENSATIONS
+from .algorithm import COMPENSATIONS, glu_beta_for
 
 DEFAULT_GLU_BETA = 0.5
 NONFINITE_POLICIES = ("raise", "skip")
 AUTO = "auto"
 MIN_WARMUP_STEPS = 5   # "auto" times this many warm-up steps at least
+# Steps of exact synchronous SGD before the delay stage: the paper's authors warmed up for 500
+# iterations, about one epoch of their training, so that the fast early changes of the weights,
+# which a delayed average would land stale, are averaged every step. The optimizer's and
+# SSDSettings' default; the driver's `--warmup-steps epoch` is one epoch, at most this.
+DEFAULT_WARMUP_STEPS = 500
 
 
 @dataclass(frozen=True)
@@ -23,13 +28,15 @@ class SSDSettings:
     row may be skipped before training stops; ``local_sync``: hierarchical SSD-SGD (gradients
     averaged inside each node every step, the windows between nodes), as resolved for this job;
     ``outer_lr``, ``outer_momentum``, ``outer_nesterov``: the outer optimizer on each window's
-    average (1, 0: none, the core algorithm).
+    average (1, 0: none, the core algorithm); ``glu_beta="auto"``: chosen by the window's delay
+    (``algorithm.glu_beta_for``); ``local_lr_scale``: the local steps' learning rate in the
+    delay stage, relative to the user's ("auto": ``algorithm.local_lr_scale_for``).
     """
 
     sync_every: Union[int, str] = 5
     delay: Optional[Union[int, str]] = None
-    warmup_steps: int = 500
-    glu_beta: float = DEFAULT_GLU_BETA
+    warmup_steps: int = DEFAULT_WARMUP_STEPS
+    glu_beta: Union[float, str] = DEFAULT_GLU_BETA
     compensation: str = "glu"
     nonfinite: str = "raise"
     compression: str = "none"
@@ -39,6 +46,7 @@ class SSDSettings:
     outer_lr: float = 1.0
     outer_momentum: float = 0.0
     outer_nesterov: bool = True
+    local_lr_scale: Union[float, str] = 1.0
 
     def __post_init__(self) -> None:
         for name in ("sync_every", "delay"):
@@ -63,9 +71,15 @@ class SSDSettings:
             raise ValueError(f"sync_every='auto' and delay='auto' time the warm-up's steps: warmup_steps must "
                              f"be >= {MIN_WARMUP_STEPS}, got {self.warmup_steps}")
         beta = self.glu_beta
-        if not _is_number(beta) or not 0 <= beta <= 1:
-            raise ValueError(f"glu_beta must be a number in [0, 1], got {beta!r}")
-        object.__setattr__(self, "glu_beta", float(beta))
+        if beta != AUTO:
+            if not _is_number(beta) or not 0 <= beta <= 1:
+                raise ValueError(f"glu_beta must be a number in [0, 1], got {beta!r}, or 'auto' (chosen by the delay)")
+            object.__setattr__(self, "glu_beta", float(beta))
+        scale = self.local_lr_scale
+        if scale != AUTO:
+            if not _is_number(scale) or scale <= 0:
+                raise ValueError(f"local_lr_scale must be a number > 0, got {scale!r}, or 'auto' (by the optimizer)")
+            object.__setattr__(self, "local_lr_scale", float(scale))
         if self.compensation not in COMPENSATIONS:
             raise ValueError(f"compensation must be one of {COMPENSATIONS}, got {self.compensation!r}")
         if self.nonfinite not in NONFINITE_POLICIES:
@@ -85,6 +99,10 @@ class SSDSettings:
     def auto(self) -> bool:
         """The window (k or d) is chosen from measured times."""
         return AUTO in (self.sync_every, self.delay)
+
+    def beta_for(self, delay: int) -> float:
+        """GLU's beta for a window that landed ``delay`` steps after its launch."""
+        return glu_beta_for(delay) if self.glu_beta == AUTO else self.glu_beta
 
     def in_warmup(self, step: int) -> bool:
         return step < self.warmup_steps

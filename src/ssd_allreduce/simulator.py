@@ -7,12 +7,13 @@ means in place of allreduces, so a multi-rank run must match it to float toleran
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from .algorithm import apply_global_update_, compensate_local_, launch_window, outer_step_
+from .algorithm import (apply_global_update_, compensate_local_, launch_window, local_lr_scale_for, outer_step_,
+                        scaled_lr)
 from .delay.clock import WindowClock
 from .settings import SSDSettings
 from .tensors import FlatSpace, model_tensors
@@ -31,7 +32,7 @@ class Simulator:
     def __init__(self, model: nn.Module,
                  make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
                  num_workers: int, *, sync_every: int, delay: int, warmup_steps: int,
-                 glu_beta: float, compensation: str = "glu", ranks_per_node: Optional[int] = None,
+                 glu_beta: Union[float, str], compensation: str = "glu", ranks_per_node: Optional[int] = None,
                  **options: Any) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -46,6 +47,9 @@ class Simulator:
         self.models = [copy.deepcopy(model) for _ in range(num_workers)]
         self.optimizers = [make_optimizer(m.parameters()) for m in self.models]
         self.tensors = [model_tensors(m) for m in self.models]
+        window_ranks = len(self.nodes) if self.hierarchical else num_workers
+        self.local_lr_scale = (local_lr_scale_for(self.optimizers[0], window_ranks)
+                               if self.settings.local_lr_scale == "auto" else self.settings.local_lr_scale)
         self.step_index = 0
         self.clock: Optional[WindowClock] = None
         self.global_: Optional[FlatSpace] = None
@@ -83,8 +87,10 @@ class Simulator:
             self._average_gradients([list(range(self.num_workers))])
         elif self.hierarchical:
             self._average_gradients(self.nodes)
+        scale = self.local_lr_scale if windows else 1.0
         for opt in self.optimizers:
-            opt.step()
+            with scaled_lr(opt.param_groups, scale):
+                opt.step()
         if windows:
             clock = self.clock
             if self.launched_at is not None and t == self.launched_at + clock.delay:
@@ -155,7 +161,7 @@ class Simulator:
         apply_global_update_(self.global_, self.delta)
         for i, (params, buffers) in enumerate(self.tensors):
             compensate_local_(params, buffers, self.global_, self.snapshots[i], self.delta,
-                              glu_beta=s.glu_beta, elapsed=elapsed, sync_every=s.sync_every,
+                              glu_beta=s.beta_for(elapsed), elapsed=elapsed, sync_every=s.sync_every,
                               compensation=s.compensation)
         self.launched_at = None
         self.windows_landed += 1

@@ -8,6 +8,11 @@ and every w_r = W. Steps t >= T, j = t - T: local step; land the window launched
 (W = W + D; w_r = W + beta (w_r - s_r) + (1 - beta) (d / k) D for parameters, W for buffers);
 at (j + 1) % k == 0: s_r = w_r, D = mean_r (s_r - W), and with d = 0 land at once.
 
+Outer optimizer (SPEC's "Outer optimizer"): for parameters, m = mu m + D and the global step
+G = lr_o (D + mu m) (Nesterov) or lr_o m takes D's place in both formulas; buffers land at W + D.
+``beta`` may be a function of the steps the window was in flight. ``lr_scale``: the local steps
+after the warm-up run at that multiple of the optimizer's learning rate.
+
 Hierarchical (SPEC's "Hierarchical windows", ``ranks_per_node`` R): workers r = nR .. nR + R - 1
 form node n. For t >= T their gradients are averaged over the node before the local step, so its
 workers share their parameters; D = mean over nodes of the node's mean (s_r - W), which is the
@@ -31,8 +36,11 @@ def local_tensors(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
 
 class ReferenceSSD:
     def __init__(self, make_model: Callable[[], nn.Module], make_optimizer: Callable, workers: int, *,
-                 k: int, d: int, T: int, beta: float, ranks_per_node: Optional[int] = None) -> None:
+                 k: int, d: int, T: int, beta, ranks_per_node: Optional[int] = None, outer_lr: float = 1.0,
+                 outer_mu: float = 0.0, nesterov: bool = True, lr_scale: float = 1.0) -> None:
         self.R = ranks_per_node
+        self.outer_lr, self.outer_mu, self.nesterov, self.lr_scale = outer_lr, outer_mu, nesterov, lr_scale
+        self.m: Optional[list[Tensor]] = None
         self.models = [make_model() for _ in range(workers)]
         self.opts = [make_optimizer(m.parameters()) for m in self.models]
         self.k, self.d, self.T, self.beta = k, d, T, beta
@@ -49,11 +57,21 @@ class ReferenceSSD:
     @torch.no_grad()
     def _land(self, elapsed: int) -> None:
         n_params = len(local_tensors(self.models[0])[0])
-        self.W = [W + D for W, D in zip(self.W, self.D)]
+        beta = self.beta(elapsed) if callable(self.beta) else self.beta
+        if self.m is None:
+            self.m = [torch.zeros_like(D) for D in self.D]
+        G = []
+        for i, D in enumerate(self.D):
+            if i < n_params:
+                self.m[i] = self.outer_mu * self.m[i] + D
+                G.append(self.outer_lr * (D + self.outer_mu * self.m[i]) if self.nesterov else self.outer_lr * self.m[i])
+            else:
+                G.append(D)
+        self.W = [W + g for W, g in zip(self.W, G)]
         for r in range(len(self.models)):
-            for i, (w, W, s, D) in enumerate(zip(self._w(r), self.W, self.s[r], self.D)):
+            for i, (w, W, s, g) in enumerate(zip(self._w(r), self.W, self.s[r], G)):
                 if i < n_params:
-                    w.copy_(W + self.beta * (w - s) + (1 - self.beta) * (elapsed / self.k) * D)
+                    w.copy_(W + beta * (w - s) + (1 - beta) * (elapsed / self.k) * g)
                 else:
                     w.copy_(W)
         self.launched_at = None
@@ -77,7 +95,12 @@ class ReferenceSSD:
                     for w, W in zip(self._w(r), self.W):
                         w.copy_(W)
         for opt in self.opts:
+            lrs = [group["lr"] for group in opt.param_groups]
+            for group, lr in zip(opt.param_groups, lrs):
+                group["lr"] = lr * (self.lr_scale if windows else 1.0)
             opt.step()
+            for group, lr in zip(opt.param_groups, lrs):
+                group["lr"] = lr
         if windows:
             j = t - self.T
             if self.d > 0 and self.launched_at == t - self.d:

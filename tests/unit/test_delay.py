@@ -68,10 +68,10 @@ def train(size: int, config: tuple, steps: int = STEPS, ranks_per_node: Optional
 
 
 def assert_matches_reference(ranks: list[dict], config: tuple, optimizer: str = "sgd", rtol: float = 1e-5,
-                             atol: float = 1e-6, ranks_per_node: Optional[int] = None) -> None:
+                             atol: float = 1e-6, ranks_per_node: Optional[int] = None, **reference: Any) -> None:
     k, d, beta, warmup = config
     ref = ReferenceSSD(problem.make_model, problem.OPTIMIZERS[optimizer], len(ranks), k=k, d=d, T=warmup, beta=beta,
-                       ranks_per_node=ranks_per_node)
+                       ranks_per_node=ranks_per_node, **reference)
     for t in range(len(ranks[0]["after_step"])):
         ref.step([problem.batch(r, t) for r in range(len(ranks))], problem.loss_fn)
         for r, rec in enumerate(ranks):
@@ -99,6 +99,42 @@ def test_ranks_follow_the_reference_step_by_step_with_w_bit_identical(size, conf
     assert_matches_reference(ranks, config)
     if config[3] < STEPS - config[0]:
         assert_global_weights_identical(ranks)
+
+
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("outer", [dict(outer_lr=0.7, outer_momentum=0.9), dict(outer_lr=1.3, outer_momentum=0.5,
+                                                                                 outer_nesterov=False)],
+                         ids=["nesterov", "heavy ball"])
+def test_the_outer_optimizer_follows_the_reference_with_w_bit_identical(size, outer):
+    config = (3, 3, 0.5, 2)
+    ranks = train(size, config, **outer)
+    ref_kw = dict(outer_lr=outer["outer_lr"], outer_mu=outer["outer_momentum"],
+                  nesterov=outer.get("outer_nesterov", True))
+    assert_matches_reference(ranks, config, **ref_kw)
+    assert_global_weights_identical(ranks)
+    with pytest.raises(AssertionError):   # it is not the core algorithm
+        assert_matches_reference(ranks, config)
+
+
+def test_beta_chosen_by_the_delay_follows_the_reference():
+    from ssd_allreduce.algorithm import glu_beta_for
+    assert [glu_beta_for(d) for d in (0, 1, 2, 3, 5, 10)] == [1.0, 1.0, 0.875, 0.75, 0.5, 0.5]
+    config = (3, 3, "auto", 2)
+    ranks = train(2, config)
+    assert_matches_reference(ranks, (3, 3, glu_beta_for, 2))
+
+
+@pytest.mark.parametrize("scale", [2.0, "auto"])
+def test_adamws_local_steps_at_a_scaled_learning_rate_follow_the_reference(scale):
+    """After the warm-up the local AdamW steps run at sqrt(ranks) x the learning rate ("auto", 2 at
+    4 ranks); the warm-up's do not."""
+    config = (3, 2, 0.5, 2)
+    ranks = train(4, config, optimizer="adamw", local_lr_scale=scale)
+    assert_matches_reference(ranks, config, optimizer="adamw", lr_scale=2.0)
+
+
+def test_sgds_local_steps_keep_the_learning_rate_under_auto():
+    assert_matches_reference(train(2, (1, 0, "auto", 0), local_lr_scale="auto"), (1, 0, 0.5, 0))   # synchronous
 
 
 @pytest.mark.parametrize("config", [(1, 0, 0.5, 3), (3, 2, 0.5, 2)], ids=["k1d0", "k3d2"])

@@ -36,5 +36,5 @@ def rehearse(local: Sequence[Tensor], n_params: int, compression: Any, gathers: 
     outer_step_(delta.leading(n_params), momentum.leading(n_params), lr=settings.outer_lr,
                 mu=settings.outer_momentum, nesterov=settings.outer_nesterov)
     apply_global_update_(global_, delta)
-    compensate_local_(tiny[:n_params], tiny[n_params:], global_, snapshot, delta, glu_beta=settings.glu_beta,
+    compensate_local_(tiny[:n_params], tiny[n_params:], global_, snapshot, delta, glu_beta=settings.beta_for(1),
                       elapsed=1, sync_every=2, compensation=settings.compensation)

@@ -211,7 +211,7 @@ class DelayStage:
                         lr=settings.outer_lr, mu=settings.outer_momentum, nesterov=settings.outer_nesterov)
             apply_global_update_(state.global_, state.delta)
             compensate_local_(self.params, self.buffers, state.global_, state.snapshot, state.delta,
-                              glu_beta=settings.glu_beta, elapsed=elapsed, sync_every=window.sync_every,
+                              glu_beta=settings.beta_for(elapsed), elapsed=elapsed, sync_every=window.sync_every,
                               compensation=settings.compensation)
             self.stats.windows_landed += 1
             return False
