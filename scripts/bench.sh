@@ -1,14 +1,55 @@
 #!/usr/bin/env bash
-# The full benchmark: every mode at 10 Gbit/s, 1 Gbit/s and 100 Mbit/s, 3 repeats, plus the GLU
-# ablation; results (JSON, markdown, PNG) under results/bench-<date>/. Extra arguments go to the
-# comparison, e.g. scripts/bench.sh --data cifar10 --data-dir ~/cifar10 --model resnet20
+# The benchmarks of docs/BENCHMARKS.md, one section per table, each the command its table names.
+#
+#   scripts/bench.sh                 # every CPU section (several hours on 2 cores)
+#   scripts/bench.sh auto quality    # only these sections
+#   scripts/bench.sh --list          # the sections and their commands
+#
+# Results (JSON, markdown, PNG) go to results/bench-<date>/<section>/ (SSD_BENCH_OUT=dir to choose).
+# The emulated networks need root (network namespaces); the GPU table is scripts/bench_gpu.sh.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-"$REPO/scripts/setup.sh" >&2
 VENV=${SSD_VENV:-$REPO/.venv}
-cd "$REPO"
 OUT=${SSD_BENCH_OUT:-results/bench-$(date +%Y%m%d-%H%M%S)}
-"$VENV/bin/python" -m ssd_allreduce.bench --out "$OUT" --repeats 3 --epochs 10 "$@"
-"$VENV/bin/python" -m ssd_allreduce.bench --ablation --out "$OUT"
-"$VENV/bin/python" -m ssd_allreduce.costmodel --model resnet50 --ranks 8 64 256 1024 \
-  --bandwidth 10 25 100 --sync-every 5 --delay 5 | tee "$OUT/costmodel.md"
+BENCH=(-m ssd_allreduce.bench)
+
+# section name -> the benchmark's arguments (the output directory is added)
+declare -A SECTION=(
+  [sweep]="compare --bandwidths 10gbit 1gbit 100mbit --repeats 2 --epochs 5 --warmup-steps 20"
+  [costmodel]="costmodel --model resnet50 --ranks 8 64 256 1024 --bandwidths 10gbit 25gbit 100gbit --sync-every 5 --delay 5"
+  [ablation]="ablation --ranks 8 --sync-every 8 --epochs 20 --seeds 3 --warmup-steps 20"
+  [overhead]="overhead"
+  [compression]="compare --bandwidths 100mbit --epochs 5 --warmup-steps 20 --ssd-configs 5:5 5:5/fp16 5:5/bf16 5:5/int8 --no-local-sgd"
+  [warmup]="compare --model resnet20 --data synthetic --bandwidths 100mbit --epochs 1 --warmup-steps 60 --ssd-configs 5:5 --no-local-sgd"
+  [auto]="compare --bandwidths 1gbit 100mbit 20mbit --epochs 16 --warmup-steps 20 --ssd-configs 1:1 2:2 5:5 10:10 auto --no-local-sgd"
+  [nodes]="compare --ranks 4 --nodes 2 --bandwidths 100mbit 20mbit --epochs 30 --warmup-steps 20 --repeats 2 --ssd-configs 5:5"
+  [nodecost]="nodecost"
+  [straggler]="compare --bandwidths 1gbit --epochs 4 --warmup-steps 20 --ssd-configs 5:5 --no-local-sgd --slow-rank 1 --slow-fraction 0.5"
+  [gpt]="compare --workload gpt --optimizers adamw sgd --warmup-steps 20"
+  [quality]="quality --tasks regression --ranks 4 8 16 --optimizers sgd adamw --shards shuffle non-iid --seeds 3"
+)
+ORDER=(costmodel nodecost overhead ablation quality sweep compression warmup auto straggler nodes gpt)
+
+if [ "${1:-}" = --list ]; then
+  for name in "${ORDER[@]}"; do printf '%-12s python %s %s\n' "$name" "${BENCH[*]}" "${SECTION[$name]}"; done
+  exit 0
+fi
+wanted=("$@")
+[ ${#wanted[@]} -gt 0 ] || wanted=("${ORDER[@]}")
+for name in "${wanted[@]}"; do
+  [ -n "${SECTION[$name]+set}" ] || { echo "bench.sh: no section '$name'; choose from: ${ORDER[*]}" >&2; exit 2; }
+done
+
+"$REPO/scripts/setup.sh" >&2
+cd "$REPO"
+for name in "${wanted[@]}"; do
+  mkdir -p "$OUT/$name"
+  # shellcheck disable=SC2206  # the section's arguments are words
+  args=(${SECTION[$name]})
+  case "${args[0]}" in
+    costmodel|nodecost|overhead) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" | tee "$OUT/$name/table.md" ;;
+    quality) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name/quality.json" | tee "$OUT/$name/table.md" ;;
+    *) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" ;;
+  esac
+done
+echo "bench.sh: results in $OUT"

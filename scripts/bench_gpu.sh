@@ -60,4 +60,4 @@ for variant, name in (("horovod", "hvd.DistributedOptimizer"), ("ssd", "ssd_allr
 PY
 
 echo "== GPU tests"
-"$VPY" -m pytest -q -p no:cacheprovider "$REPO/tests/test_gpu.py" 2>&1 | tail -25
+"$VPY" -m pytest -q -p no:cacheprovider "$REPO/tests/gpu" 2>&1 | tail -25

@@ -3,7 +3,7 @@
 # arguments go to pytest, e.g. scripts/test.sh -k optimizer -x
 #
 #   scripts/test.sh            # everything (about 6 minutes on 2 cores once set up)
-#   scripts/test.sh --fast     # unit tests only: one process, no launcher, no Slurm (seconds)
+#   scripts/test.sh --fast     # tests/unit only (pytest -m unit): one process, no launcher, no Slurm
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${SSD_VENV:-$REPO/.venv}
@@ -11,7 +11,7 @@ VENV=${SSD_VENV:-$REPO/.venv}
 cd "$REPO"
 if [ "${1:-}" = --fast ]; then
   shift
-  set -- -m "not multirank and not slurm and not gpu" "$@"
+  set -- -m unit "$@"
 fi
 echo "test.sh: running the suite with $VENV/bin/python"
 exec "$VENV/bin/python" -m pytest -ra --durations=15 "$@"

@@ -73,25 +73,25 @@ def test_the_driver_never_imports_the_benchmark():
 
 def test_the_installed_commands_work():
     usage = _run(str(BIN / "ssd-allreduce"), "--help").stdout
-    assert all(f"  {c}" in usage for c in ("doctor", "train", "bench", "costmodel", "simulate"))
+    assert all(f"  {c}" in usage for c in ("doctor", "train", "bench", "costmodel", "convergence"))
     unknown = _run(str(BIN / "ssd-allreduce"), "fly", ok=False)
     assert unknown.returncode == 2 and "unknown command 'fly'" in unknown.stderr
     report = json.loads(_run(str(BIN / "ssd-allreduce"), "doctor", "--json").stdout)
     assert report["python"]["executable"] == PYTHON
     table = _run(str(BIN / "ssd-allreduce"), "costmodel", "--model", "resnet50", "--ranks", "8",
-                 "--bandwidth", "10").stdout
+                 "--bandwidths", "10gbit").stdout
     assert table.count("\n| 8 | 10 |") == 1
     assert "--sync-every" in _run(str(BIN / "ssd-train"), "--help").stdout
-    assert "--bandwidths" in _run(str(BIN / "ssd-bench"), "--help").stdout
+    assert "--bandwidths" in _run(str(BIN / "ssd-bench"), "compare", "--help").stdout
 
 
 @pytest.mark.parametrize("module, args, expect", [
     ("ssd_allreduce.train", ["--help"], "--sync-every"),
-    ("ssd_allreduce.bench", ["--help"], "--ablation"),
+    ("ssd_allreduce.bench", ["--help"], "ablation"),
     ("ssd_allreduce.bench", ["synthetic", "--help"], "--num-batches-per-iter"),
-    ("ssd_allreduce.bench", ["costmodel", "--model", "resnet50", "--ranks", "8", "--bandwidth", "10"], "| 8 | 10 |"),
+    ("ssd_allreduce.bench", ["costmodel", "--model", "resnet50", "--ranks", "8", "--bandwidths", "10gbit"], "| 8 | 10 |"),
     ("ssd_allreduce.doctor", [], "== PyTorch =="),
-    ("ssd_allreduce.bench", ["convergence", "--workers", "2", "--epochs", "1", "--warmup-steps", "2"], '"windows"'),
+    ("ssd_allreduce.bench", ["convergence", "--ranks", "2", "--epochs", "1", "--warmup-steps", "2"], '"windows"'),
 ])
 def test_the_module_commands_users_type_keep_working(module, args, expect):
     assert expect in _run(PYTHON, "-m", module, *args).stdout

@@ -52,9 +52,9 @@ def test_short_comparison_writes_side_by_side_results(tmp_path):
 
 
 def test_ablation_table_holds_what_the_simulator_computes(tmp_path):
-    proc = subprocess.run([PYTHON, "-m", "ssd_allreduce.bench", "--ablation", "--ablation-workers", "2",
-                           "--ablation-epochs", "1", "--ablation-seeds", "1", "--ablation-k", "2",
-                           "--out", str(tmp_path)], env=launcher_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([PYTHON, "-m", "ssd_allreduce.bench", "ablation", "--ranks", "2", "--epochs", "1",
+                           "--seeds", "1", "--sync-every", "2", "--warmup-steps", "20", "--out", str(tmp_path)],
+                          env=launcher_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "ablation.md").read_text()
     cells = {}
@@ -71,7 +71,7 @@ def test_ablation_table_holds_what_the_simulator_computes(tmp_path):
 def test_synthetic_mode_runs_ssd_windows_and_prints_horovod_style_img_per_sec():
     out = run_ranks(horovodrun(2, "-m", "ssd_allreduce.bench", "synthetic", "--model", "cnn", "--no-cuda",
                                "--batch-size", "8", "--num-warmup-batches", "1", "--num-batches-per-iter", "2",
-                               "--num-iters", "2", "--mode", "ssd", "--sync-every", "2"))
+                               "--num-iters", "2", "--mode", "ssd", "--sync-every", "2", "--warmup-steps", "0"))
     assert "Number of CPUs: 2" in out
     per_cpu = float(re.search(r"Img/sec per CPU: ([0-9.]+) \+-", out)[1])
     total = float(re.search(r"Total img/sec on 2 CPU\(s\): ([0-9.]+) \+-", out)[1])
@@ -83,7 +83,7 @@ def test_synthetic_mode_runs_ssd_windows_and_prints_horovod_style_img_per_sec():
 
 
 def test_overhead_benchmark_reports_each_wrapper_against_the_plain_optimizer():
-    proc = subprocess.run([PYTHON, "-m", "ssd_allreduce.bench", "overhead", "--steps", "3", "--rounds", "2"],
+    proc = subprocess.run([PYTHON, "-m", "ssd_allreduce.bench", "overhead", "--steps-per-round", "3", "--rounds", "2"],
                           env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = re.findall(r"\| (.+?) \| (plain|horovod|ssd warm-up|ssd delay stage) \| ([0-9.]+) \| ([-+][0-9.]+) \| "
@@ -100,11 +100,11 @@ def test_overhead_benchmark_reports_each_wrapper_against_the_plain_optimizer():
 
 def test_gpt_workload_compares_modes_on_validation_loss_and_runs_the_ablation(tmp_path):
     out = tmp_path / "gpt"
-    proc = subprocess.run([PYTHON, "-m", "ssd_allreduce.bench", "--workload", "gpt", "--steps", "10",
+    proc = subprocess.run([PYTHON, "-m", "ssd_allreduce.bench", "--workload", "gpt", "--max-steps", "10",
                            "--eval-every", "5", "--warmup-steps", "2", "--ssd-configs", "2:2", "--shards", "by-package",
-                           "--ablation-config", "2:2", "--sim-steps", "6", "--sim-seeds", "1", "--sim-workers", "2",
-                           "--width", "32", "--layers", "1", "--context", "16", "--corpus-bytes", "200000",
-                           "--eval-samples", "64", "--bandwidth", "none", "--out", str(out)],
+                           "--ablation-config", "2:2", "--sim-steps", "6", "--sim-seeds", "1", "--sim-ranks", "2",
+                           "--gpt-width", "32", "--gpt-layers", "1", "--context", "16", "--corpus-bytes", "200000",
+                           "--eval-samples", "64", "--bandwidths", "none", "--out", str(out)],
                           env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
@@ -116,11 +116,12 @@ def test_gpt_workload_compares_modes_on_validation_loss_and_runs_the_ablation(tm
     assert ssd["vs_horovod"] == pytest.approx(ssd["val_loss"] / base["val_loss"] - 1)
     assert all(r["val_loss"] < 5.55 for r in rows.values()), "ln 256: every mode learned something"
     # the table's loss is the model's at the last step: the run's own end-of-training evaluation agrees
-    run = out / "runs" / "adamw-by-package-ssd_k2_d2_beta0.5" / "metrics.jsonl"
+    run = out / "runs" / "none" / "adamw-by-package-ssd_k2_d2_beta0.5" / "metrics.jsonl"
     final = [json.loads(line) for line in run.read_text().splitlines() if '"kind": "epoch"' in line][-1]
     assert final["step"] == 10 and final["test_loss"] == pytest.approx(ssd["val_loss"], rel=1e-6)
     assert {r["variant"] for r in results["simulator"]} == {"synchronous (k=1)", "overwrite", "glu beta=1",
                                                             "glu beta=0.5", "glu beta=0.25"}
+    assert results["networks"] == ["unshaped loopback"] and {r["network"] for r in rows.values()} == {"unshaped loopback"}
     assert "| ssd k=2 d=2 beta=0.5 |" in (out / "results.md").read_text()
     assert (out / "gpt_adamw_by-package.png").stat().st_size > 10_000
 

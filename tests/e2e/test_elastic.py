@@ -184,13 +184,4 @@ def test_a_preempted_elastic_run_says_how_to_resume_and_that_resume_finishes_it(
     assert done and done[-1]["steps"] == 3 * 22, done
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--mode", "ssd", "--resume"], "--resume is for restarting a job that stopped"),
-    (["--mode", "no-comm"], "got backend horovod, --mode no-comm, --data digits"),
-    (["--mode", "ssd", "--backend", "mpi"], "got backend mpi, --mode ssd"),
-    (["--mode", "ssd", "--amp"], "no --amp (loss scales are not carried across a change of ranks)"),
-])
-def test_elastic_is_refused_where_it_cannot_work(tmp_path, flags, message):
-    proc = subprocess.run([PYTHON, *TRAIN, *flags, "--out", str(tmp_path)], env=launcher_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+# where --elastic is refused: checked in this process, tests/unit/test_options.py

@@ -163,7 +163,7 @@ def test_prediction_error() -> None:
 
 def test_main_prints_table(capsys: pytest.CaptureFixture[str]) -> None:
     costmodel.main(["--model", "resnet50", "--ranks", "8", "64", "256", "1024",
-                    "--bandwidth", "10", "25", "100", "--sync-every", "5", "--delay", "5"])
+                    "--bandwidths", "10gbit", "25gbit", "100gbit", "--sync-every", "5", "--delay", "5"])
     out = capsys.readouterr().out
     assert out.startswith("| ranks |")
     assert len(out.strip().splitlines()) == 2 + 4 * 3
@@ -171,7 +171,7 @@ def test_main_prints_table(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_main_custom_workload(capsys: pytest.CaptureFixture[str]) -> None:
     costmodel.main(["--param-bytes", "100e6", "--compute-seconds", "0.05", "--ranks", "4",
-                    "--bandwidth", "10", "--sync-every", "5", "--delay", "3"])
+                    "--bandwidths", "10gbit", "--sync-every", "5", "--delay", "3"])
     row = capsys.readouterr().out.strip().splitlines()[-1]
     base, ssd, _ = predict(Workload(100e6, 0.05), 4, NET10, 32, 5, 3)
     assert f"| {base.throughput:,.0f} | {ssd.throughput:,.0f} |" in row

@@ -72,7 +72,7 @@ def test_check_recovers_the_latencies_and_overlap_behind_synthetic_measurements(
 
 
 def test_the_cluster_table_prints_every_size_and_link(capsys):
-    nodecost.main(["--model", "resnet50", "--gpus", "8", "1024", "--inter-gbps", "25", "400"])
+    nodecost.main(["--model", "resnet50", "--ranks", "8", "1024", "--bandwidths", "25gbit", "400gbit"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [r.split("|")[1:4] for r in rows] == [[" 8 ", " 1 ", " 25 "], [" 8 ", " 1 ", " 400 "],

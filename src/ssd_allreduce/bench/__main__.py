@@ -1,4 +1,6 @@
 """``python -m ssd_allreduce.bench``: see ``bench/cli.py``."""
+import sys
+
 from .cli import main
 
-main()
+sys.exit(main())

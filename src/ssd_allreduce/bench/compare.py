@@ -5,6 +5,9 @@ several (k, d), blocking local SGD, the no-communication limit) inside a private
 whose loopback is shaped with ``tc tbf`` (Gloo over TCP, so the shaping applies), or with
 ``--nodes M`` on M emulated nodes joined by shaped links, where each SSD-SGD window also runs
 hierarchically; it writes results.json, results.md and PNG plots into ``--out``.
+
+    python -m ssd_allreduce.bench compare --bandwidths 100mbit --epochs 5 --warmup-steps 20
+    python -m ssd_allreduce.bench --bandwidths 100mbit      # the same subcommand: it is the default
 """
 from __future__ import annotations
 
@@ -21,12 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from ..cli import HelpFormatter
+from ..settings import DEFAULT_GLU_BETA
 from ..train import runlog
+from ..train.data import DATASET_NAMES
+from ..train.options import (BATCH_SIZE_HELP, GLU_BETA_HELP, SLOW_FRACTION_HELP, SLOW_RANK_HELP, WARMUP_EPOCH,
+                             WARMUP_HELP, int_or_epoch)
 from ..train.runlog import markdown_table
 from . import costmodel, nodecost
 from .emulation import Emulation, emulate, emulation_available
+from .flags import PROG, RATE_HELP, UNSHAPED, check_at_least, link_rate
 
 DEFAULT_BANDWIDTHS = ("10gbit", "1gbit", "100mbit")
+WORKLOADS = ("images", "gpt")
 
 
 @dataclass(frozen=True)
@@ -114,7 +124,8 @@ def run_mode(spec: ModeSpec, a: argparse.Namespace, net: Emulation, run_dir: Pat
     train_args = ["--model", a.model, "--data", a.data, "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
                   "--lr", str(a.lr), "--warmup-steps", str(a.warmup_steps), "--glu-beta", str(a.glu_beta),
                   "--label", label, *spec.args(), *(["--data-dir", a.data_dir] if a.data_dir else []),
-                  *(["--slow-rank", "1", "--slow-fraction", str(a.straggler)] if a.straggler else [])]
+                  *(["--slow-rank", str(a.slow_rank), "--slow-fraction", str(a.slow_fraction)]
+                    if a.slow_rank >= 0 else [])]
     tx0 = net.tx_bytes()
     records = launch_training(train_args, a.ranks, net, run_dir, a.threads, a.run_timeout, spec.name)
     tx1 = net.tx_bytes()
@@ -339,7 +350,7 @@ def compare(a: argparse.Namespace) -> dict[str, Any]:
                                            "python": platform.python_version()},
                                "command": "python -m ssd_allreduce.bench " + " ".join(sys.argv[1:])}
     for rate in rates:
-        with emulate(rate, a.nodes, a.ranks, ok) as net:
+        with emulate(None if rate == UNSHAPED else rate, a.nodes, a.ranks, ok) as net:
             label, measured = net.label, net.measured_mbps
             print(f"== {label}: measured {measured:.0f} Mbit/s" if measured else f"== {label}", flush=True)
             runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in specs}
@@ -384,7 +395,8 @@ def render_markdown(results: dict[str, Any]) -> str:
              + (f"between {c['nodes']} emulated nodes); " if c.get("nodes", 1) > 1 else "over loopback); ")
              + f"{c['model']} on {c['data']}, {c['epochs']} epochs, batch {c['batch_size']} per rank, "
              f"{c['repeats']} repeat(s); target accuracy {c['target_accuracy']}"
-             + (f"; rank 1 a straggler, its compute {c['straggler']:.0%} slower" if c.get("straggler") else "")
+             + (f"; rank {c['slow_rank']} a straggler, its compute {c['slow_fraction']:.0%} slower"
+                if c.get("slow_rank", -1) >= 0 and c.get("slow_fraction") else "")
              + ".", ""]
     for s in results["bandwidths"]:
         measured = f", measured {s['measured_mbps']:.0f} Mbit/s" if s["measured_mbps"] else ""
@@ -405,3 +417,90 @@ def render_markdown(results: dict[str, Any]) -> str:
                   f"{c['error']:+.0%} |" for c in checked]
         lines.append("")
     return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"{PROG} [compare]", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--workload", choices=WORKLOADS, default="images",
+                    help=f"images: this comparison; gpt: a small GPT on the standard-library corpus, with options "
+                         f"of its own ({PROG} --workload gpt --help)")
+    g = ap.add_argument_group("ranks and network")
+    g.add_argument("--ranks", type=int, default=2, help="ranks of every run (horovodrun -np, Gloo)")
+    g.add_argument("--nodes", type=int, default=1,
+                   help="emulated nodes (a network namespace each, shaped links between them); the ranks are "
+                        "split evenly, and each SSD-SGD window also runs hierarchically")
+    g.add_argument("--bandwidths", type=link_rate, nargs="+", default=list(DEFAULT_BANDWIDTHS), metavar="RATE",
+                   help=f"the emulated link's rate, a comparison each: {RATE_HELP}; {UNSHAPED}: the plain loopback")
+    g.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
+    g = ap.add_argument_group("modes (Horovod and no-comm always run)")
+    g.add_argument("--ssd-configs", nargs="+", default=["5:5", "10:10"], metavar="K:D[/WIRE]",
+                   help="SSD-SGD's windows, a column each: k:d pairs or auto, each optionally with a wire format "
+                        "(5:5/int8; fp16, bf16, int8)")
+    g.add_argument("--local-sgd-every", type=int, default=5, help="k of blocking local SGD (its d is 0)")
+    g.add_argument("--no-local-sgd", action="store_true", help="leave out blocking local SGD")
+    g = ap.add_argument_group("training (every mode alike; python -m ssd_allreduce.train's flags)")
+    g.add_argument("--model", default="cnn", help="mlp, cnn, resnet20..resnet110 or a torchvision name")
+    g.add_argument("--data", choices=[d for d in DATASET_NAMES if d != "stdlib"], default="digits",
+                   help="cifar10 and imagefolder need --data-dir")
+    g.add_argument("--data-dir", help="CIFAR-10 python-format directory or ImageNet-style folder")
+    g.add_argument("--epochs", type=int, default=10, help="passes over the training data")
+    g.add_argument("--batch-size", type=int, default=32, help=BATCH_SIZE_HELP)
+    g.add_argument("--lr", type=float, default=0.05, help="learning rate of one rank; scaled by the rank count")
+    g.add_argument("--warmup-steps", type=int_or_epoch, default=WARMUP_EPOCH, metavar="N|epoch", help=WARMUP_HELP)
+    g.add_argument("--glu-beta", type=float, default=DEFAULT_GLU_BETA, help=GLU_BETA_HELP)
+    g.add_argument("--slow-rank", type=int, default=-1, help=SLOW_RANK_HELP)
+    g.add_argument("--slow-fraction", type=float, default=0.0, help=SLOW_FRACTION_HELP)
+    g = ap.add_argument_group("report")
+    g.add_argument("--repeats", type=int, default=1, help="runs of each mode at each bandwidth (medians reported)")
+    g.add_argument("--target-accuracy", type=float, default=0.97,
+                   help="test accuracy for the time-to-target column (every mode reaches 0.9 in its warm-up)")
+    g.add_argument("--latency-us", type=float, default=-1.0,
+                   help="per-hop latency for the cost model (negative: calibrated on local SGD's blocking wait)")
+    g.add_argument("--run-timeout", type=float, default=1800, help="seconds one training run may take")
+    g.add_argument("--out", default=None,
+                   help="where results.json, results.md, the plots and every run's directory go "
+                        "(default: results/bench-DATE-TIME)")
+    return ap
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """Reject what cannot run, before any run starts, saying what to change."""
+    check_at_least(a, 1, "ranks", "nodes", "threads", "local_sgd_every", "epochs", "batch_size", "repeats")
+    if a.ranks % a.nodes:
+        raise SystemExit(f"--ranks {a.ranks} cannot be split into --nodes {a.nodes} of equal size")
+    if a.slow_rank >= a.ranks or a.slow_fraction < 0:
+        raise SystemExit(f"--slow-rank must be a rank below --ranks ({a.ranks}) and --slow-fraction >= 0, got "
+                         f"{a.slow_rank} and {a.slow_fraction}")
+    if a.data in ("cifar10", "imagefolder") and not a.data_dir:
+        raise SystemExit(f"--data {a.data} needs --data-dir (no download happens here)")
+    if a.warmup_steps != WARMUP_EPOCH and a.warmup_steps < 0:
+        raise SystemExit(f"--warmup-steps must be >= 0, got {a.warmup_steps}")
+    parse_modes(a.ssd_configs, a.local_sgd_every, not a.no_local_sgd)
+
+
+def pop_workload(argv: list[str]) -> str:
+    """Remove ``--workload NAME`` (or ``--workload=NAME``) from ``argv``; "images" when absent."""
+    for i, arg in enumerate(argv):
+        if arg == "--workload" or arg.startswith("--workload="):
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            del argv[i:i + (1 if "=" in arg else 2)]
+            if value not in WORKLOADS:
+                raise SystemExit(f"--workload takes images (the default comparison) or gpt, got {value!r}")
+            return value
+    return "images"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if pop_workload(argv) == "gpt":
+        from . import language
+        language.main(argv)
+        return
+    if any(arg == "--ablation" or arg.startswith("--ablation-") for arg in argv):
+        raise SystemExit(f"the GLU ablation is a subcommand: {PROG} ablation (its flags: --ranks for "
+                         "--ablation-workers, --sync-every for --ablation-k, --epochs, --warmup-steps, --seeds, "
+                         "--out)")
+    a = build_parser().parse_args(argv)
+    check_args(a)
+    a.out = a.out or f"results/bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    compare(a)

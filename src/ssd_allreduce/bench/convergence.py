@@ -1,21 +1,25 @@
-"""Convergence studies with the simulator: N workers of SSD-SGD in one process on the bundled digits.
+"""Convergence studies with the simulator: N ranks of SSD-SGD in one process on the bundled digits.
 
-    python -m ssd_allreduce.bench convergence --workers 64 --sync-every 8 --delay 8 --glu-beta 0.5 \\
-        --shards label-skew --epochs 20 --baseline
+    python -m ssd_allreduce.bench convergence --ranks 64 --sync-every 8 --delay 8 --glu-beta 0.5 \\
+        --shards label-skew --epochs 20 --warmup-steps 20 --baseline
 """
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from ..cli import HelpFormatter
 from ..settings import DEFAULT_GLU_BETA
 from ..simulator import Simulator
 from ..train.data import load_digits_split, shard_indices
 from ..train.models import build_model
+from ..train.options import (BATCH_SIZE_HELP, DELAY_HELP, GLU_BETA_HELP, WARMUP_EPOCH, WARMUP_HELP, int_or_epoch,
+                             warmup_steps_for)
+from .flags import PROG, check_at_least
 
 
 def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
@@ -26,15 +30,18 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return acc
 
 
-def study(workers: int, sync_every: int, delay: int, warmup_steps: int, glu_beta: float,
+def study(workers: int, sync_every: int, delay: int, warmup_steps: Union[int, str], glu_beta: float,
           compensation: str, shards: str, epochs: int, batch_size: int, lr: float,
           model_name: str = "mlp", seed: int = 0) -> dict[str, float]:
-    """Train on the bundled digits with ``workers`` simulated ranks; accuracy of the global model."""
+    """Train on the bundled digits with ``workers`` simulated ranks; accuracy of the global model.
+    ``warmup_steps`` may be "epoch" (the driver's ``--warmup-steps`` rule)."""
     data = load_digits_split(seed=seed)
     torch.manual_seed(seed)
     model = build_model(model_name, data.num_classes, data.in_channels, data.image_size)
+    steps_per_epoch = len(shard_indices(data.train_y, workers, 0, 0, seed, mode=shards)) // batch_size
     sim = Simulator(model, lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=1e-4),
-                    workers, sync_every=sync_every, delay=delay, warmup_steps=warmup_steps,
+                    workers, sync_every=sync_every, delay=delay,
+                    warmup_steps=warmup_steps_for(warmup_steps, steps_per_epoch),
                     glu_beta=glu_beta, compensation=compensation)
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(epochs):
@@ -49,23 +56,31 @@ def study(workers: int, sync_every: int, delay: int, warmup_steps: int, glu_beta
             "steps": sim.step_index, "windows": sim.windows_landed}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.bench convergence", description=__doc__.split("\n")[0])
-    ap.add_argument("--workers", type=int, default=8)
-    ap.add_argument("--sync-every", type=int, default=8)
-    ap.add_argument("--delay", type=int, default=None, help="default: sync-every")
-    ap.add_argument("--warmup-steps", type=int, default=20)
-    ap.add_argument("--glu-beta", type=float, default=DEFAULT_GLU_BETA)
-    ap.add_argument("--compensation", choices=("glu", "overwrite"), default="glu")
-    ap.add_argument("--shards", choices=("shuffle", "label-skew"), default="shuffle")
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=16, help="per worker")
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--model", default="mlp")
-    ap.add_argument("--seed", type=int, default=0)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"{PROG} convergence", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--ranks", type=int, default=8, help="simulated ranks")
+    ap.add_argument("--sync-every", type=int, default=8, help="k: local steps per window")
+    ap.add_argument("--delay", type=int, default=None, help=DELAY_HELP.replace("; auto: chosen with k", ""))
+    ap.add_argument("--warmup-steps", type=int_or_epoch, default=WARMUP_EPOCH, metavar="N|epoch", help=WARMUP_HELP)
+    ap.add_argument("--glu-beta", type=float, default=DEFAULT_GLU_BETA, help=GLU_BETA_HELP)
+    ap.add_argument("--compensation", choices=("glu", "overwrite"), default="glu",
+                    help="glu compensates a rank's own weights when a window lands; overwrite replaces them")
+    ap.add_argument("--shards", choices=("shuffle", "label-skew"), default="shuffle",
+                    help="how the digits are split over the ranks (label-skew: each rank mostly a few classes)")
+    ap.add_argument("--epochs", type=int, default=20, help="passes over the digits")
+    ap.add_argument("--batch-size", type=int, default=16, help=BATCH_SIZE_HELP)
+    ap.add_argument("--lr", type=float, default=0.05, help="learning rate of SGD (momentum 0.9) on every rank")
+    ap.add_argument("--model", default="mlp", help="mlp, cnn or resnet20..resnet110")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the shards")
     ap.add_argument("--baseline", action="store_true", help="also run synchronous SGD (k=1, d=0)")
-    a = ap.parse_args(argv)
-    common = dict(workers=a.workers, warmup_steps=a.warmup_steps, shards=a.shards, epochs=a.epochs,
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    a = build_parser().parse_args(argv)
+    check_at_least(a, 1, "ranks", "sync_every", "epochs", "batch_size")
+    check_at_least(a, 0, "delay", "warmup_steps")
+    common = dict(workers=a.ranks, warmup_steps=a.warmup_steps, shards=a.shards, epochs=a.epochs,
                   batch_size=a.batch_size, lr=a.lr, model_name=a.model, seed=a.seed)
     result = study(sync_every=a.sync_every, delay=a.sync_every if a.delay is None else a.delay,
                    glu_beta=a.glu_beta, compensation=a.compensation, **common)

@@ -21,6 +21,9 @@ import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..cli import HelpFormatter
+from .flags import PROG, RATE_HELP, cluster_rate, gbps
+
 DEFAULT_MEMORY_BW_GBYTES = 100.0
 """Device memory bandwidth (GB/s) used for SSD's launch/landing copies."""
 
@@ -243,24 +246,32 @@ def prediction_error(predicted: float, measured: float) -> float:
     return (predicted - measured) / measured
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: print :func:`cluster_table` for a reference or custom workload."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m ssd_allreduce.bench costmodel",
-        description="Predict Horovod vs SSD-SGD throughput with an alpha-beta ring model.",
-    )
-    parser.add_argument("--model", choices=sorted(REFERENCE_MODELS), default="resnet50")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64, 256, 1024])
-    parser.add_argument("--bandwidth", type=float, nargs="+", default=[10.0, 25.0, 100.0],
-                        help="per-link bandwidths in Gbit/s")
-    parser.add_argument("--latency-us", type=float, default=5.0)
+        prog=f"{PROG} costmodel", formatter_class=HelpFormatter,
+        description="Predict Horovod vs SSD-SGD throughput with an alpha-beta ring model: a row per "
+                    "(ranks, bandwidth).\n\n    python -m ssd_allreduce.bench costmodel --model resnet50 "
+                    "--ranks 8 64 256 1024 --bandwidths 10gbit 25gbit 100gbit")
+    parser.add_argument("--model", choices=sorted(REFERENCE_MODELS), default="resnet50",
+                        help="reference workload (parameters and compute per step: see REFERENCE_MODELS)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64, 256, 1024], metavar="N",
+                        help="rank counts to predict, a row each")
+    parser.add_argument("--bandwidths", type=cluster_rate, nargs="+", default=["10gbit", "25gbit", "100gbit"],
+                        metavar="RATE", help=f"each rank's link, a row each: {RATE_HELP} (the table gives Gbit/s)")
+    parser.add_argument("--latency-us", type=float, default=5.0, help="per-hop latency in microseconds")
     parser.add_argument("--sync-every", type=int, default=5, help="k: steps per allreduce")
     parser.add_argument("--delay", type=int, default=5, help="d: steps the allreduce overlaps")
-    parser.add_argument("--batch-per-rank", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per step on each rank")
     parser.add_argument("--param-bytes", type=float,
                         help="custom workload: bytes allreduced (overrides --model's)")
     parser.add_argument("--compute-seconds", type=float,
                         help="custom workload: compute per step (overrides --model's)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: print :func:`cluster_table` for a reference or custom workload."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     w = REFERENCE_MODELS[args.model]
     overrides = {
@@ -271,8 +282,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     try:
         w = dataclasses.replace(w, **overrides)
-        table = cluster_table(w, args.ranks, args.bandwidth, args.sync_every, args.delay,
-                              args.batch_per_rank, latency_us=args.latency_us)
+        table = cluster_table(w, args.ranks, [gbps(r) for r in args.bandwidths], args.sync_every, args.delay,
+                              args.batch_size, latency_us=args.latency_us)
     except ValueError as err:
         parser.error(str(err))
     print(table)

@@ -4,6 +4,9 @@ ablation on real ranks and on the simulator.
 
     python -m ssd_allreduce.bench --workload gpt                          # AdamW, about 10 minutes
     python -m ssd_allreduce.bench --workload gpt --optimizers adamw sgd   # the full evidence
+
+Its runs stop at --max-steps, within the corpus's first epoch: the warm-up defaults to an eighth of
+them (the driver's one-epoch rule would leave SSD-SGD no steps).
 """
 from __future__ import annotations
 
@@ -21,12 +24,16 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..cli import HelpFormatter
+from ..settings import DEFAULT_GLU_BETA
 from ..simulator import Simulator
 from ..train.data import ShardedBatches, TextSplit, load_stdlib_text
 from ..train.models import build_language_model
+from ..train.options import BATCH_SIZE_HELP, GLU_BETA_HELP, GPT_HELP
 from ..train.runlog import markdown_table
 from .compare import launch_training, parse_window, run_dirname, save_figure
 from .emulation import Emulation, emulate, emulation_available
+from .flags import PROG, RATE_HELP, UNSHAPED, check_at_least, link_rate
 
 SIMULATOR_DEFAULT_CONFIG = "10:10"
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.1}
@@ -79,32 +86,34 @@ def plan(a: argparse.Namespace) -> list[Run]:
     return runs
 
 
-def run_one(run: Run, a: argparse.Namespace, net: Emulation, out: Path) -> dict[str, Any]:
-    """Train ``run`` on real ranks; its validation curve and summary."""
-    train_args = ["--data", "stdlib", "--model", "gpt", "--epochs", "1", "--max-steps", str(a.steps),
+def run_one(run: Run, a: argparse.Namespace, net: Emulation, rate: str, out: Path) -> dict[str, Any]:
+    """Train ``run`` on real ranks over the network ``net`` emulated at ``rate``; its validation
+    curve and summary."""
+    train_args = ["--data", "stdlib", "--model", "gpt", "--epochs", "1", "--max-steps", str(a.max_steps),
                   "--eval-every", str(a.eval_every), "--eval-samples", str(a.eval_samples),
-                  "--batch-size", str(a.batch_size), "--context", str(a.context), "--gpt-width", str(a.width),
-                  "--gpt-layers", str(a.layers), "--lr", str(a.lr[run.optimizer]),
-                  "--no-lr-scaling", "--weight-decay", "0.01" if run.optimizer == "adamw" else "0",
-                  "--warmup-steps", str(a.warmup_steps), *run.args()]
-    run_dir = out / "runs" / f"{run.optimizer}-{run.shards}-{run_dirname(run.name)}"
+                  "--batch-size", str(a.batch_size), "--context", str(a.context), "--corpus-bytes", str(a.corpus_bytes),
+                  "--gpt-width", str(a.gpt_width), "--gpt-layers", str(a.gpt_layers), "--gpt-heads", str(a.gpt_heads),
+                  "--lr", str(a.lr[run.optimizer]), "--no-lr-scaling",
+                  "--weight-decay", "0.01" if run.optimizer == "adamw" else "0",
+                  "--warmup-steps", str(a.warmup_steps), "--label", net.label, *run.args()]
+    run_dir = out / "runs" / rate / f"{run.optimizer}-{run.shards}-{run_dirname(run.name)}"
     records = launch_training(train_args, a.ranks, net, run_dir, a.threads, a.run_timeout, run.name)
     summary = [r for r in records if r["kind"] == "summary"][-1]
-    if summary["steps"] != a.steps:
-        raise RuntimeError(f"{run.name} ran {summary['steps']} steps, not {a.steps}: the corpus holds fewer "
-                           f"batches per epoch; lower --steps or --batch-size, or raise --corpus-bytes")
+    if summary["steps"] != a.max_steps:
+        raise RuntimeError(f"{run.name} ran {summary['steps']} steps, not {a.max_steps}: the corpus holds fewer "
+                           f"batches per epoch; lower --max-steps or --batch-size, or raise --corpus-bytes")
     curve = [(r["step"], r["wall"], r["test_loss"]) for r in records if r["kind"] == "eval"]
-    return {"optimizer": run.optimizer, "shards": run.shards, "name": run.name, "mode": run.mode,
+    return {"network": net.label, "optimizer": run.optimizer, "shards": run.shards, "name": run.name, "mode": run.mode,
             "curve": curve, "val_loss": curve[-1][2], "steps": summary["steps"],
             "wall_seconds": summary["wall_seconds"], "step_ms": summary["step_ms"],
             "bytes_per_step": summary["bytes_per_step"], "parameter_bytes": summary["parameter_bytes"]}
 
 
 def add_ratios(rows: list[dict[str, Any]], tolerance: float) -> None:
-    """Each run's final validation loss against Horovod's with the same optimizer and shards."""
+    """Each run's final validation loss against Horovod's with the same network, optimizer and shards."""
     for r in rows:
         base = next((b for b in rows if b["mode"] == "horovod" and b["optimizer"] == r["optimizer"]
-                     and b["shards"] == r["shards"]), None)
+                     and b["shards"] == r["shards"] and b["network"] == r["network"]), None)
         r["vs_horovod"] = r["val_loss"] / base["val_loss"] - 1 if base else None
         r["x_horovod_speed"] = base["wall_seconds"] / r["wall_seconds"] if base else None
         r["verdict"] = ("-" if base is None or r is base else
@@ -157,7 +166,7 @@ def simulator_ablation(a: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for shards in a.shards:
         for name, kk, dd, comp, beta in variants:
-            losses = [simulate(text, a.sim_workers, shards, opt, a.sim_steps, a.warmup_steps, kk, dd, comp, beta, lr,
+            losses = [simulate(text, a.sim_ranks, shards, opt, a.sim_steps, a.warmup_steps, kk, dd, comp, beta, lr,
                                seed) for seed in range(a.sim_seeds)]
             rows.append({"shards": shards, "variant": name, "val_loss": statistics.mean(losses),
                          "stdev": statistics.stdev(losses) if len(losses) > 1 else 0.0})
@@ -174,11 +183,13 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     paths = []
     for opt, shards in sorted({(r["optimizer"], r["shards"]) for r in rows}):
         fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+        several = len({r["network"] for r in rows}) > 1
         for r in rows:
             if (r["optimizer"], r["shards"]) == (opt, shards):
                 steps, walls, losses = zip(*r["curve"])
-                by_step.plot(steps, losses, "o-", ms=3, label=r["name"])
-                by_time.plot(walls, losses, "o-", ms=3, label=r["name"])
+                label = f"{r['name']}, {r['network']}" if several else r["name"]
+                by_step.plot(steps, losses, "o-", ms=3, label=label)
+                by_time.plot(walls, losses, "o-", ms=3, label=label)
         by_step.set(xlabel="step", ylabel="validation loss (nats/byte)", title=f"{opt}, {shards} shards")
         by_time.set(xlabel="training wall time (s)", ylabel="validation loss (nats/byte)")
         paths.append(save_figure(fig, [by_step, by_time], out / f"gpt_{opt}_{shards}.png"))
@@ -188,15 +199,18 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 def render(results: dict[str, Any]) -> str:
     c = results["config"]
     lines = [f"Command: `{results['command']}`", "",
-             f"Machine: {results['machine']}; {c['ranks']} ranks (horovodrun, Gloo), {results['network']}; GPT "
-             f"width {c['width']}, {c['layers']} layers, context {c['context']} bytes "
-             f"({results['parameters']:,} parameters), batch {c['batch_size']} sequences per rank, {c['steps']} "
+             f"Machine: {results['machine']}; {c['ranks']} ranks (horovodrun, Gloo); GPT "
+             f"width {c['gpt_width']}, {c['gpt_layers']} layers, {c['gpt_heads']} heads, context {c['context']} bytes "
+             f"({results['parameters']:,} parameters), batch {c['batch_size']} sequences per rank, {c['max_steps']} "
              f"steps, {c['warmup_steps']} warm-up steps, validation on {c['eval_samples']} held-out sequences; "
-             f"took {results['seconds'] / 60:.1f} min.", "", markdown_table(results["rows"], TABLE), ""]
+             f"took {results['seconds'] / 60:.1f} min.", ""]
+    for network in results["networks"]:
+        lines += [f"### {network}", "", markdown_table([r for r in results["rows"] if r["network"] == network],
+                                                        TABLE), ""]
     if results["simulator"]:
         sim = results["simulator"]
         config = c["ablation_config"] or SIMULATOR_DEFAULT_CONFIG
-        lines += [f"GLU ablation on the simulator ({c['sim_workers']} workers, tiny GPT width 64, 2 layers, context "
+        lines += [f"GLU ablation on the simulator ({c['sim_ranks']} ranks, tiny GPT width 64, 2 layers, context "
                   f"32, {c['optimizers'][0]}, {c['sim_steps']} steps, k:d = {config}, mean ± stdev over "
                   f"{c['sim_seeds']} seeds; validation loss):", "",
                   "| variant | " + " | ".join(f"{s} shards" for s in c["shards"]) + " |",
@@ -220,65 +234,106 @@ def parse_lr(values: Sequence[str]) -> dict[str, float]:
     return out
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"{PROG} --workload gpt", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--workload", choices=("gpt",), default="gpt", help="this workload (images: the comparison)")
+    g = ap.add_argument_group("ranks and network")
+    g.add_argument("--ranks", type=int, default=2, help="ranks of every run (horovodrun -np, Gloo)")
+    g.add_argument("--bandwidths", type=link_rate, nargs="+", default=["1gbit"], metavar="RATE",
+                   help=f"the emulated link's rate, every run at each: {RATE_HELP}; {UNSHAPED}: the plain loopback")
+    g.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
+    g.add_argument("--run-timeout", type=float, default=900, help="seconds one training run may take")
+    g = ap.add_argument_group("runs (Horovod, SSD-SGD at each window, local SGD, for each optimizer and sharding)")
+    g.add_argument("--optimizers", nargs="+", choices=tuple(DEFAULT_LR), default=["adamw"],
+                   help="the optimizers every mode wraps, a comparison each")
+    g.add_argument("--shards", nargs="+", choices=("shuffle", "by-package"), default=["shuffle", "by-package"],
+                   help="how the corpus is split over the ranks, a comparison each (by-package: each rank its "
+                        "own packages of the library)")
+    g.add_argument("--ssd-configs", nargs="+", default=["5:5", "10:10"], metavar="K:D",
+                   help="SSD-SGD's windows, k:d pairs")
+    g.add_argument("--local-sgd-every", type=int, default=5, help="k of blocking local SGD (its d is 0)")
+    g.add_argument("--glu-beta", type=float, default=DEFAULT_GLU_BETA, help=GLU_BETA_HELP)
+    g.add_argument("--lr", nargs="*", default=[], metavar="OPTIMIZER=VALUE",
+                   help="learning rates (not scaled by the ranks), overriding adamw=0.001 sgd=0.1")
+    g = ap.add_argument_group("training (every run alike; python -m ssd_allreduce.train's flags)")
+    g.add_argument("--max-steps", type=int, default=160, help="steps of every run (within the corpus's first epoch)")
+    g.add_argument("--warmup-steps", type=int, default=None,
+                   help="steps of synchronous SGD before SSD-SGD's delay stage, on real ranks and on the simulator "
+                        "(default: an eighth of --max-steps, 20 of 160)")
+    g.add_argument("--eval-every", type=int, default=20, help="steps between validations (a divisor of --max-steps)")
+    g.add_argument("--eval-samples", type=int, default=512, help="held-out sequences of each validation")
+    g.add_argument("--batch-size", type=int, default=16, help=BATCH_SIZE_HELP)
+    g.add_argument("--context", type=int, default=64, help="bytes per sequence")
+    g.add_argument("--gpt-width", type=int, default=144, help=GPT_HELP["width"])
+    g.add_argument("--gpt-layers", type=int, default=4, help=GPT_HELP["layers"])
+    g.add_argument("--gpt-heads", type=int, default=4, help=GPT_HELP["heads"])
+    g.add_argument("--corpus-bytes", type=int, default=2_000_000, help="size of the standard-library corpus")
+    g = ap.add_argument_group("GLU ablation (real ranks, then the simulator)")
+    g.add_argument("--ablation-config", default="10:10",
+                   help="k:d of the GLU ablation (real ranks and simulator); '' skips it on real ranks")
+    g.add_argument("--ablation-shards", default="by-package", choices=("shuffle", "by-package"),
+                   help="the sharding of the ablation on real ranks")
+    g.add_argument("--sim-ranks", type=int, default=4, help="simulated ranks")
+    g.add_argument("--sim-steps", type=int, default=150, help="steps of each simulated run")
+    g.add_argument("--sim-seeds", type=int, default=2, help="simulated runs of each variant (mean and stdev)")
+    g.add_argument("--no-simulator", action="store_true", help="leave out the simulator's ablation")
+    g = ap.add_argument_group("report")
+    g.add_argument("--tolerance", type=float, default=0.02,
+                   help="how much higher than Horovod's a final validation loss may be (0.02: 2 %%)")
+    g.add_argument("--out", default=None,
+                   help="where results.json, results.md, the plots and every run's directory go "
+                        "(default: results/gpt-DATE-TIME)")
+    return ap
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """Reject what cannot run, saying what to change; fills in the warm-up's default."""
+    check_at_least(a, 1, "ranks", "threads", "local_sgd_every", "max_steps", "eval_every", "eval_samples",
+                   "batch_size", "context", "gpt_width", "gpt_layers", "gpt_heads", "sim_ranks", "sim_steps",
+                   "sim_seeds")
+    if a.max_steps % a.eval_every:
+        raise SystemExit(f"--max-steps ({a.max_steps}) must be a multiple of --eval-every ({a.eval_every})")
+    if a.gpt_width % a.gpt_heads:
+        raise SystemExit(f"--gpt-width ({a.gpt_width}) must be a multiple of --gpt-heads ({a.gpt_heads})")
+    if a.warmup_steps is None:
+        a.warmup_steps = a.max_steps // 8
+    if not 0 <= a.warmup_steps < a.max_steps:
+        raise SystemExit(f"--warmup-steps must be >= 0 and below --max-steps ({a.max_steps}), got {a.warmup_steps}")
+    for cfg in a.ssd_configs:
+        parse_window(cfg)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.bench --workload gpt",
-                                 description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--optimizers", nargs="+", choices=tuple(DEFAULT_LR), default=["adamw"])
-    ap.add_argument("--shards", nargs="+", choices=("shuffle", "by-package"), default=["shuffle", "by-package"])
-    ap.add_argument("--ssd-configs", nargs="+", default=["5:5", "10:10"], help="k:d pairs")
-    ap.add_argument("--local-sgd-every", type=int, default=5)
-    ap.add_argument("--glu-beta", type=float, default=0.5)
-    ap.add_argument("--steps", type=int, default=160)
-    ap.add_argument("--eval-every", type=int, default=20)
-    ap.add_argument("--eval-samples", type=int, default=512)
-    ap.add_argument("--warmup-steps", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--context", type=int, default=64)
-    ap.add_argument("--width", type=int, default=144)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--corpus-bytes", type=int, default=2_000_000)
-    ap.add_argument("--lr", nargs="*", default=[], help="OPTIMIZER=VALUE overrides (defaults: adamw=0.001 sgd=0.1)")
-    ap.add_argument("--bandwidth", default="1gbit", help="tc rate of the emulated network ('none': plain loopback)")
-    ap.add_argument("--ablation-config", default="10:10",
-                    help="k:d of the GLU ablation (real ranks and simulator); '' skips it on real ranks")
-    ap.add_argument("--ablation-shards", default="by-package")
-    ap.add_argument("--sim-workers", type=int, default=4)
-    ap.add_argument("--sim-steps", type=int, default=150)
-    ap.add_argument("--sim-seeds", type=int, default=2)
-    ap.add_argument("--no-simulator", action="store_true")
-    ap.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
-    ap.add_argument("--tolerance", type=float, default=0.02, help="final validation loss vs Horovod's")
-    ap.add_argument("--run-timeout", type=float, default=900)
-    ap.add_argument("--out", default=f"results/gpt-{time.strftime('%Y%m%d-%H%M%S')}")
-    a = ap.parse_args(argv)
+    a = build_parser().parse_args(argv)
     a.lr = parse_lr(a.lr)
-    if a.eval_every < 1 or a.steps % a.eval_every:
-        raise SystemExit(f"--steps ({a.steps}) must be a multiple of --eval-every ({a.eval_every})")
+    check_args(a)
+    a.out = a.out or f"results/gpt-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     ok, why = emulation_available(1)
-    shaped = ok and a.bandwidth != "none"
-    if not shaped and a.bandwidth != "none":
+    if not ok and any(rate != UNSHAPED for rate in a.bandwidths):
         print(f"NOTE: no emulated network ({why}); running on the unshaped loopback", flush=True)
-    rows = []
-    with emulate(a.bandwidth if shaped else None, 1, a.ranks, shaped) as net:
-        measured = net.measured_mbps
-        network = f"tbf {a.bandwidth}, measured {measured:.0f} Mbit/s" if measured else "unshaped loopback"
-        print(f"== {network}", flush=True)
-        for run in plan(a):
-            t = time.time()
-            rows.append(run_one(run, a, net, out))
-            print(f"   {run.optimizer:<5} {run.shards:<10} {run.name:<28} val loss {rows[-1]['val_loss']:.4f} "
-                  f"({time.time() - t:.0f} s)", flush=True)
+    rows, networks = [], []
+    for rate in a.bandwidths if ok else [UNSHAPED]:
+        shaped = ok and rate != UNSHAPED
+        with emulate(rate if shaped else None, 1, a.ranks, shaped) as net:
+            measured = net.measured_mbps
+            network = f"tbf {rate}, measured {measured:.0f} Mbit/s" if measured else "unshaped loopback"
+            net.label = network
+            networks.append(network)
+            print(f"== {network}", flush=True)
+            for run in plan(a):
+                t = time.time()
+                rows.append(run_one(run, a, net, rate, out))
+                print(f"   {run.optimizer:<5} {run.shards:<10} {run.name:<28} val loss {rows[-1]['val_loss']:.4f} "
+                      f"({time.time() - t:.0f} s)", flush=True)
     add_ratios(rows, a.tolerance)
     sim = [] if a.no_simulator else simulator_ablation(a)
-    results = {"config": vars(a), "rows": rows, "simulator": sim, "network": network,
+    results = {"config": vars(a), "rows": rows, "simulator": sim, "networks": networks,
                "parameters": rows[0]["parameter_bytes"] // 4, "seconds": time.time() - t0,
                "machine": f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-               "command": "python -m ssd_allreduce.bench " + " ".join(sys.argv[1:])}
+               "command": f"{PROG} " + " ".join(sys.argv[1:])}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     report = render(results)
     (out / "results.md").write_text(report)

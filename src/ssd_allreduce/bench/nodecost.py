@@ -19,7 +19,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from ..cli import HelpFormatter
 from .costmodel import DEFAULT_MEMORY_BW_GBYTES, Network, Workload, ring_allreduce_seconds
+from .flags import PROG, RATE_HELP, check_at_least, cluster_rate, gbps
 
 MODES = ("horovod", "horovod-hier", "ssd", "ssd-hier", "no-comm")
 
@@ -189,18 +191,34 @@ def check_measured(sections: Sequence[tuple[float, list[dict[str, Any]]]], nodes
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.bench nodecost",
-                                 description="Predicted throughput on clusters of GPU nodes.")
-    ap.add_argument("--model", nargs="+", choices=sorted(GPU_MODELS), default=sorted(GPU_MODELS))
-    ap.add_argument("--gpus", type=int, nargs="+", default=[8, 64, 256, 1024])
-    ap.add_argument("--per-node", type=int, default=8)
-    ap.add_argument("--inter-gbps", type=float, nargs="+", default=[25.0, 100.0, 400.0])
-    ap.add_argument("--sync-every", type=int, default=5)
-    ap.add_argument("--delay", type=int, default=5)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"{PROG} nodecost", formatter_class=HelpFormatter,
+                                 description="Predicted throughput on clusters of GPU nodes: a row per (ranks, "
+                                             "bandwidth between nodes), a table per model.")
+    ap.add_argument("--model", nargs="+", choices=sorted(GPU_MODELS), default=sorted(GPU_MODELS),
+                    help="reference GPU workloads (see GPU_MODELS), a table each")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 64, 256, 1024], metavar="N",
+                    help="rank (GPU) counts to predict, a row each")
+    ap.add_argument("--ranks-per-node", type=int, default=8, help="ranks (GPUs) on each node, joined by NVLink")
+    ap.add_argument("--bandwidths", type=cluster_rate, nargs="+", default=["25gbit", "100gbit", "400gbit"],
+                    metavar="RATE",
+                    help=f"each node's link to the others, a row each: {RATE_HELP} (the table gives Gbit/s)")
+    ap.add_argument("--sync-every", type=int, default=5, help="k: steps per window")
+    ap.add_argument("--delay", type=int, default=5, help="d: steps a window's allreduce overlaps")
+    ap.add_argument("--batch-size", type=int, default=64, help="samples per step on each rank")
     ap.add_argument("--overlap", type=float, default=None,
                     help="share of the compute Horovod's allreduce hides behind (default: 2/3, the backward)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    a = build_parser().parse_args(argv)
+    check_at_least(a, 1, "ranks", "ranks_per_node", "sync_every", "batch_size")
+    check_at_least(a, 0, "delay")
+    if a.delay > a.sync_every:
+        raise SystemExit(f"--delay ({a.delay}) must be at most --sync-every ({a.sync_every})")
     for model in a.model:
-        print(f"\n{model}, batch 64 per GPU, {a.per_node} GPUs per node, k = {a.sync_every}, d = {a.delay}\n")
-        print(cluster_table(model, a.gpus, a.per_node, a.inter_gbps, a.sync_every, a.delay, a.overlap))
+        print(f"\n{model}, batch {a.batch_size} per GPU, {a.ranks_per_node} GPUs per node, k = {a.sync_every}, "
+              f"d = {a.delay}\n")
+        print(cluster_table(model, a.ranks, a.ranks_per_node, [gbps(r) for r in a.bandwidths], a.sync_every,
+                            a.delay, a.overlap, a.batch_size))

@@ -32,6 +32,20 @@ def link_burst_bytes(rate: str) -> int:
     return max(MIN_LINK_BURST_BYTES, math.ceil(parse_rate_bits(rate) / 8 / 1000))
 
 
+def shape_link(dev: str, rate: str, delay: Optional[str] = None, netns: Optional[str] = None) -> None:
+    """Shape one end of a node's link, ``dev`` (in network namespace ``netns``, or this one), to
+    ``rate`` with tbf, after ``delay`` with netem where given. Empty strings count as None (the
+    emulated cluster of scripts/cluster_local.sh calls it from the shell)."""
+    parse_rate_bits(rate)
+    where = ["ip", "netns", "exec", netns] if netns else []
+    tbf = ["tbf", "rate", rate, "burst", str(link_burst_bytes(rate)), "latency", "400ms"]
+    if delay:
+        _run(where + ["tc", "qdisc", "replace", "dev", dev, "root", "handle", "1:", "netem", "delay", delay])
+        _run(where + ["tc", "qdisc", "add", "dev", dev, "parent", "1:", "handle", "2:", *tbf])
+    else:
+        _run(where + ["tc", "qdisc", "replace", "dev", dev, "root", *tbf])
+
+
 class EmulatedNodes:
     """Context manager: ``count`` namespaces on a bridge, links shaped to ``rate`` (None: unshaped)
     with ``delay`` (e.g. "1ms", where netem exists). Everything is removed on exit, also on error."""
@@ -85,17 +99,8 @@ class EmulatedNodes:
         hosts.parent.mkdir(parents=True, exist_ok=True)
         hosts.write_text(f"127.0.0.1 localhost\n{self.address(i)} {socket.gethostname()}\n")
         if self.rate is not None:
-            self._shape(inside, IFACE)
-            self._shape([], outer)
-
-    def _shape(self, where: list[str], dev: str) -> None:
-        burst = str(link_burst_bytes(self.rate))
-        tbf = ["tbf", "rate", self.rate, "burst", burst, "latency", "400ms"]
-        if self.delay:
-            _run(where + ["tc", "qdisc", "replace", "dev", dev, "root", "handle", "1:", "netem", "delay", self.delay])
-            _run(where + ["tc", "qdisc", "add", "dev", dev, "parent", "1:", "handle", "2:", *tbf])
-        else:
-            _run(where + ["tc", "qdisc", "replace", "dev", dev, "root", *tbf])
+            shape_link(IFACE, self.rate, self.delay, ns)
+            shape_link(outer, self.rate, self.delay)
 
     def __exit__(self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException],
                  tb: Optional[TracebackType]) -> None:

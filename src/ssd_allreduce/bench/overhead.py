@@ -15,8 +15,11 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..cli import HelpFormatter
 from ..optimizer import DistributedOptimizer
+from ..train.options import BATCH_SIZE_HELP
 from ..train.runlog import markdown_table
+from .flags import PROG, check_at_least
 
 WRAPPERS = ("plain", "horovod", "ssd warm-up", "ssd delay stage")
 
@@ -82,25 +85,30 @@ def measure(make_model: Callable[[], nn.Module], device: torch.device, batch: in
     return {kind: statistics.median(t) for kind, t in times.items()}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"{PROG} overhead", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models train")
+    ap.add_argument("--batch-size", type=int, default=32, help=BATCH_SIZE_HELP)
+    ap.add_argument("--steps-per-round", type=int, default=50, help="timed steps of each wrapper in a round")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds, the wrappers interleaved (medians reported)")
+    return ap
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m ssd_allreduce.bench overhead", description=__doc__.split("\n")[0])
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=50, help="steps per round")
-    ap.add_argument("--rounds", type=int, default=5)
-    a = ap.parse_args(argv)
+    a = build_parser().parse_args(argv)
+    check_at_least(a, 1, "batch_size", "steps_per_round", "rounds")
     import horovod.torch as hvd
     hvd.init()
     torch.set_num_threads(1)
     device = torch.device(a.device)
     rows = []
     for name, make_model in MODELS.items():
-        ms = measure(make_model, device, a.batch_size, a.steps, a.rounds)
+        ms = measure(make_model, device, a.batch_size, a.steps_per_round, a.rounds)
         tensors = len(list(make_model().parameters()))
         for kind in WRAPPERS:
             rows.append({"model": f"{name} ({tensors})", "optimizer": kind, "ms": ms[kind],
                          "over_plain": ms[kind] - ms["plain"], "x_horovod": ms[kind] / ms["horovod"]})
-    print(f"world size 1 on {device}, batch {a.batch_size}, median of {a.rounds} rounds of {a.steps} steps")
+    print(f"world size 1 on {device}, batch {a.batch_size}, median of {a.rounds} rounds of {a.steps_per_round} steps")
     print(markdown_table(rows, (("model (tensors)", "model", "{}"), ("optimizer", "optimizer", "{}"),
                                 ("ms/step", "ms", "{:.3f}"), ("over plain ms", "over_plain", "{:+.3f}"),
                                 ("x horovod", "x_horovod", "{:.3f}"))))

@@ -38,7 +38,7 @@ from .launch import DistContext, check_slurm_step, init_distributed, shutdown
 from .models import MODEL_NAMES, build_language_model, build_model, count_parameters
 from .elastic import fit_elastic
 from .modes import Mode, make_mode
-from .options import build_parser, check_args
+from .options import build_parser, build_summarize_parser, check_args, warmup_steps_for
 from .rollcall import RollCall
 from .watchdog import Watchdog, fault_timeout, stop_label
 
@@ -211,6 +211,8 @@ class Trainer:
         seed_everything(args.seed)
         self.batches, self.test_set, make_model, self.corpus_fingerprint = load_data(args, ctx)
         self.test = shard_test(self.test_set, ctx, args)
+        # "epoch" becomes this run's number (the mode, the log and the timing use it)
+        args.warmup_steps = warmup_steps_for(args.warmup_steps, self.batches.steps_per_epoch)
         self.model = make_model().to(ctx.device)
         if not args.elastic:   # an elastic rank may join late: no collective before hvd.elastic.run
             self.check_ranks()
@@ -239,7 +241,10 @@ class Trainer:
         tests, send the fault asked for with --fault-at to this very process)."""
         self.watchdog.progress(PHASES[kind].format(step=step))
         if self.fault is not None and self.fault[1:] == (kind, step, self.ctx.rank):
-            (self.out / f"fault-rank{self.ctx.rank}.time").write_text(f"{time.time()!r} {os.getpid()}")
+            mark = self.out / f"fault-rank{self.ctx.rank}.time"
+            if mark.exists():   # sent once per run: the run resumed after it goes on
+                return
+            mark.write_text(f"{time.time()!r} {os.getpid()}")
             os.kill(os.getpid(), self.fault[0])
 
     def adopt_world(self, rank: int, size: int, position: Position, committed_size: int) -> None:
@@ -496,9 +501,11 @@ def fit(trainer: Trainer, log: runlog.RunLog, preempt: PreemptionFlag, bar: tqdm
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["summarize"]:
-        if len(argv) < 2:
-            raise SystemExit("usage: python -m ssd_allreduce.train summarize RUN_DIR [RUN_DIR ...]")
-        print(runlog.summarize(argv[1:]))
+        runs = build_summarize_parser().parse_args(argv[1:]).runs
+        try:
+            print(runlog.summarize(runs))
+        except (OSError, ValueError) as exc:   # not a run directory, or a run that did not finish
+            raise SystemExit(f"summarize: {exc}") from None
         return 0
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

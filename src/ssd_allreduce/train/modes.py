@@ -82,7 +82,7 @@ class DDPMode(Mode):
     def __init__(self, args: argparse.Namespace, model: nn.Module, ctx: DistContext) -> None:
         super().__init__(args, model, ctx)
         self.net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         if args.compression == "fp16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
             self.net.register_comm_hook(None, default_hooks.fp16_compress_hook)

@@ -1,0 +1,210 @@
+"""How close SSD-SGD comes to synchronous training: whole runs with a learning-rate schedule to a
+fixed budget, every variant beside synchronous training of the same seed, on the simulator (any
+number of workers) and on real ranks (horovodrun, which must follow the simulator).
+
+    python -m ssd_allreduce.bench quality --tasks regression --ranks 4 8 16 --seeds 3
+    python -m ssd_allreduce.bench quality --tasks gpt --optimizers adamw --max-steps 1000 --real-ranks 2 4
+
+A variant is ``k:d[:beta[:local_lr_scale[:outer_lr/outer_momentum]]]`` (beta and the scale may be
+"auto"; the defaults of the library are ``auto``); ``sync`` is synchronous training. For each
+(task, workers, optimizer, shards) it reports the final validation loss, its gap to synchronous
+training in % (mean and range over the seeds), and the steps each variant took to reach the
+synchronous run's loss at 50, 80 and 100 % of its budget.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..cli import HelpFormatter, add_version
+from .flags import PROG, check_at_least
+from .quality_run import RunResult, RunSpec, Variant, simulate, spec_from_json
+from .quality_tasks import SHARDS, TASKS
+
+DEFAULT_VARIANTS = ("sync", "1:1:0.5:1", "2:2:0.5:1", "2:1:0.5:1", "5:5:0.5:1", "10:10:0.5:1", "2:0:0.5:1",
+                    "1:1:auto:auto", "2:2:auto:auto", "2:1:auto:auto", "5:5:auto:auto", "10:10:auto:auto")
+FRACTIONS = (0.5, 0.8, 1.0)
+
+
+def parse_variant(text: str) -> Variant:
+    """``sync`` or ``k:d[:beta[:scale[:outer_lr/outer_momentum]]]``."""
+    if text == "sync":
+        return Variant("sync", sync=True)
+    parts = text.split(":")
+    try:
+        k, d = int(parts[0]), int(parts[1])
+        beta: Any = parts[2] if len(parts) > 2 else "0.5"
+        scale: Any = parts[3] if len(parts) > 3 else "1"
+        beta = beta if beta == "auto" else float(beta)
+        scale = scale if scale == "auto" else float(scale)
+        outer_lr, outer_momentum = (float(v) for v in parts[4].split("/")) if len(parts) > 4 else (1.0, 0.0)
+    except (ValueError, IndexError):
+        raise SystemExit(f"--variants takes sync or k:d[:beta[:scale[:outer_lr/outer_momentum]]] such as "
+                         f"5:5:auto:auto, got {text!r}") from None
+    return Variant(text, k, d, beta, outer_lr, outer_momentum, scale)
+
+
+def plan(a: argparse.Namespace) -> list[RunSpec]:
+    variants = [parse_variant(v) for v in a.variants]
+    if not any(v.sync for v in variants):
+        variants.insert(0, parse_variant("sync"))
+    return [RunSpec(task, n, opt, shards, seed, a.max_steps, a.warmup_steps, v, a.lr)
+            for task in a.tasks for n in a.ranks for opt in a.optimizers for shards in a.shards
+            for seed in range(a.seeds) for v in variants]
+
+
+def run_on_ranks(spec: RunSpec, timeout: float) -> RunResult:
+    """``spec`` on ``spec.workers`` real ranks (horovodrun, Gloo, this machine)."""
+    horovodrun = str(Path(sys.executable).with_name("horovodrun"))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [horovodrun, "-np", str(spec.workers), "-H", f"localhost:{spec.workers}", "--gloo",
+               "--network-interface", "lo", sys.executable, "-m", "ssd_allreduce.bench.quality_run",
+               json.dumps(asdict(spec)), str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        values = json.loads(out.read_text())
+    return RunResult(spec_from_json(json.dumps(values["spec"])), [tuple(c) for c in values["curve"]],
+                     values["final"], values["seconds_per_step"])
+
+
+def steps_to(curve: list, target: float) -> Optional[int]:
+    """The first evaluated step whose validation loss is at most ``target``."""
+    return next((step for step, m in curve if m["val_loss"] <= target), None)
+
+
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (task, workers, optimizer, shards, where, variant): the gap of the final loss to
+    synchronous training of the same seed, and the steps to its losses at 50/80/100 % of the budget."""
+    runs: dict[tuple, dict[int, dict]] = {}
+    for r in results:
+        s = r["spec"]
+        key = (s["task"], s["workers"], s["optimizer"], s["shards"], r["where"], s["variant"]["label"])
+        runs.setdefault(key, {})[s["seed"]] = r
+    rows = []
+    for key, by_seed in runs.items():
+        sync = runs.get(key[:5] + ("sync",), {})
+        gaps, reached = [], {f: [] for f in FRACTIONS}
+        for seed, r in by_seed.items():
+            if seed not in sync:
+                continue
+            base = sync[seed]
+            gaps.append(100 * (r["final"]["val_loss"] / base["final"]["val_loss"] - 1))
+            budget = base["spec"]["steps"]
+            for f in FRACTIONS:
+                target = min((m["val_loss"] for step, m in base["curve"] if step <= f * budget), default=None)
+                reached[f].append(None if target is None else steps_to(r["curve"], target))
+        if not gaps:
+            continue
+        row = dict(zip(("task", "workers", "optimizer", "shards", "where", "variant"), key))
+        row.update(gap_pct=statistics.mean(gaps), gap_min=min(gaps), gap_max=max(gaps), seeds=len(gaps),
+                   val_loss=statistics.mean(r["final"]["val_loss"] for r in by_seed.values()))
+        for f in FRACTIONS:
+            hit = [s for s in reached[f] if s is not None]
+            row[f"steps_to_{int(100 * f)}"] = statistics.median(hit) if len(hit) == len(reached[f]) else None
+        per_step = [statistics.median(r["seconds_per_step"]) for r in by_seed.values() if r.get("seconds_per_step")]
+        row["ms_per_step"] = 1e3 * statistics.mean(per_step) if per_step else None
+        rows.append(row)
+    return rows
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    """The markdown tables: one per (task, optimizer, shards, where), variants down, workers across."""
+    out = []
+    groups = sorted({(r["task"], r["optimizer"], r["shards"], r["where"]) for r in rows})
+    for task, opt, shards, where in groups:
+        mine = [r for r in rows if (r["task"], r["optimizer"], r["shards"], r["where"]) == (task, opt, shards, where)]
+        workers = sorted({r["workers"] for r in mine})
+        variants = list(dict.fromkeys(r["variant"] for r in mine))
+        out.append(f"**{task}, {opt}, {shards} shards, {where}** — gap of the final validation loss to synchronous "
+                   f"training (mean, range over seeds); steps to the synchronous run's loss at 50/80/100 % of "
+                   f"its budget\n")
+        out.append("| variant | " + " | ".join(f"{n} ranks" for n in workers) + " |")
+        out.append("|---|" + "---|" * len(workers))
+        for v in variants:
+            cells = []
+            for n in workers:
+                r = next((r for r in mine if r["workers"] == n and r["variant"] == v), None)
+                if r is None:
+                    cells.append("")
+                elif v == "sync":
+                    cells.append(f"loss {r['val_loss']:.4f}")
+                else:
+                    reach = "/".join("-" if r[f"steps_to_{int(100 * f)}"] is None else f"{r[f'steps_to_{int(100 * f)}']:g}"
+                                     for f in FRACTIONS)
+                    cells.append(f"{r['gap_pct']:+.1f} % ({r['gap_min']:+.1f}..{r['gap_max']:+.1f}); {reach}")
+            out.append(f"| {v} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _simulate_dict(spec: RunSpec) -> dict[str, Any]:
+    return dict(asdict(simulate(spec)), where="simulator")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"{PROG} quality", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
+    add_version(ap)
+    ap.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=["regression"],
+                    help="regression: a teacher network's outputs; digits: the CNN on the digits; gpt: a small GPT "
+                         "on the standard-library corpus")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[4], help="simulated ranks (the simulator, one process)")
+    ap.add_argument("--real-ranks", type=int, nargs="*", default=[],
+                    help="also run every setting on this many real ranks (horovodrun, Gloo, this machine)")
+    ap.add_argument("--optimizers", nargs="+", choices=("sgd", "adamw"), default=["sgd", "adamw"],
+                    help="the wrapped optimizer (SGD: momentum 0.9; both weight decay 1e-4)")
+    ap.add_argument("--shards", nargs="+", choices=SHARDS, default=["shuffle"],
+                    help="how the data is split: shuffle, or non-iid (each rank a contiguous run of the samples "
+                         "sorted by label, target or package)")
+    ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                    help="sync, or k:d[:glu_beta[:local_lr_scale[:outer_lr/outer_momentum]]] (auto for the "
+                         "library's choice)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each variant beside sync of the same seed")
+    ap.add_argument("--max-steps", type=int, default=600, help="the budget of every run, in steps")
+    ap.add_argument("--warmup-steps", type=int, default=50, help="SSD-SGD's synchronous steps first")
+    ap.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0: the task's own, see quality_run.py)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="simulator runs in parallel")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds a run on real ranks may take")
+    ap.add_argument("--out", default="results/quality.json", help="the results file (JSON)")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = build_parser().parse_args(argv)
+    check_at_least(a, 1, "ranks", "real_ranks", "seeds", "max_steps", "jobs")
+    check_at_least(a, 0, "warmup_steps")
+    specs = plan(a)
+    started = time.time()
+    real = [replace(s, workers=n) for n in a.real_ranks for s in specs if s.workers == a.ranks[0]]
+    print(f"quality: {len(specs)} simulator runs" + (f" and {len(real)} on real ranks" if real else ""), flush=True)
+    with ProcessPoolExecutor(max_workers=a.jobs) as pool:
+        results = list(pool.map(_simulate_dict, specs))
+    for spec in real:
+        results.append(dict(asdict(run_on_ranks(spec, a.timeout)), where="ranks"))
+    rows = summarise(results)
+    record = {"command": f"{PROG} quality " + " ".join(argv), "date": time.strftime("%Y-%m-%d"),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
+              "seconds": round(time.time() - started), "rows": rows, "runs": results}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(record, indent=1))
+    print(render(rows))
+    print(f"quality: written {a.out}")
+
+
+if __name__ == "__main__":
+    main()
