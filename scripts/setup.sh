@@ -137,16 +137,18 @@ PY
     export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
     export HOROVOD_WITH_GLOO=1 CMAKE_POLICY_VERSION_MINIMUM=3.5
     # Horovod's CMake can miss the interpreter's headers (torch's python_headers.h needs Python.h)
-    export CPATH="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')${CPATH:+:$CPATH}"
+    PY_INCLUDE=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+    export CPATH="$PY_INCLUDE${CPATH:+:$CPATH}"
     # Horovod 0.28.1 relies on transitive includes that GCC >= 13 no longer provides
     export CXXFLAGS="${CXXFLAGS:-} -include cstdint -include string -include stdexcept -include limits -include memory -include functional -include algorithm"
-    export MAKEFLAGS=-j$(nproc)
+    MAKEFLAGS=-j$(nproc)
+    export MAKEFLAGS
     if [ "$CUDA_VER" != none ]; then
       CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)")")}
       [ -x "$CUDA_HOME/bin/nvcc" ] || fail "Horovod build" "torch $TORCH_VER is a CUDA $CUDA_VER build but no CUDA toolkit (nvcc) was found" \
         "load your cluster's CUDA module or set CUDA_HOME to the toolkit, then rerun"
       NCCL_HOME=${HOROVOD_NCCL_HOME:-$("$VPY" -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__) if nvidia.nccl.__file__ else list(nvidia.nccl.__path__)[0])' 2>/dev/null || true)}
-      [ -n "$NCCL_HOME" ] && [ -d "$NCCL_HOME/include" ] || fail "Horovod build" "CUDA found but no NCCL" \
+      { [ -n "$NCCL_HOME" ] && [ -d "$NCCL_HOME/include" ]; } || fail "Horovod build" "CUDA found but no NCCL" \
         "pip install nvidia-nccl-cu${CUDA_VER%%.*} or set HOROVOD_NCCL_HOME to an NCCL with include/ and lib/"
       [ -e "$NCCL_HOME/lib/libnccl.so" ] || ln -sf libnccl.so.2 "$NCCL_HOME/lib/libnccl.so"
       export CUDA_HOME CUDAToolkit_ROOT=$CUDA_HOME HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_HOME=$NCCL_HOME

@@ -1,7 +1,7 @@
 """Environment report for debugging a cluster: ``python -m ssd_allreduce.doctor [--json]``.
 
-Prints Python, PyTorch/CUDA/NCCL, Horovod build, MPI, launchers on PATH, the Slurm, launcher and
-CUDA/NCCL/Gloo variables of this process, and the ssd_allreduce version. Every probe catches its
+Prints Python, PyTorch/CUDA/NCCL, Horovod build, MPI, launchers on PATH, the GPU this rank takes,
+the Slurm, launcher and CUDA/NCCL/Gloo variables of this process, and the ssd_allreduce version. Every probe catches its
 own errors and reports them as values, so the report itself never crashes. Run it inside a job
 step (``srun python -m ssd_allreduce.doctor``) to see what each rank sees.
 """
@@ -25,6 +25,7 @@ TITLES: dict[str, str] = {
     "horovod": "Horovod",
     "mpi": "MPI",
     "launchers": "Launchers on PATH",
+    "gpu": "GPU this rank takes",
     "nodes": "Nodes (hierarchical SSD-SGD)",
     "slurm": "Slurm environment",
     "launcher_env": "Horovod / launcher environment",
@@ -260,6 +261,36 @@ def probe_launchers() -> Section:
     return out
 
 
+def probe_gpu() -> Section:
+    """Which GPU this rank takes, as the driver chooses it (``gpu_binding``): its local rank, the
+    GPUs it sees, the choice and why."""
+    from .gpu_binding import VISIBLE_VARS, choose_gpu, local_rank_from_env
+
+    local_rank = local_rank_from_env()
+    out: Section = {"local_rank": "not given by a launcher (0)" if local_rank is None else str(local_rank)}
+    out.update({name: os.environ[name] for name in VISIBLE_VARS if name in os.environ})
+    try:
+        import torch
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception as exc:  # noqa: BLE001
+        out["takes"] = f"unknown: {_err(exc)}"
+        return out
+    out["gpus_seen"] = str(count)
+    if count == 0:
+        out["takes"] = "no GPU: this rank trains on the CPU"
+        return out
+    choice = choose_gpu(local_rank or 0, count)
+    out["takes"] = choice.describe()
+    try:
+        props = torch.cuda.get_device_properties(choice.index)
+        out["name"] = str(props.name)
+        if getattr(props, "uuid", None) is not None:
+            out["uuid"] = str(props.uuid)
+    except Exception as exc:  # noqa: BLE001
+        out["name"] = _err(exc)
+    return out
+
+
 def probe_ssd_allreduce() -> Section:
     """The installed ssd_allreduce version and location."""
     try:
@@ -292,6 +323,7 @@ PROBES: dict[str, Callable[[], Section]] = {
     "horovod": probe_horovod,
     "mpi": probe_mpi,
     "launchers": probe_launchers,
+    "gpu": probe_gpu,
     "nodes": probe_nodes,
     "slurm": lambda: _env(SLURM_VARS),
     "launcher_env": lambda: _env(LAUNCHER_VARS, LAUNCHER_PREFIXES),

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
 SLURM_DIR = Path(os.environ.get("SSD_SLURM_DIR", "/tmp/ssd-allreduce-slurm"))
 PYTHON = sys.executable
-TEMPLATES = [REPO / "slurm" / "train.sbatch", REPO / "slurm" / "compare.sbatch"]
+TEMPLATES = [REPO / "slurm" / "train.sbatch", REPO / "slurm" / "compare.sbatch", REPO / "slurm" / "sweep.sbatch"]
 HVD_SNIPPET = ("import horovod.torch as hvd; hvd.init(); import torch; t=torch.ones(3)*(hvd.rank()+1); "
                "print(hvd.rank(), hvd.size(), hvd.allreduce(t, op=hvd.Sum).tolist())")
 # Overrides that make the 2x4-GPU templates fit the local node (no GRES, few CPUs).
@@ -159,7 +159,8 @@ def test_sbatch_horovod_job_completes(slurm_env: dict[str, str], tmp_path: Path)
 def test_templates_parse_and_are_accepted(slurm_env: dict[str, str], template: Path, tmp_path: Path) -> None:
     run(["bash", "-n", str(template)], slurm_env, timeout=30)
     text = template.read_text()
-    assert "srun --mpi=pmix" in text and "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=4" in text
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=4" in text and "source \"$PROJECT_DIR/slurm/launch.sh\"" in text
+    assert re.search(r"^##SBATCH --account=", text, re.M) and re.search(r"^##SBATCH --partition=", text, re.M)
     # A CPU cluster overrides the GPU request on the command line, or with SBATCH_GPUS_PER_NODE=0.
     for extra_env, flags in (({}, LOCAL_OVERRIDES),
                              ({"SBATCH_GPUS_PER_NODE": "0"}, [f for f in LOCAL_OVERRIDES if "gpus" not in f])):
@@ -189,7 +190,8 @@ def test_train_template_requeues_and_resumes(slurm_env: dict[str, str], tmp_path
                 "--epochs", "150", "--checkpoint-every", "0", "--no-progress", "--signal-check-every", "1"],
                env, timeout=60)
     job_id = proc.stdout.strip().split(";")[0]
-    outs = [tmp_path / f"train-{job_id}.out"]
+    # the template writes its log into the run directory (sbatch's own file has one line: where)
+    outs = [tmp_path / "runs" / job_id / f"slurm-{job_id}.out", tmp_path / f"train-{job_id}.out"]
     metrics = tmp_path / "runs" / job_id / "metrics.jsonl"
     try:
         deadline = time.monotonic() + 120

@@ -2,7 +2,8 @@
 
 horovodrun, ``srun --mpi=pmix`` and ``mpirun`` start Horovod (or mpi4py) ranks; torchrun, or
 ``srun`` without MPI, starts torch.distributed ranks (``MASTER_ADDR`` is derived from Slurm's
-node list when torchrun did not set it).
+node list when torchrun did not set it). A rank's GPU is chosen from those it sees
+(``gpu_binding``), so one GPU bound per task works as well as a node's GPUs shared by its tasks.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Mapping, Optional
 import torch
 
 from ..comm import BACKENDS, Communicator, ReduceOp, make_communicator
+from ..gpu_binding import choose_gpu
 from .watchdog import set_backend_timeouts, torch_timeout
 
 TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "GROUP_RANK")
@@ -93,7 +95,7 @@ def _init_torch_distributed(use_cuda: bool, timeout: float) -> tuple[int, int, i
         env.setdefault("MASTER_PORT", "29500")
     local_rank = int(env.get("LOCAL_RANK", "0"))
     if use_cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(cuda_index(local_rank))   # NCCL's communicator takes the current device
     kwargs = {"timeout": torch_timeout(timeout)} if timeout > 0 else {}
     dist.init_process_group("nccl" if use_cuda else "gloo", **kwargs)
     return dist.get_rank(), dist.get_world_size(), local_rank
@@ -119,7 +121,7 @@ def init_distributed(backend: str = "auto", device: str = "auto", fault_timeout:
         hvd.init()
         rank, size, local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
         if use_cuda:
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(cuda_index(local_rank))
     elif backend == "torch":
         rank, size, local_rank = _init_torch_distributed(use_cuda, fault_timeout)
     else:
@@ -128,8 +130,13 @@ def init_distributed(backend: str = "auto", device: str = "auto", fault_timeout:
         from mpi4py import MPI
         rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
         local_rank = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    dev = torch.device("cuda", cuda_index(local_rank)) if use_cuda else torch.device("cpu")
     return DistContext(backend, rank, size, local_rank, dev, make_communicator(backend))
+
+
+def cuda_index(local_rank: int) -> int:
+    """The GPU this rank uses, of those it sees (``local_rank % device_count``; see ``gpu_binding``)."""
+    return choose_gpu(local_rank, torch.cuda.device_count()).index
 
 
 def check_slurm_step(size: int, backend: str, env: Optional[Mapping[str, str]] = None) -> None:
