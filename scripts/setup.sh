@@ -31,7 +31,7 @@ fail() {  # fail <step> <why> <what to do>
 }
 
 # --- 1. system packages --------------------------------------------------------------------
-APT_PACKAGES=(openmpi-bin libopenmpi-dev slurm-wlm munge iproute2 build-essential cmake)
+APT_PACKAGES=(openmpi-bin libopenmpi-dev slurm-wlm munge iproute2 build-essential cmake openssh-server shellcheck)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

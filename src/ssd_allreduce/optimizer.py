@@ -39,7 +39,7 @@ from .comm import Communicator, ReduceOp, make_communicator
 from .compression import Compression, compression_name
 from .delay import DelayStage
 from .algorithm import local_lr_scale_for
-from .settings import AUTO, DEFAULT_GLU_BETA, SSDSettings
+from .settings import AUTO, DEFAULT_GLU_BETA, DEFAULT_LOCAL_LR_SCALE, SSDSettings
 from .stats import SSDStats
 from .topology import Hierarchy, resolve_hierarchy
 from .warmup import GradientAverager, Groups
@@ -87,7 +87,7 @@ def DistributedOptimizer(
     outer_lr: float = 1.0,
     outer_momentum: float = 0.0,
     outer_nesterov: bool = True,
-    local_lr_scale: Union[float, str] = 1.0,
+    local_lr_scale: Union[float, str] = DEFAULT_LOCAL_LR_SCALE,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` (in place) so it trains with SSD-SGD; returns the same object, still an
     instance of its class.

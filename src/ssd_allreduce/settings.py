@@ -7,7 +7,8 @@ from typing import Any, Optional, Union
 
 from .algorithm import COMPENSATIONS, glu_beta_for
 
-DEFAULT_GLU_BETA = 0.5
+DEFAULT_GLU_BETA = "auto"   # algorithm.glu_beta_for: by the delay
+DEFAULT_LOCAL_LR_SCALE = "auto"   # algorithm.local_lr_scale_for: by the optimizer family
 NONFINITE_POLICIES = ("raise", "skip")
 AUTO = "auto"
 MIN_WARMUP_STEPS = 5   # "auto" times this many warm-up steps at least
@@ -46,7 +47,7 @@ class SSDSettings:
     outer_lr: float = 1.0
     outer_momentum: float = 0.0
     outer_nesterov: bool = True
-    local_lr_scale: Union[float, str] = 1.0
+    local_lr_scale: Union[float, str] = DEFAULT_LOCAL_LR_SCALE
 
     def __post_init__(self) -> None:
         for name in ("sync_every", "delay"):

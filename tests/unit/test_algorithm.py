@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssd_allreduce.algorithm import apply_global_update_, compensate_local_, launch_window, outer_step_
+from ssd_allreduce.algorithm import apply_global_update_, compensate_local_, launch_window
 from ssd_allreduce.delay.clock import WindowClock
 from ssd_allreduce.settings import SSDSettings
 from ssd_allreduce.simulator import Simulator

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import ssd_allreduce
+from ssd_allreduce.algorithm import glu_beta_for
 from fakes import LocalCommunicator
 
 
@@ -128,7 +129,7 @@ def test_finish_lands_the_window_in_flight():
     global_before = [v.clone() for v in opt.global_weights]
     ssd_allreduce.finish()
     assert not opt.window_in_flight and opt.ssd_stats.windows_landed == 1
-    beta = ssd_allreduce.optimizer.DEFAULT_GLU_BETA
+    beta = glu_beta_for(1)   # the default, "auto": by the steps since the launch
     for i, p in enumerate(opt._ssd_engine.params):
         delta = snapshot[i] - global_before[i]            # one rank: the average is its own delta
         expected = global_before[i] + delta + beta * (before[i] - snapshot[i]) + (1 - beta) * 1 / 4 * delta

@@ -43,7 +43,8 @@ def test_a_run_without_its_synchronous_seed_is_left_out():
 
 @pytest.mark.parametrize("text, expected", [
     ("sync", Variant("sync", sync=True)),
-    ("5:5", Variant("5:5", 5, 5, 0.5, 1.0, 0.0, 1.0)),
+    ("5:5", Variant("5:5", 5, 5, "auto", 1.0, 0.0, "auto")),
+    ("5:5:0.5:1", Variant("5:5:0.5:1", 5, 5, 0.5, 1.0, 0.0, 1.0)),
     ("2:1:auto:auto", Variant("2:1:auto:auto", 2, 1, "auto", 1.0, 0.0, "auto")),
     ("4:4:0.75:2:0.7/0.9", Variant("4:4:0.75:2:0.7/0.9", 4, 4, 0.75, 0.7, 0.9, 2.0)),
 ])

@@ -41,6 +41,7 @@ SUBCOMMANDS: dict[str, str] = {
     "convergence": "N SSD-SGD ranks simulated in one process on the digits",
     "collect": "",   # bench/collect.py: its docstring's first sentence
     "quality": "",   # bench/quality.py: its docstring's first sentence
+    "report": "the documents' tables rewritten from the measurements committed under docs/results/",
 }
 """Every subcommand, its module ``ssd_allreduce.bench.<name>`` (a ``main(argv)``), and what it does."""
 

@@ -29,7 +29,7 @@ from ..settings import DEFAULT_GLU_BETA
 from ..train import runlog
 from ..train.data import DATASET_NAMES
 from ..train.options import (BATCH_SIZE_HELP, GLU_BETA_HELP, SLOW_FRACTION_HELP, SLOW_RANK_HELP, WARMUP_EPOCH,
-                             WARMUP_HELP, int_or_epoch)
+                             WARMUP_HELP, float_or_auto, int_or_epoch)
 from ..train.runlog import markdown_table
 from . import costmodel, nodecost
 from .emulation import Emulation, emulate, emulation_available
@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=32, help=BATCH_SIZE_HELP)
     g.add_argument("--lr", type=float, default=0.05, help="learning rate of one rank; scaled by the rank count")
     g.add_argument("--warmup-steps", type=int_or_epoch, default=WARMUP_EPOCH, metavar="N|epoch", help=WARMUP_HELP)
-    g.add_argument("--glu-beta", type=float, default=DEFAULT_GLU_BETA, help=GLU_BETA_HELP)
+    g.add_argument("--glu-beta", type=float_or_auto, default=DEFAULT_GLU_BETA, metavar="BETA|auto", help=GLU_BETA_HELP)
     g.add_argument("--slow-rank", type=int, default=-1, help=SLOW_RANK_HELP)
     g.add_argument("--slow-fraction", type=float, default=0.0, help=SLOW_FRACTION_HELP)
     g = ap.add_argument_group("report")

@@ -17,8 +17,8 @@ from ..settings import DEFAULT_GLU_BETA
 from ..simulator import Simulator
 from ..train.data import load_digits_split, shard_indices
 from ..train.models import build_model
-from ..train.options import (BATCH_SIZE_HELP, DELAY_HELP, GLU_BETA_HELP, WARMUP_EPOCH, WARMUP_HELP, int_or_epoch,
-                             warmup_steps_for)
+from ..train.options import (BATCH_SIZE_HELP, DELAY_HELP, GLU_BETA_HELP, WARMUP_EPOCH, WARMUP_HELP, float_or_auto,
+                             int_or_epoch, warmup_steps_for)
 from .flags import PROG, check_at_least
 
 
@@ -30,7 +30,7 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return acc
 
 
-def study(workers: int, sync_every: int, delay: int, warmup_steps: Union[int, str], glu_beta: float,
+def study(workers: int, sync_every: int, delay: int, warmup_steps: Union[int, str], glu_beta: Union[float, str],
           compensation: str, shards: str, epochs: int, batch_size: int, lr: float,
           model_name: str = "mlp", seed: int = 0) -> dict[str, float]:
     """Train on the bundled digits with ``workers`` simulated ranks; accuracy of the global model.
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sync-every", type=int, default=8, help="k: local steps per window")
     ap.add_argument("--delay", type=int, default=None, help=DELAY_HELP.replace("; auto: chosen with k", ""))
     ap.add_argument("--warmup-steps", type=int_or_epoch, default=WARMUP_EPOCH, metavar="N|epoch", help=WARMUP_HELP)
-    ap.add_argument("--glu-beta", type=float, default=DEFAULT_GLU_BETA, help=GLU_BETA_HELP)
+    ap.add_argument("--glu-beta", type=float_or_auto, default=DEFAULT_GLU_BETA, metavar="BETA|auto", help=GLU_BETA_HELP)
     ap.add_argument("--compensation", choices=("glu", "overwrite"), default="glu",
                     help="glu compensates a rank's own weights when a window lands; overwrite replaces them")
     ap.add_argument("--shards", choices=("shuffle", "label-skew"), default="shuffle",

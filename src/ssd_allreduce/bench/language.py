@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,7 @@ from ..settings import DEFAULT_GLU_BETA
 from ..simulator import Simulator
 from ..train.data import ShardedBatches, TextSplit, load_stdlib_text
 from ..train.models import build_language_model
-from ..train.options import BATCH_SIZE_HELP, GLU_BETA_HELP, GPT_HELP
+from ..train.options import BATCH_SIZE_HELP, GLU_BETA_HELP, GPT_HELP, float_or_auto
 from ..train.runlog import markdown_table
 from .compare import launch_training, parse_window, run_dirname, save_figure
 from .emulation import Emulation, emulate, emulation_available
@@ -51,7 +51,7 @@ class Run:
     sync_every: int = 1
     delay: int = 0
     compensation: str = "glu"
-    glu_beta: float = 0.5
+    glu_beta: Union[float, str] = "auto"
 
     @property
     def name(self) -> str:
@@ -59,7 +59,7 @@ class Run:
             return f"local-sgd k={self.sync_every}"
         if self.mode != "ssd":
             return self.mode
-        variant = "overwrite" if self.compensation == "overwrite" else f"beta={self.glu_beta:g}"
+        variant = "overwrite" if self.compensation == "overwrite" else f"beta={self.glu_beta}"
         return f"ssd k={self.sync_every} d={self.delay} {variant}"
 
     def args(self) -> list[str]:
@@ -132,7 +132,7 @@ def _token_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def simulate(text: TextSplit, workers: int, shards: str, optimizer: str, steps: int, warmup_steps: int,
-             sync_every: int, delay: int, compensation: str, glu_beta: float, lr: float, seed: int = 0) -> float:
+             sync_every: int, delay: int, compensation: str, glu_beta: Union[float, str], lr: float, seed: int = 0) -> float:
     """Validation loss of the global model after ``steps`` steps of ``workers`` simulated ranks
     training a tiny GPT (width 64, 2 layers) on ``text``."""
     torch.manual_seed(seed)
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ssd-configs", nargs="+", default=["5:5", "10:10"], metavar="K:D",
                    help="SSD-SGD's windows, k:d pairs")
     g.add_argument("--local-sgd-every", type=int, default=5, help="k of blocking local SGD (its d is 0)")
-    g.add_argument("--glu-beta", type=float, default=DEFAULT_GLU_BETA, help=GLU_BETA_HELP)
+    g.add_argument("--glu-beta", type=float_or_auto, default=DEFAULT_GLU_BETA, metavar="BETA|auto", help=GLU_BETA_HELP)
     g.add_argument("--lr", nargs="*", default=[], metavar="OPTIMIZER=VALUE",
                    help="learning rates (not scaled by the ranks), overriding adamw=0.001 sgd=0.1")
     g = ap.add_argument_group("training (every run alike; python -m ssd_allreduce.train's flags)")

@@ -5,8 +5,8 @@ number of workers) and on real ranks (horovodrun, which must follow the simulato
     python -m ssd_allreduce.bench quality --tasks regression --ranks 4 8 16 --seeds 3
     python -m ssd_allreduce.bench quality --tasks gpt --optimizers adamw --max-steps 1000 --real-ranks 2 4
 
-A variant is ``k:d[:beta[:local_lr_scale[:outer_lr/outer_momentum]]]`` (beta and the scale may be
-"auto"; the defaults of the library are ``auto``); ``sync`` is synchronous training. For each
+A variant is ``k:d[:beta[:local_lr_scale[:outer_lr/outer_momentum]]]``: beta and the scale are
+the library's defaults (``auto``) where left out; ``sync`` is synchronous training. For each
 (task, workers, optimizer, shards) it reports the final validation loss, its gap to synchronous
 training in % (mean and range over the seeds), and the steps each variant took to reach the
 synchronous run's loss at 50, 80 and 100 % of its budget.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,11 +28,13 @@ from typing import Any, Optional, Sequence
 
 from ..cli import HelpFormatter, add_version
 from .flags import PROG, check_at_least
+from ..settings import AUTO
+from .report import provenance
 from .quality_run import RunResult, RunSpec, Variant, simulate, spec_from_json
 from .quality_tasks import SHARDS, TASKS
 
-DEFAULT_VARIANTS = ("sync", "1:1:0.5:1", "2:2:0.5:1", "2:1:0.5:1", "5:5:0.5:1", "10:10:0.5:1", "2:0:0.5:1",
-                    "1:1:auto:auto", "2:2:auto:auto", "2:1:auto:auto", "5:5:auto:auto", "10:10:auto:auto")
+DEFAULT_VARIANTS = ("sync", "1:1", "2:1", "2:2", "3:3", "5:1", "5:5", "10:10", "1:1:0.5:1", "2:2:0.5:1", "5:5:0.5:1")
+"""The library's defaults at several windows, and the former defaults (beta 0.5, no scale) at three."""
 FRACTIONS = (0.5, 0.8, 1.0)
 
 
@@ -44,10 +45,10 @@ def parse_variant(text: str) -> Variant:
     parts = text.split(":")
     try:
         k, d = int(parts[0]), int(parts[1])
-        beta: Any = parts[2] if len(parts) > 2 else "0.5"
-        scale: Any = parts[3] if len(parts) > 3 else "1"
-        beta = beta if beta == "auto" else float(beta)
-        scale = scale if scale == "auto" else float(scale)
+        beta: Any = parts[2] if len(parts) > 2 else AUTO
+        scale: Any = parts[3] if len(parts) > 3 else AUTO
+        beta = beta if beta == AUTO else float(beta)
+        scale = scale if scale == AUTO else float(scale)
         outer_lr, outer_momentum = (float(v) for v in parts[4].split("/")) if len(parts) > 4 else (1.0, 0.0)
     except (ValueError, IndexError):
         raise SystemExit(f"--variants takes sync or k:d[:beta[:scale[:outer_lr/outer_momentum]]] such as "
@@ -151,6 +152,49 @@ def render(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def render_record(record: dict[str, Any]) -> str:
+    """The section of docs/BENCHMARKS.md a results file writes: its provenance, then the tables."""
+    head = (f"Command: `{record['command']}` ({record['seconds'] / 60:.0f} min; commit {record['commit']}, "
+            f"{record['date']}; {record['machine']}; Python {record['python']}, torch {record['torch']}).\n")
+    return head + "\n" + render(record["rows"])
+
+
+def plot_record(record: dict[str, Any], path: Path, variants: Sequence[str] = ("sync", "5:5:0.5:1", "5:5:auto:auto")) -> None:
+    """Validation loss against steps (mean over seeds) of ``variants``, a panel per (task,
+    optimizer, shards) at the most ranks the simulator ran."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sim = [r for r in record["runs"] if r["where"] == "simulator"]
+    panels = sorted({(r["spec"]["task"], r["spec"]["optimizer"], r["spec"]["shards"]) for r in sim})
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (task, opt, shards) in zip(axes[0], panels):
+        mine = [r for r in sim if (r["spec"]["task"], r["spec"]["optimizer"], r["spec"]["shards"]) == (task, opt, shards)]
+        ranks = max(r["spec"]["workers"] for r in mine)
+        for label in variants:
+            curves = [r["curve"] for r in mine if r["spec"]["workers"] == ranks and r["spec"]["variant"]["label"] == label]
+            if curves:
+                steps = [step for step, _ in curves[0]]
+                mean = [statistics.mean(c[i][1]["val_loss"] for c in curves) for i in range(len(steps))]
+                ax.plot(steps, mean, label=label)
+        ax.set(title=f"{task}, {opt}, {shards}, {ranks} ranks", xlabel="step", ylabel="validation loss", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def compact(result: dict[str, Any]) -> dict[str, Any]:
+    """A run as the results file keeps it: losses to 5 significant digits."""
+    def short(metrics: dict[str, float]) -> dict[str, float]:
+        return {k: float(f"{v:.5g}") for k, v in metrics.items()}
+    return dict(result, curve=[[step, short(m)] for step, m in result["curve"]], final=short(result["final"]),
+                seconds_per_step=[float(f"{s:.4g}") for s in result["seconds_per_step"]])
+
+
 def _simulate_dict(spec: RunSpec) -> dict[str, Any]:
     return dict(asdict(simulate(spec)), where="simulator")
 
@@ -197,13 +241,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for spec in real:
         results.append(dict(asdict(run_on_ranks(spec, a.timeout)), where="ranks"))
     rows = summarise(results)
-    record = {"command": f"{PROG} quality " + " ".join(argv), "date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
-              "seconds": round(time.time() - started), "rows": rows, "runs": results}
+    record = {**provenance(f"{PROG} quality " + " ".join(argv)), "seconds": round(time.time() - started),
+              "rows": rows, "runs": [compact(r) for r in results]}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(record, indent=1))
+    plot_record(record, Path(a.out).with_suffix(".png"))
     print(render(rows))
-    print(f"quality: written {a.out}")
+    print(f"quality: written {a.out} and its plot")
 
 
 if __name__ == "__main__":

@@ -34,10 +34,10 @@ class Variant:
     label: str
     sync_every: int = 1
     delay: int = 0
-    glu_beta: Union[float, str] = 0.5
+    glu_beta: Union[float, str] = "auto"
     outer_lr: float = 1.0
     outer_momentum: float = 0.0
-    local_lr_scale: Union[float, str] = 1.0
+    local_lr_scale: Union[float, str] = "auto"
     sync: bool = False
 
     def options(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import re
 from typing import Union
 
 from ..cli import HelpFormatter, add_version
-from ..settings import DEFAULT_GLU_BETA, DEFAULT_WARMUP_STEPS, SSDSettings
+from ..settings import DEFAULT_GLU_BETA, DEFAULT_LOCAL_LR_SCALE, DEFAULT_WARMUP_STEPS, SSDSettings
 from .data import DATASET_NAMES, SHARD_MODES
 from .modes import MODES
 
@@ -42,12 +42,25 @@ SYNC_EVERY_HELP = ("k: local steps per window, each window's model delta average
 DELAY_HELP = ("d: local steps a window's allreduce overlaps before it lands (0 <= d <= k; default k; "
               "auto: chosen with k)")
 GLU_BETA_HELP = ("GLU's beta: how much of its own progress a rank keeps when a window lands (1) versus the "
-                 "global estimate (0)")
+                 "global estimate (0); auto: by the delay, 0.75 for d <= 2 down to 0.5 from d = 4 (measured "
+                 "in docs/BENCHMARKS.md, Quality)")
+LOCAL_LR_SCALE_HELP = ("the local steps' learning rate after the warm-up, relative to the schedule's; auto: "
+                       "sqrt(ranks) for AdamW (a rank's noisier gradient shortens its normalised step), 1 for SGD")
 BATCH_SIZE_HELP = "samples per step on each rank (the global batch is this times the ranks)"
 SLOW_RANK_HELP = "emulate a straggler: this rank's compute takes --slow-fraction longer (-1: none)"
 SLOW_FRACTION_HELP = "how much longer the --slow-rank's forward and backward take (0.5: 50 %%)"
 GPT_HELP = {"width": "GPT (--model gpt): width of the embeddings", "layers": "GPT: transformer blocks",
             "heads": "GPT: attention heads (a divisor of --gpt-width)"}
+
+
+def float_or_auto(value: str) -> Union[float, str]:
+    """A number flag that also takes "auto"."""
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
 
 
 def int_or_auto(value: str) -> Union[int, str]:
@@ -145,7 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--delay", type=int_or_auto, default=None, metavar="D|auto", help=DELAY_HELP)
     g.add_argument("--max-sync-every", type=int, default=16, help="the largest k that --sync-every auto may choose")
     g.add_argument("--warmup-steps", type=int_or_epoch, default=WARMUP_EPOCH, metavar="N|epoch", help=WARMUP_HELP)
-    g.add_argument("--glu-beta", type=float, default=DEFAULT_GLU_BETA, help=GLU_BETA_HELP)
+    g.add_argument("--glu-beta", type=float_or_auto, default=DEFAULT_GLU_BETA, metavar="BETA|auto", help=GLU_BETA_HELP)
+    g.add_argument("--local-lr-scale", type=float_or_auto, default=DEFAULT_LOCAL_LR_SCALE, metavar="SCALE|auto",
+                   help=LOCAL_LR_SCALE_HELP)
+    g.add_argument("--outer-lr", type=float, default=1.0,
+                   help="an outer optimizer on each window's average delta (DiLoCo's): its learning rate (1 with "
+                        "--outer-momentum 0: none)")
+    g.add_argument("--outer-momentum", type=float, default=0.0, help="the outer optimizer's Nesterov momentum")
     g.add_argument("--compensation", choices=("glu", "overwrite"), default="glu",
                    help="what a landing does to a rank's own weights: glu compensates them; overwrite replaces "
                         "them by the global ones (the ablation)")
@@ -211,6 +230,8 @@ def ssd_settings(args: argparse.Namespace) -> SSDSettings:
     try:
         return SSDSettings(sync_every=args.sync_every, delay=0 if args.mode == "local-sgd" else args.delay,
                            warmup_steps=warmup, glu_beta=args.glu_beta, compensation=args.compensation,
+                           local_lr_scale=args.local_lr_scale, outer_lr=args.outer_lr,
+                           outer_momentum=args.outer_momentum,
                            compression=args.compression, max_sync_every=args.max_sync_every)
     except ValueError as exc:   # said in the flags' names
         message = str(exc)

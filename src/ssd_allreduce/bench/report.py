@@ -1,0 +1,111 @@
+"""The documents' tables written from the measurements committed beside them: each section of
+docs/BENCHMARKS.md that has a results file under docs/results/ lies between two markers,
+
+    <!-- results:NAME -->
+    ...written by `python -m ssd_allreduce.bench report`...
+    <!-- /results:NAME -->
+
+and ``report`` rewrites what lies between them from ``docs/results/NAME.json``, measuring nothing.
+``report --check`` says whether the documents are what their results write (the test suite runs
+it), so a published number cannot drift from its data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from ..cli import HelpFormatter, add_version
+from .flags import PROG
+
+REPO = Path(__file__).resolve().parents[3]
+DOCS = REPO / "docs"
+
+
+def render_quality(record: dict[str, Any]) -> str:
+    from .quality import render_record
+    return render_record(record)
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {"quality": render_quality}
+"""Each section with committed results: its name (``docs/results/NAME.json``) and what writes its markdown."""
+
+
+def provenance(command: str) -> dict[str, str]:
+    """What a results file records about its measurement: the command, commit, date, machine and versions."""
+    import time
+
+    def version(module: str) -> str:
+        try:
+            return __import__(module).__version__
+        except Exception:   # noqa: BLE001 - absent or broken: say so in the record
+            return "not importable"
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"command": command, "commit": commit, "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+            "python": platform.python_version(), "torch": version("torch"), "horovod": version("horovod")}
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """``text`` with what lies between ``name``'s markers replaced by ``body``."""
+    begin, end = markers(name)
+    pattern = re.compile(re.escape(begin) + r"\n.*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"no section {name!r}: put the lines {begin} and {end} where its table goes")
+    return pattern.sub(lambda _: f"{begin}\n{body.rstrip()}\n{end}", text, count=1)
+
+
+def written(docs: Path) -> dict[Path, str]:
+    """Every document with a results section, as ``report`` writes it."""
+    out: dict[Path, str] = {}
+    for name, render in RENDERERS.items():
+        results = docs / "results" / f"{name}.json"
+        if not results.exists():
+            continue
+        body = render(json.loads(results.read_text()))
+        for doc in sorted(docs.glob("*.md")):
+            text = out.get(doc, doc.read_text())
+            if markers(name)[0] in text:
+                out[doc] = replace_section(text, name, body)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"{PROG} report", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
+    add_version(ap)
+    ap.add_argument("--docs", default=str(DOCS), help="the documents' folder (its results/ holds the measurements)")
+    ap.add_argument("--check", action="store_true",
+                    help="change nothing; exit 1 naming each document that differs from what its results write")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    stale = []
+    for doc, text in written(Path(a.docs)).items():
+        if doc.read_text() == text:
+            continue
+        stale.append(doc)
+        if not a.check:
+            doc.write_text(text)
+            print(f"report: rewrote {doc}")
+    if a.check and stale:
+        print("report: these documents differ from what their results write (run "
+              f"`{PROG} report`): {', '.join(map(str, stale))}", file=sys.stderr)
+        return 1
+    return 0
