@@ -437,8 +437,9 @@ class _SSDSGDOptimizer(HorovodProtocol, ScaledLocalStep, RankAgreement, SavedSta
 
     @property
     def extra_state_bytes(self) -> int:
-        """Memory SSD-SGD holds beyond the wrapped optimizer: W, the snapshot and the in-flight
-        buffer (zero during warm-up, three copies of the parameters and buffers after it)."""
+        """Memory SSD-SGD holds beyond the wrapped optimizer: zero during the warm-up; after it W,
+        the snapshot and the in-flight delta (three copies of the parameters and buffers), plus the
+        error-feedback residual of a rounding wire format and the outer momentum where set."""
         return self._ssd_engine.state.nbytes
 
 

@@ -2,6 +2,7 @@
 bit-identical on every rank. Ranks save what they saw with ``workers/ssd_ranks.py``."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -50,7 +51,10 @@ def assert_matches_simulator(ranks: list[dict], spec: str, steps: int = STEPS, r
 def assert_matches_reference(ranks: list[dict], spec: str, steps: int = STEPS, optimizer: str = "sgd") -> None:
     """The same against SPEC's formulas written out anew (no code shared with the library)."""
     k, d, beta, warmup = parse(spec)
-    ref = ReferenceSSD(problem.make_model, problem.OPTIMIZERS[optimizer], len(ranks), k=k, d=d, T=warmup, beta=beta)
+    # the library's default local_lr_scale: sqrt(ranks) for AdamW, 1 for SGD
+    lr_scale = math.sqrt(len(ranks)) if optimizer == "adamw" else 1.0
+    ref = ReferenceSSD(problem.make_model, problem.OPTIMIZERS[optimizer], len(ranks), k=k, d=d, T=warmup, beta=beta,
+                       lr_scale=lr_scale)
     for step in range(steps):
         ref.step([problem.batch(r, step) for r in range(len(ranks))], problem.loss_fn)
         for r, rec in enumerate(ranks):

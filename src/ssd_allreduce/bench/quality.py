@@ -125,7 +125,8 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def render(rows: list[dict[str, Any]]) -> str:
     """The markdown tables: one per (task, optimizer, shards, where), variants down, workers across."""
     out = []
-    groups = sorted({(r["task"], r["optimizer"], r["shards"], r["where"]) for r in rows})
+    groups = sorted({(r["task"], r["optimizer"], r["shards"], r["where"]) for r in rows},
+                    key=lambda g: (g[0], g[1] != "sgd", g[2] != "shuffle", g[3]))   # SGD, shuffled first
     for task, opt, shards, where in groups:
         mine = [r for r in rows if (r["task"], r["optimizer"], r["shards"], r["where"]) == (task, opt, shards, where)]
         workers = sorted({r["workers"] for r in mine})
@@ -159,7 +160,7 @@ def render_record(record: dict[str, Any]) -> str:
     return head + "\n" + render(record["rows"])
 
 
-def plot_record(record: dict[str, Any], path: Path, variants: Sequence[str] = ("sync", "5:5:0.5:1", "5:5:auto:auto")) -> None:
+def plot_record(record: dict[str, Any], path: Path, variants: Sequence[str] = ("sync", "1:1", "5:5", "1:1:0.5:1", "5:5:0.5:1")) -> None:
     """Validation loss against steps (mean over seeds) of ``variants``, a panel per (task,
     optimizer, shards) at the most ranks the simulator ran."""
     import matplotlib
@@ -167,18 +168,18 @@ def plot_record(record: dict[str, Any], path: Path, variants: Sequence[str] = ("
     import matplotlib.pyplot as plt
 
     sim = [r for r in record["runs"] if r["where"] == "simulator"]
-    panels = sorted({(r["spec"]["task"], r["spec"]["optimizer"], r["spec"]["shards"]) for r in sim})
+    panels = sorted({(r["task"], r["optimizer"], r["shards"]) for r in sim})
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (task, opt, shards) in zip(axes[0], panels):
-        mine = [r for r in sim if (r["spec"]["task"], r["spec"]["optimizer"], r["spec"]["shards"]) == (task, opt, shards)]
-        ranks = max(r["spec"]["workers"] for r in mine)
+        mine = [r for r in sim if (r["task"], r["optimizer"], r["shards"]) == (task, opt, shards)]
+        ranks = max(r["workers"] for r in mine)
         for label in variants:
-            curves = [r["curve"] for r in mine if r["spec"]["workers"] == ranks and r["spec"]["variant"]["label"] == label]
+            curves = [r["val_loss"] for r in mine if r["workers"] == ranks and r["variant"] == label]
             if curves:
                 steps = [step for step, _ in curves[0]]
-                mean = [statistics.mean(c[i][1]["val_loss"] for c in curves) for i in range(len(steps))]
+                mean = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]
                 ax.plot(steps, mean, label=label)
         ax.set(title=f"{task}, {opt}, {shards}, {ranks} ranks", xlabel="step", ylabel="validation loss", yscale="log")
         ax.legend(fontsize=7)
@@ -187,12 +188,26 @@ def plot_record(record: dict[str, Any], path: Path, variants: Sequence[str] = ("
     plt.close(fig)
 
 
+def dump_record(record: dict[str, Any]) -> str:
+    """The results file's text: one line per run, so that it stays small and diffs by run."""
+    head = json.dumps({k: v for k, v in record.items() if k != "runs"}, indent=1)
+    runs = ",\n".join(f"  {json.dumps(run)}" for run in record["runs"])
+    return f'{head[:-2]},\n "runs": [\n{runs}\n ]\n}}\n'
+
+
+RUN_KEYS = ("task", "workers", "optimizer", "shards", "seed")
+
+
 def compact(result: dict[str, Any]) -> dict[str, Any]:
-    """A run as the results file keeps it: losses to 5 significant digits."""
-    def short(metrics: dict[str, float]) -> dict[str, float]:
-        return {k: float(f"{v:.5g}") for k, v in metrics.items()}
-    return dict(result, curve=[[step, short(m)] for step, m in result["curve"]], final=short(result["final"]),
-                seconds_per_step=[float(f"{s:.4g}") for s in result["seconds_per_step"]])
+    """A run as the results file keeps it (the rest of its spec is the command's): where and what
+    ran, and its validation losses, to 5 significant digits, at each evaluated step."""
+    spec = result["spec"]
+    out = {key: spec[key] for key in RUN_KEYS}
+    out.update(variant=spec["variant"]["label"], where=result["where"],
+               val_loss=[[step, float(f"{m['val_loss']:.5g}")] for step, m in result["curve"]])
+    if result["seconds_per_step"]:
+        out["ms_per_step"] = float(f"{1e3 * statistics.median(result['seconds_per_step']):.4g}")
+    return out
 
 
 def _simulate_dict(spec: RunSpec) -> dict[str, Any]:
@@ -244,7 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     record = {**provenance(f"{PROG} quality " + " ".join(argv)), "seconds": round(time.time() - started),
               "rows": rows, "runs": [compact(r) for r in results]}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(record, indent=1))
+    Path(a.out).write_text(dump_record(record))
     plot_record(record, Path(a.out).with_suffix(".png"))
     print(render(rows))
     print(f"quality: written {a.out} and its plot")

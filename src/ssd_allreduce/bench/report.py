@@ -33,7 +33,7 @@ def render_quality(record: dict[str, Any]) -> str:
     return render_record(record)
 
 
-RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {"quality": render_quality}
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {"quality": render_quality, "quality-gpt": render_quality}
 """Each section with committed results: its name (``docs/results/NAME.json``) and what writes its markdown."""
 
 
