@@ -5,7 +5,8 @@
 #   scripts/bench.sh auto quality    # only these sections
 #   scripts/bench.sh --list          # the sections and their commands
 #
-# Results (JSON, markdown, PNG) go to results/bench-<date>/<section>/ (SSD_BENCH_OUT=dir to choose).
+# Results (JSON, markdown, PNG) go to results/bench-<date>/<section>/ (SSD_BENCH_OUT=dir to choose);
+# the quality sections write docs/results/*.json and rewrite their part of docs/BENCHMARKS.md.
 # The emulated networks need root (network namespaces); the GPU table is scripts/bench_gpu.sh.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,9 +27,10 @@ declare -A SECTION=(
   [nodecost]="nodecost"
   [straggler]="compare --bandwidths 1gbit --epochs 4 --warmup-steps 20 --ssd-configs 5:5 --no-local-sgd --slow-rank 1 --slow-fraction 0.5"
   [gpt]="compare --workload gpt --optimizers adamw sgd --warmup-steps 20"
-  [quality]="quality --tasks regression --ranks 4 8 16 --optimizers sgd adamw --shards shuffle non-iid --seeds 3"
+  [quality]="quality --tasks regression --ranks 4 8 16 --optimizers sgd adamw --shards shuffle non-iid --seeds 3 --jobs 2 --out docs/results/quality.json"
+  [quality-gpt]="quality --tasks gpt --ranks 4 --optimizers adamw sgd --shards shuffle --seeds 3 --max-steps 300 --warmup-steps 30 --variants sync 2:2 5:5 5:5:0.5:1 --jobs 2 --out docs/results/quality-gpt.json"
 )
-ORDER=(costmodel nodecost overhead ablation quality sweep compression warmup auto straggler nodes gpt)
+ORDER=(costmodel nodecost overhead ablation quality quality-gpt sweep compression warmup auto straggler nodes gpt)
 
 if [ "${1:-}" = --list ]; then
   for name in "${ORDER[@]}"; do printf '%-12s python %s %s\n' "$name" "${BENCH[*]}" "${SECTION[$name]}"; done
@@ -48,7 +50,8 @@ for name in "${wanted[@]}"; do
   args=(${SECTION[$name]})
   case "${args[0]}" in
     costmodel|nodecost|overhead) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" | tee "$OUT/$name/table.md" ;;
-    quality) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name/quality.json" | tee "$OUT/$name/table.md" ;;
+    # results committed under docs/results/, and the documents' sections written from them
+    quality) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" && "$VENV/bin/python" "${BENCH[@]}" report ;;
     *) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" ;;
   esac
 done

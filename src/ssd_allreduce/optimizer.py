@@ -277,9 +277,6 @@ class _SSDSGDOptimizer(HorovodProtocol, ScaledLocalStep, RankAgreement, SavedSta
         self._ssd_comm = comm
         self._ssd_settings = settings
         self._ssd_hierarchy = hierarchy
-        window_ranks = hierarchy.cross.size if hierarchy is not None else comm.size
-        self._ssd_local_lr_scale = (local_lr_scale_for(self, window_ranks) if settings.local_lr_scale == AUTO
-                                    else settings.local_lr_scale)
         self.backward_passes_per_step = backward_passes_per_step
         self.ssd_stats = SSDStats()
         self._ssd_engine = DelayStage(
@@ -342,7 +339,6 @@ class _SSDSGDOptimizer(HorovodProtocol, ScaledLocalStep, RankAgreement, SavedSta
                              "should train later can be frozen (requires_grad=False) and unfrozen then")
         self._ssd_base.add_param_group(self, param_group)
 
-
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One training step: synchronous SGD during warm-up, then a local step plus the window
         schedule (land the window due now, launch the one ending now)."""
@@ -370,10 +366,10 @@ class _SSDSGDOptimizer(HorovodProtocol, ScaledLocalStep, RankAgreement, SavedSta
                                   "after optimizer.synchronize(); the gradients are averaged once.")
                 else:
                     self._ssd_synchronize(without_gradients)
-            self._ssd_local_update(averaged=True, lr_scale=self._ssd_local_lr_scale if windows else 1.0)
+            self._ssd_local_update(averaged=True, lr_scale=self._ssd_lr_scale() if windows else 1.0)
             without_gradients = self._ssd_erred > 0   # the node's: the same on all its ranks
         else:
-            self._ssd_local_update(averaged=False, lr_scale=self._ssd_local_lr_scale if windows else 1.0)
+            self._ssd_local_update(averaged=False, lr_scale=self._ssd_lr_scale() if windows else 1.0)
         if windows and self._ssd_engine.after_local_step(t, without_gradients):
             self._ssd_zero_nonfinite_state()
         self._ssd_end_step()
@@ -386,12 +382,19 @@ class _SSDSGDOptimizer(HorovodProtocol, ScaledLocalStep, RankAgreement, SavedSta
         self._ssd_step += 1
         self.ssd_stats.steps = self._ssd_step
 
-
     def finish(self) -> None:
         """Land the window in flight now (all ranks together: end of training, or before an
         evaluation that should see the latest global progress)."""
         if self._ssd_engine.finish(self._ssd_step):
             self._ssd_zero_nonfinite_state()
+
+    def _ssd_lr_scale(self) -> float:
+        """The local steps' learning-rate factor in the delay stage, for the ranks the windows
+        average over now (a change of ranks under Horovod elastic changes it on every rank alike)."""
+        if self._ssd_settings.local_lr_scale != AUTO:
+            return self._ssd_settings.local_lr_scale
+        hierarchy = self._ssd_hierarchy
+        return local_lr_scale_for(self, hierarchy.cross.size if hierarchy is not None else self._ssd_comm.size)
 
     def discard_window(self) -> None:
         """Forget the window in flight without waiting for it: its collective failed with a lost

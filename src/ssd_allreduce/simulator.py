@@ -44,6 +44,9 @@ class Simulator:
         self.hierarchical = ranks_per_node is not None
         self.settings = SSDSettings(sync_every=sync_every, delay=delay, warmup_steps=warmup_steps,
                                     glu_beta=glu_beta, compensation=compensation, **options)
+        if self.settings.auto:
+            raise ValueError("the simulator runs a fixed window (it measures no time): give sync_every and delay "
+                             "as integers, e.g. the (k, d) that sync_every='auto' chose on the ranks")
         self.models = [copy.deepcopy(model) for _ in range(num_workers)]
         self.optimizers = [make_optimizer(m.parameters()) for m in self.models]
         self.tensors = [model_tensors(m) for m in self.models]

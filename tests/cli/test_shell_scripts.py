@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,11 +36,20 @@ def test_shellcheck_finds_nothing() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_the_cluster_without_root_says_so() -> None:
+def test_the_cluster_without_root_says_so(tmp_path) -> None:
     if os.geteuid() == 0 and shutil.which("setpriv") is None:
         pytest.skip("root here, and no setpriv to drop it")
     drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
-    proc = subprocess.run([*drop, "bash", str(REPO / "scripts" / "cluster_local.sh"), "up"], capture_output=True,
-                          text=True, timeout=30, env={**os.environ, "SSD_CLUSTER_DIR": "/nonexistent/cluster"})
+    # a copy any user can read: the checkout may sit in a home directory only root enters
+    copy = Path(tempfile.mkdtemp(prefix="ssd-scripts-"))
+    try:
+        shutil.copytree(REPO / "scripts", copy / "scripts")
+        for path in [copy, *copy.rglob("*")]:
+            path.chmod(0o755)
+        proc = subprocess.run([*drop, "bash", str(copy / "scripts" / "cluster_local.sh"), "up"], capture_output=True,
+                              text=True, timeout=30, cwd="/",
+                              env={**os.environ, "SSD_CLUSTER_DIR": "/nonexistent/cluster"})
+    finally:
+        shutil.rmtree(copy)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "needs root (try: sudo" in proc.stderr, proc.stderr

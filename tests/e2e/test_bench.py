@@ -109,20 +109,20 @@ def test_gpt_workload_compares_modes_on_validation_loss_and_runs_the_ablation(tm
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
     rows = {r["name"]: r for r in results["rows"]}
-    assert list(rows) == ["horovod", "ssd k=2 d=2 beta=0.5", "local-sgd k=5", "ssd k=2 d=2 overwrite",
-                          "ssd k=2 d=2 beta=1", "ssd k=2 d=2 beta=0.25"]
-    base, ssd = rows["horovod"], rows["ssd k=2 d=2 beta=0.5"]
+    assert list(rows) == ["horovod", "ssd k=2 d=2 beta=auto", "local-sgd k=5", "ssd k=2 d=2 overwrite",
+                          "ssd k=2 d=2 beta=1", "ssd k=2 d=2 beta=0.5", "ssd k=2 d=2 beta=0.25"]
+    base, ssd = rows["horovod"], rows["ssd k=2 d=2 beta=auto"]
     assert [step for step, _, _ in ssd["curve"]] == [5, 10]
     assert ssd["vs_horovod"] == pytest.approx(ssd["val_loss"] / base["val_loss"] - 1)
     assert all(r["val_loss"] < 5.55 for r in rows.values()), "ln 256: every mode learned something"
     # the table's loss is the model's at the last step: the run's own end-of-training evaluation agrees
-    run = out / "runs" / "none" / "adamw-by-package-ssd_k2_d2_beta0.5" / "metrics.jsonl"
+    run = out / "runs" / "none" / "adamw-by-package-ssd_k2_d2_betaauto" / "metrics.jsonl"
     final = [json.loads(line) for line in run.read_text().splitlines() if '"kind": "epoch"' in line][-1]
     assert final["step"] == 10 and final["test_loss"] == pytest.approx(ssd["val_loss"], rel=1e-6)
     assert {r["variant"] for r in results["simulator"]} == {"synchronous (k=1)", "overwrite", "glu beta=1",
                                                             "glu beta=0.5", "glu beta=0.25"}
     assert results["networks"] == ["unshaped loopback"] and {r["network"] for r in rows.values()} == {"unshaped loopback"}
-    assert "| ssd k=2 d=2 beta=0.5 |" in (out / "results.md").read_text()
+    assert "| ssd k=2 d=2 beta=auto |" in (out / "results.md").read_text()
     assert (out / "gpt_adamw_by-package.png").stat().st_size > 10_000
 
 

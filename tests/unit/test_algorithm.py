@@ -237,3 +237,9 @@ def test_simulator_rejects_nodes_that_do_not_divide_the_workers():
     with pytest.raises(ValueError, match="ranks_per_node must divide"):
         Simulator(problem.make_model(), problem.make_sgd, 4, sync_every=3, delay=2, warmup_steps=0,
                   glu_beta=0.5, ranks_per_node=3)
+
+
+def test_the_simulator_refuses_an_auto_window_saying_what_to_give():
+    with pytest.raises(ValueError, match="fixed window.*sync_every and delay"):
+        Simulator(_mlp(), lambda p: torch.optim.SGD(p, lr=0.1), 2, sync_every="auto", delay=None, warmup_steps=10,
+                  glu_beta="auto")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import pickle
 import warnings
@@ -524,3 +525,37 @@ def test_gradscaler_unscaling_covers_sparse_gradients():
 def test_bad_auto_window_arguments_say_what_to_change(kwargs, fragment):
     with pytest.raises(ValueError, match=re.escape(fragment)):
         _wrap(_model(), **kwargs)
+
+
+class _GrowingCommunicator(LocalCommunicator):
+    """One rank whose job grows to ``grown_to`` ranks at the next ``refresh`` (Horovod elastic)."""
+
+    grown_to = 1
+
+    def refresh(self) -> None:
+        self.size = self.grown_to
+
+
+def test_a_change_of_ranks_rescales_adamws_local_steps_by_the_new_rank_count():
+    """local_lr_scale="auto" is sqrt(ranks) for the ranks of now: after growing from 1 to 4 ranks
+    the local AdamW steps run at twice the learning rate, as a plain AdamW at 2 x lr computes."""
+    model, comm = _model(), _GrowingCommunicator()
+    reference = copy.deepcopy(model)
+    opt = ssd_allreduce.DistributedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                             named_parameters=model.named_parameters(), sync_every=8, delay=8,
+                                             warmup_steps=0, backend=comm)
+    plain = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    _train(model, opt, 2)
+    _train(reference, plain, 2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    comm.grown_to = 4
+    opt.membership_changed()
+    assert opt.window_in_flight is False
+    with torch.no_grad():   # the local weights went back to W; the plain copy goes there too
+        for p, w in zip(reference.parameters(), model.parameters()):
+            p.copy_(w)
+    plain.param_groups[0]["lr"] = 2e-2
+    _train(model, opt, 2, start=2)
+    _train(reference, plain, 2, start=2)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b)

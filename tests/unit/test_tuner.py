@@ -201,3 +201,8 @@ def test_when_every_step_launches_or_lands_a_window_it_is_rechecked_every_few_wi
     comm.seconds = 0.05
     _train_timed(clock, model, opt, 40, start=27)
     assert (engine.clock.sync_every, engine.clock.delay) == slow
+
+
+def test_an_auto_delay_stays_overlapped_where_no_collective_time_was_measured():
+    from ssd_allreduce.delay.tuner import choose_window
+    assert choose_window(0.004, 0.0, 0.0, sync_every=8, max_sync_every=16, auto_delay=True) == (8, 1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -146,7 +147,8 @@ def collect(dirs: Sequence[Path], out: Path, baseline: Optional[str] = None) -> 
 
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     """``write`` to a temporary file beside ``path``, then rename it into place."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}{path.suffix}")
+    # the host name too: array tasks on different nodes may share a pid and this folder
+    tmp = path.with_name(f".{path.stem}.{socket.gethostname()}.{os.getpid()}{path.suffix}")
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -59,7 +59,7 @@ class Run:
             return f"local-sgd k={self.sync_every}"
         if self.mode != "ssd":
             return self.mode
-        variant = "overwrite" if self.compensation == "overwrite" else f"beta={self.glu_beta}"
+        variant = "overwrite" if self.compensation == "overwrite" else f"beta={self.glu_beta if isinstance(self.glu_beta, str) else format(self.glu_beta, 'g')}"
         return f"ssd k={self.sync_every} d={self.delay} {variant}"
 
     def args(self) -> list[str]:

@@ -43,7 +43,8 @@ def choose_window(compute_s: float, collective_s: float, window_s: float, *, syn
     ``auto_delay``, the smallest ``d <= k`` that hides the collective."""
     hide = math.ceil(MARGIN * collective_s / compute_s) if compute_s > 0 else max_sync_every
     if sync_every is not None:
-        return sync_every, min(hide, sync_every) if auto_delay else sync_every
+        # d >= 1: where no collective time was measured the window still overlaps a step
+        return sync_every, max(1, min(hide, sync_every)) if auto_delay else sync_every
 
     def step_time(k: int) -> float:
         return compute_s + (window_s + max(0.0, MARGIN * collective_s - k * compute_s)) / k
