@@ -130,7 +130,7 @@ def test_comparison_on_emulated_nodes_runs_every_window_flat_and_hierarchical(tm
     """4 ranks as 2 emulated nodes: the rows, the bytes that crossed the nodes' links, the cost model."""
     out = tmp_path / "nodes"
     proc = subprocess.run([PYTHON, "-m", "ssd_allreduce.bench", "--ranks", "4", "--nodes", "2", "--bandwidths",
-                           "200mbit", "--epochs", "3", "--ssd-configs", "5:5", "--warmup-steps", "4", "--out", str(out)],
+                           "200mbit", "--epochs", "2", "--ssd-configs", "5:5", "--warmup-steps", "4", "--out", str(out)],
                           env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
