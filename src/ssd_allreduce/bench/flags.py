@@ -12,18 +12,6 @@ UNSHAPED = "none"
 RATE_HELP = "rates in tc's units: kbit, mbit, gbit (100mbit, 1gbit, 2.5gbit)"
 
 
-def link_rate(value: str) -> str:
-    """A tc rate (``100mbit``, ``1gbit``) for an emulated link, or ``none`` (the plain loopback)."""
-    if value == UNSHAPED:
-        return value
-    try:
-        parse_rate_bits(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a rate such as 100mbit or 1gbit (kbit, mbit, gbit) or "
-                                         f"{UNSHAPED}, got {value!r}") from None
-    return value
-
-
 def cluster_rate(value: str) -> str:
     """A tc rate (``10gbit``, ``400mbit``) of a cluster's link, for the cost models."""
     try:
@@ -32,6 +20,17 @@ def cluster_rate(value: str) -> str:
         raise argparse.ArgumentTypeError(f"expected a rate such as 10gbit or 400mbit (kbit, mbit, gbit), got "
                                          f"{value!r}") from None
     return value
+
+
+def link_rate(value: str) -> str:
+    """A tc rate (``100mbit``, ``1gbit``) for an emulated link, or ``none`` (the plain loopback)."""
+    if value == UNSHAPED:
+        return value
+    try:
+        return cluster_rate(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a rate such as 100mbit or 1gbit (kbit, mbit, gbit) or "
+                                         f"{UNSHAPED}, got {value!r}") from None
 
 
 def gbps(rate: str) -> float:

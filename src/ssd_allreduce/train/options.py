@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-from typing import Union
+from typing import Callable, Union
 
 from ..cli import HelpFormatter, add_version
 from ..settings import DEFAULT_GLU_BETA, DEFAULT_LOCAL_LR_SCALE, DEFAULT_WARMUP_STEPS, SSDSettings
@@ -53,34 +53,21 @@ GPT_HELP = {"width": "GPT (--model gpt): width of the embeddings", "layers": "GP
             "heads": "GPT: attention heads (a divisor of --gpt-width)"}
 
 
-def float_or_auto(value: str) -> Union[float, str]:
-    """A number flag that also takes "auto"."""
-    if value == "auto":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
+def _number_or(word: str, convert: type, kind: str) -> Callable[[str], Union[int, float, str]]:
+    """An argparse type: ``word`` as it is, else ``convert(value)`` ("expected {kind} or {word}")."""
+    def parse(value: str) -> Union[int, float, str]:
+        if value == word:
+            return value
+        try:
+            return convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind} or {word}, got {value!r}") from None
+    return parse
 
 
-def int_or_auto(value: str) -> Union[int, str]:
-    """An integer flag that also takes "auto"."""
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {value!r}") from None
-
-
-def int_or_epoch(value: str) -> Union[int, str]:
-    """``--warmup-steps``: an integer, or "epoch"."""
-    if value == WARMUP_EPOCH:
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or {WARMUP_EPOCH}, got {value!r}") from None
+float_or_auto = _number_or("auto", float, "a number")
+int_or_auto = _number_or("auto", int, "an integer")
+int_or_epoch = _number_or(WARMUP_EPOCH, int, "an integer")   # --warmup-steps
 
 
 def warmup_steps_for(value: Union[int, str], steps_per_epoch: int) -> int:
