@@ -6,7 +6,8 @@
 #   scripts/bench.sh --list          # the sections and their commands
 #
 # Results (JSON, markdown, PNG) go to results/bench-<date>/<section>/ (SSD_BENCH_OUT=dir to choose);
-# the quality sections write docs/results/*.json and rewrite their part of docs/BENCHMARKS.md.
+# every section but the cost models, the overhead and the GPT writes docs/results/<section>.json and
+# rewrites its part of docs/BENCHMARKS.md from it (python -m ssd_allreduce.bench report).
 # The emulated networks need root (network namespaces); the GPU table is scripts/bench_gpu.sh.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,20 +21,32 @@ declare -A SECTION=(
   [costmodel]="costmodel --model resnet50 --ranks 8 64 256 1024 --bandwidths 10gbit 25gbit 100gbit --sync-every 5 --delay 5"
   [ablation]="ablation --ranks 8 --sync-every 8 --epochs 20 --seeds 3 --warmup-steps 20"
   [overhead]="overhead"
-  [compression]="compare --bandwidths 100mbit --epochs 5 --warmup-steps 20 --ssd-configs 5:5 5:5/fp16 5:5/bf16 5:5/int8 --no-local-sgd"
+  [compression]="compare --bandwidths 100mbit --epochs 5 --warmup-steps 20 --repeats 2 --ssd-configs 5:5 5:5/fp16 5:5/bf16 5:5/int8 --no-local-sgd"
+  [compression-resnet]="compare --model resnet20 --data synthetic --bandwidths 20mbit --epochs 1 --warmup-steps 20 --repeats 2 --ssd-configs 5:5 5:5/int8 5:5/bf16 --no-local-sgd"
   [warmup]="compare --model resnet20 --data synthetic --bandwidths 100mbit --epochs 1 --warmup-steps 60 --ssd-configs 5:5 --no-local-sgd"
-  [auto]="compare --bandwidths 1gbit 100mbit 20mbit --epochs 16 --warmup-steps 20 --ssd-configs 1:1 2:2 5:5 10:10 auto --no-local-sgd"
+  [auto]="compare --bandwidths 1gbit 100mbit 20mbit --epochs 16 --warmup-steps 20 --ssd-configs 1:1 2:2 5:5 10:10 auto --no-local-sgd --repeats 2"
   [nodes]="compare --ranks 4 --nodes 2 --bandwidths 100mbit 20mbit --epochs 30 --warmup-steps 20 --repeats 2 --ssd-configs 5:5"
   [nodecost]="nodecost"
-  [straggler]="compare --bandwidths 1gbit --epochs 4 --warmup-steps 20 --ssd-configs 5:5 --no-local-sgd --slow-rank 1 --slow-fraction 0.5"
+  [faults]="faults"
+  [straggler]="compare --bandwidths 1gbit --epochs 4 --warmup-steps 20 --repeats 2 --ssd-configs 5:5 --no-local-sgd --slow-rank 1 --slow-fraction 0.5"
   [gpt]="compare --workload gpt --optimizers adamw sgd --warmup-steps 20"
   [quality]="quality --tasks regression --ranks 4 8 16 --optimizers sgd adamw --shards shuffle non-iid --seeds 3 --jobs 2 --out docs/results/quality.json"
+  [quality-drift]="quality --tasks regression --ranks 4 8 16 --optimizers sgd adamw --shards non-iid shuffle --seeds 3 --variants sync 1:1 2:2 5:5 10:10 1:1+dc 2:2+dc 5:5+dc 10:10+dc --jobs 2 --out docs/results/quality-drift.json"
+  [quality-drift-beta]="quality --tasks regression --ranks 4 16 --optimizers sgd --shards non-iid --seeds 3 --variants sync 1:1:0.5 2:2:0.5 1:1:0.5+dc 2:2:0.5+dc --jobs 2 --out docs/results/quality-drift-beta.json"
   [quality-gpt]="quality --tasks gpt --ranks 4 --optimizers adamw sgd --shards shuffle --seeds 3 --max-steps 300 --warmup-steps 30 --variants sync 2:2 5:5 5:5:0.5:1 --jobs 2 --out docs/results/quality-gpt.json"
 )
-ORDER=(costmodel nodecost overhead ablation quality quality-gpt sweep compression warmup auto straggler nodes gpt)
+ORDER=(costmodel nodecost overhead ablation quality quality-drift quality-drift-beta quality-gpt sweep compression compression-resnet warmup auto straggler nodes gpt faults)
+# docs/RELIABILITY.md's fault matrix: every fault on every backend, measured by its test
+FAULTS=(-m pytest -p no:cacheprovider -s tests/e2e/test_faults.py -k lost_rank)
 
 if [ "${1:-}" = --list ]; then
-  for name in "${ORDER[@]}"; do printf '%-12s python %s %s\n' "$name" "${BENCH[*]}" "${SECTION[$name]}"; done
+  for name in "${ORDER[@]}"; do
+    if [ "$name" = faults ]; then
+      printf '%-12s SSD_FAULT_MATRIX=full python %s\n' "$name" "${FAULTS[*]}"
+    else
+      printf '%-12s python %s %s\n' "$name" "${BENCH[*]}" "${SECTION[$name]}"
+    fi
+  done
   exit 0
 fi
 wanted=("$@")
@@ -52,7 +65,12 @@ for name in "${wanted[@]}"; do
     costmodel|nodecost|overhead) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" | tee "$OUT/$name/table.md" ;;
     # results committed under docs/results/, and the documents' sections written from them
     quality) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" && "$VENV/bin/python" "${BENCH[@]}" report ;;
-    *) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" ;;
+    gpt) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" ;;
+    faults) SSD_FAULT_MATRIX=full SSD_FAULT_RECORD="$REPO/docs/results/faults.json" "$VENV/bin/python" "${FAULTS[@]}" |
+              tee "$OUT/$name/pytest.log" && "$VENV/bin/python" "${BENCH[@]}" report ;;
+    # the comparisons: their record under docs/results/, and their sections written from it
+    *) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" --record "docs/results/$name.json" &&
+       "$VENV/bin/python" "${BENCH[@]}" report ;;
   esac
 done
 echo "bench.sh: results in $OUT"

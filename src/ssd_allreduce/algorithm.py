@@ -86,6 +86,24 @@ def outer_step_(delta: Sequence[Tensor], momentum: Optional[Sequence[Tensor]], *
             torch._foreach_mul_(delta, lr)
 
 
+def estimate_drift_(correction: Sequence[Tensor], delta: Sequence[Tensor], snapshot: Sequence[Tensor],
+                    global_: Sequence[Tensor], sync_every: int) -> None:
+    """Landing, before ``W`` moves and the outer step: ``c = (D - (s - W)) / k``, the average
+    step of the window's ``k`` local steps less this rank's own (SCAFFOLD's control variates,
+    taken from the window's own average: nothing more is sent). Flat parameter parts."""
+    with torch.no_grad():
+        for c, d, s, w in zip(correction, delta, snapshot, global_):
+            torch.sub(d, s, out=c)
+            c.add_(w).div_(sync_every)
+
+
+def correct_drift_(params: Sequence[Tensor], correction: Sequence[Tensor]) -> None:
+    """After each local step: ``w += c``, so a rank whose data pull it away from the others'
+    moves, on average, as they all do together."""
+    with torch.no_grad():
+        torch._foreach_add_(list(params), list(correction))
+
+
 def apply_global_update_(global_: FlatSpace, delta: FlatSpace) -> None:
     """Landing, shared part: ``W += D`` (the same on every rank)."""
     with torch.no_grad():

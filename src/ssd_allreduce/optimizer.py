@@ -88,6 +88,7 @@ def DistributedOptimizer(
     outer_momentum: float = 0.0,
     outer_nesterov: bool = True,
     local_lr_scale: Union[float, str] = DEFAULT_LOCAL_LR_SCALE,
+    drift_correction: bool = False,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` (in place) so it trains with SSD-SGD; returns the same object, still an
     instance of its class.
@@ -119,7 +120,11 @@ def DistributedOptimizer(
       1 and 0 (the default): none;
     - ``local_lr_scale``: the local steps' learning rate after the warm-up, relative to the one
       the optimizer (or its scheduler) sets; "auto": sqrt(ranks) for Adam's family, 1 for SGD
-      (``algorithm.local_lr_scale_for`` says why).
+      (``algorithm.local_lr_scale_for`` says why);
+    - ``drift_correction``: where the ranks' data differ (shards by class, by source), each local
+      step also moves by the last window's average step less this rank's own (SCAFFOLD's
+      correction from the window's own average: no extra communication, one more copy of the
+      parameters).
     """
     if hasattr(optimizer, "_ssd_base"):
         raise ValueError("this optimizer is already wrapped by ssd_allreduce.DistributedOptimizer")
@@ -127,7 +132,7 @@ def DistributedOptimizer(
                            compensation=compensation, nonfinite=nonfinite, compression=compression_name(compression),
                            max_skipped_windows=max_skipped_windows, max_sync_every=max_sync_every,
                            outer_lr=outer_lr, outer_momentum=outer_momentum, outer_nesterov=outer_nesterov,
-                           local_lr_scale=local_lr_scale)
+                           local_lr_scale=local_lr_scale, drift_correction=drift_correction)
     if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
         raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
     _check_op(_resolve_op(op))
@@ -139,17 +144,7 @@ def DistributedOptimizer(
     if num_groups and groups is None:
         groups = num_groups
 
-    base = type(optimizer)
-    # The methods are copied into a direct subclass of the user's class (not mixed in), so that
-    # super(type(opt), opt).step(), which hvd.broadcast_optimizer_state() calls, is the user's step.
-    methods = {k: v for part in reversed(_SSDSGDOptimizer.__mro__[:-2]) for k, v in vars(part).items()
-               if k not in ("__dict__", "__weakref__")}
-    optimizer.__class__ = type(base.__name__, (base,), {**methods, "_ssd_base": base})
-    # hvd.broadcast_optimizer_state() initialises an empty optimizer state by calling the wrapped
-    # class's own step() when `optimizer.__module__` is Horovod's optimizer module; otherwise it
-    # would call our step() and count a training step. Only this instance says so.
-    optimizer.__dict__["__module__"] = "horovod.torch.optimizer"
-    _rewrap_scheduler_step(optimizer)
+    _become_ssd(optimizer)
     name = f"ssd.{next(_optimizers_built.setdefault(comm.job_key, itertools.count()))}"
     optimizer._ssd_setup(named_parameters, named_buffers, comm, settings, compression,
                          backward_passes_per_step, name, hierarchy)
@@ -164,6 +159,21 @@ def DistributedOptimizer(
     optimizer._ssd_node_averager = None if hierarchy is None else averager(hierarchy.node, "node", f"{name}.node")
     optimizer.sparse_as_dense = sparse_as_dense
     return optimizer
+
+
+def _become_ssd(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer``'s class becomes a direct subclass of its own with SSD-SGD's methods."""
+    base = type(optimizer)
+    # The methods are copied into a direct subclass of the user's class (not mixed in), so that
+    # super(type(opt), opt).step(), which hvd.broadcast_optimizer_state() calls, is the user's step.
+    methods = {k: v for part in reversed(_SSDSGDOptimizer.__mro__[:-2]) for k, v in vars(part).items()
+               if k not in ("__dict__", "__weakref__")}
+    optimizer.__class__ = type(base.__name__, (base,), {**methods, "_ssd_base": base})
+    # hvd.broadcast_optimizer_state() initialises an empty optimizer state by calling the wrapped
+    # class's own step() when `optimizer.__module__` is Horovod's optimizer module; otherwise it
+    # would call our step() and count a training step. Only this instance says so.
+    optimizer.__dict__["__module__"] = "horovod.torch.optimizer"
+    _rewrap_scheduler_step(optimizer)
 
 
 def finish() -> None:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "ssd_sgd"
-STATE_VERSION = 3
+STATE_VERSION = 4
 
 
 class SavedState:

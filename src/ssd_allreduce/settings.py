@@ -31,7 +31,9 @@ class SSDSettings:
     ``outer_lr``, ``outer_momentum``, ``outer_nesterov``: the outer optimizer on each window's
     average (1, 0: none, the core algorithm); ``glu_beta="auto"``: chosen by the window's delay
     (``algorithm.glu_beta_for``); ``local_lr_scale``: the local steps' learning rate in the
-    delay stage, relative to the user's ("auto": ``algorithm.local_lr_scale_for``).
+    delay stage, relative to the user's ("auto": ``algorithm.local_lr_scale_for``);
+    ``drift_correction``: each local step also moves by the last window's difference between the
+    average step and this rank's own (``algorithm.estimate_drift_``; for shards whose data differ).
     """
 
     sync_every: Union[int, str] = 5
@@ -48,6 +50,7 @@ class SSDSettings:
     outer_momentum: float = 0.0
     outer_nesterov: bool = True
     local_lr_scale: Union[float, str] = DEFAULT_LOCAL_LR_SCALE
+    drift_correction: bool = False
 
     def __post_init__(self) -> None:
         for name in ("sync_every", "delay"):
@@ -93,8 +96,9 @@ class SSDSettings:
             raise ValueError(f"outer_momentum must be a number in [0, 1), got {self.outer_momentum!r}")
         object.__setattr__(self, "outer_lr", float(self.outer_lr))
         object.__setattr__(self, "outer_momentum", float(self.outer_momentum))
-        if not isinstance(self.outer_nesterov, bool):
-            raise ValueError(f"outer_nesterov must be True or False, got {self.outer_nesterov!r}")
+        for name in ("outer_nesterov", "drift_correction"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def auto(self) -> bool:

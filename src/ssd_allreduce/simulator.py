@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .algorithm import (apply_global_update_, compensate_local_, launch_window, local_lr_scale_for, outer_step_,
-                        scaled_lr)
+from .algorithm import (apply_global_update_, compensate_local_, correct_drift_, estimate_drift_, launch_window,
+                        local_lr_scale_for, outer_step_, scaled_lr)
 from .delay.clock import WindowClock
 from .settings import SSDSettings
 from .tensors import FlatSpace, model_tensors
@@ -59,6 +59,7 @@ class Simulator:
         self.delta: Optional[FlatSpace] = None
         self.momentum: Optional[FlatSpace] = None
         self.snapshots: list[FlatSpace] = []
+        self.corrections: list[FlatSpace] = []   # each worker's drift correction, where kept
         self._own_delta: Optional[FlatSpace] = None
         self.launched_at: Optional[int] = None
         self.windows_landed = 0
@@ -95,6 +96,8 @@ class Simulator:
             with scaled_lr(opt.param_groups, scale):
                 opt.step()
         if windows:
+            for params, c in zip((p for p, _ in self.tensors), self.corrections):
+                correct_drift_(params, c.views[:len(params)])
             clock = self.clock
             if self.launched_at is not None and t == self.launched_at + clock.delay:
                 self._land(clock.delay)
@@ -133,6 +136,7 @@ class Simulator:
         self.momentum = FlatSpace(local0) if self.settings.outer_momentum else None
         self.snapshots = [FlatSpace(local0) for _ in self.models]
         self._own_delta = FlatSpace(local0)
+        self.corrections = [FlatSpace(local0) for _ in self.models] if self.settings.drift_correction else []
         self.clock = WindowClock.starting(self.settings.sync_every, self.settings.delay, step)
         with torch.no_grad():
             for i in range(self.num_workers):
@@ -159,6 +163,9 @@ class Simulator:
         assert self.global_ is not None and self.delta is not None
         s = self.settings
         n = len(self.tensors[0][0])
+        for i, c in enumerate(self.corrections):
+            estimate_drift_(c.leading(n), self.delta.leading(n), self.snapshots[i].leading(n), self.global_.leading(n),
+                            s.sync_every)
         outer_step_(self.delta.leading(n), None if self.momentum is None else self.momentum.leading(n),
                     lr=s.outer_lr, mu=s.outer_momentum, nesterov=s.outer_nesterov)
         apply_global_update_(self.global_, self.delta)

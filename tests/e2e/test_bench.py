@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from launchers import PYTHON, REPO, horovodrun, launcher_env, run_ranks
+from ssd_allreduce.bench import report
 from ssd_allreduce.bench.convergence import study
 from ssd_allreduce.train.models import build_model
 
@@ -18,7 +19,8 @@ COMPACT_HEADER = "| mode | img/s | x horovod | x no-comm | test acc | B/step | t
 def test_short_comparison_writes_side_by_side_results(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run([PYTHON, "-m", "ssd_allreduce.bench", "--bandwidths", "100mbit", "--epochs", "2",
-                           "--ssd-configs", "4:4", "auto/int8", "--warmup-steps", "8", "--out", str(out)],
+                           "--ssd-configs", "4:4", "auto/int8", "--warmup-steps", "8", "--out", str(out),
+                           "--record", str(tmp_path / "docs" / "results" / "auto.json")],
                           env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
@@ -49,6 +51,15 @@ def test_short_comparison_writes_side_by_side_results(tmp_path):
     full = (out / "results.md").read_text()
     assert "| ssd k=4 d=4 |" in full and "rank img/s min/med/max" in full and "exposed comm ms" in full
     assert (out / "accuracy_vs_time.png").stat().st_size > 10_000
+    # the record a document's section is written from: the same rows, its provenance, no curves
+    record = json.loads((tmp_path / "docs" / "results" / "auto.json").read_text())
+    assert record["command"] == results["command"] and record["horovod"] == "0.28.1"
+    assert [r["name"] for r in record["bandwidths"][0]["rows"]] == list(rows)
+    assert all("curve" not in r and len(r["images_per_sec_repeats"]) == 1 for r in record["bandwidths"][0]["rows"])
+    page = tmp_path / "docs" / "PAGE.md"
+    page.write_text("<!-- results:auto -->\n<!-- /results:auto -->\n")
+    assert report.main(["--docs", str(tmp_path / "docs")]) == 0
+    assert f"| {auto['images_per_sec']:,.0f} (k={auto['sync_every_used']}) |" in page.read_text()
 
 
 def test_ablation_table_holds_what_the_simulator_computes(tmp_path):

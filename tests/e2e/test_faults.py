@@ -1,7 +1,8 @@
 """Faults injected for real: a rank stops itself (SIGSTOP: frozen) or is killed (SIGKILL) at a chosen
 phase; every survivor must stop within the bound, saying where, the job must exit non-zero, and the
-newest complete checkpoint must resume. Each run prints one JSON line of what it measured
-(docs/RELIABILITY.md is filled from them)."""
+newest complete checkpoint must resume. Each run prints one JSON line of what it measured; with
+$SSD_FAULT_RECORD=FILE the module writes them all to FILE with their provenance (docs/RELIABILITY.md's
+table is written from docs/results/faults.json: `scripts/bench.sh faults`)."""
 from __future__ import annotations
 
 import json
@@ -74,8 +75,22 @@ CASES = [(launcher, fault, 1) for launcher in LAUNCHERS for fault in PHASE_FAULT
 CASES.insert(len(PHASE_FAULTS), ("horovod-gloo", "stop:window:30", 0))
 
 
+@pytest.fixture(scope="module")
+def measured():
+    """Every case's measurement; written to $SSD_FAULT_RECORD once the module is done."""
+    rows: list[dict] = []
+    yield rows
+    record = os.environ.get("SSD_FAULT_RECORD")
+    if record and rows:
+        from ssd_allreduce.bench.report import provenance
+        matrix = "SSD_FAULT_MATRIX=full " if os.environ.get("SSD_FAULT_MATRIX") == "full" else ""
+        stamp = provenance(f"{matrix}pytest tests/e2e/test_faults.py -k lost_rank")
+        Path(record).write_text(json.dumps({**stamp, "bound_s": BOUND, "rows": rows}, indent=1) + "\n")
+
+
 @pytest.mark.parametrize("launcher, fault, lost", CASES)
-def test_a_lost_rank_stops_the_survivor_within_the_bound_saying_where_and_who(tmp_path, launcher, fault, lost):
+def test_a_lost_rank_stops_the_survivor_within_the_bound_saying_where_and_who(tmp_path, measured, launcher, fault,
+                                                                             lost):
     output, fault_time, pid, ended = inject(tmp_path, launcher, fault, lost)
     phase = EXPECTED_PHASE[fault.split(":")[1]]
     survivor = 1 - lost
@@ -83,8 +98,9 @@ def test_a_lost_rank_stops_the_survivor_within_the_bound_saying_where_and_who(tm
         # mpirun ends the whole job as soon as a rank dies, saying which: the survivor has no time to
         said = re.search(rf"mpirun noticed that process rank {lost} .* exited on signal 9", output)
         assert said and ended - fault_time < BOUND + SLACK, f"{ended - fault_time:.1f} s:\n{output}"
-        print(json.dumps({"launcher": launcher, "fault": f"{fault}:{lost}", "seconds": round(ended - fault_time, 1),
-                          "message": said[0]}))
+        measured.append({"launcher": launcher, "fault": f"{fault}:{lost}", "seconds": round(ended - fault_time, 1),
+                         "message": said[0], "job_end": True})
+        print(json.dumps(measured[-1]))
         return
     said = re.search(rf"rank {survivor} at (\S+): (stopped during|no progress for \d+ s during) ({phase})[^\n]*",
                      output)
@@ -95,8 +111,9 @@ def test_a_lost_rank_stops_the_survivor_within_the_bound_saying_where_and_who(tm
     who = rf"lost: rank {lost} \(pid {pid} on [^)]+\), " + ("which keeps the roll call, does not answer" if lost == 0
                                                             else r"last heard at (start-up|step \d+|the )")
     assert re.search(who, said[0]), f"rank {survivor} did not name rank {lost} as lost:\n{said[0]}"
-    print(json.dumps({"launcher": launcher, "fault": f"{fault}:{lost}", "seconds": round(seconds, 1),
-                      "message": said[0][:240]}))
+    measured.append({"launcher": launcher, "fault": f"{fault}:{lost}", "seconds": round(seconds, 1),
+                     "message": said[0], "job_end": False})
+    print(json.dumps(measured[-1]))
 
 
 def test_after_a_lost_rank_the_newest_complete_checkpoint_resumes(tmp_path):

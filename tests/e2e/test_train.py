@@ -75,9 +75,15 @@ GPT = ["-m", "ssd_allreduce.train", "--no-progress", "--data", "stdlib", "--mode
 
 
 def test_a_gpt_learns_the_standard_library_with_adamw_and_by_package_shards(tmp_path):
+    """Each rank its own packages, with the drift correction: each rank keeps (and saves) its own."""
     run_ranks(horovodrun(2, *GPT, "--mode", "ssd", "--optimizer", "adamw", "--lr", "0.003", "--no-lr-scaling",
                          "--shards", "by-package", "--max-steps", "60", "--eval-every", "20", "--eval-samples", "256",
-                         "--warmup-steps", "10", "--out", str(tmp_path)))
+                         "--warmup-steps", "10", "--drift-correction", "--out", str(tmp_path)))
+    saved = [state["optimizer"]["ssd_sgd"] for state in final_states(tmp_path, 2)]
+    assert all(s["settings"]["drift_correction"] for s in saved)
+    own = [torch.cat([b.flatten() for b in s["drift_correction"]]) for s in saved]
+    assert own[0].abs().max() > 0 and not torch.equal(own[0], own[1])
+    assert torch.equal(saved[0]["global_weights"][0], saved[1]["global_weights"][0])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     curve = [r["test_loss"] for r in records if r["kind"] == "eval"]
     assert len(curve) == 3 and curve[0] > curve[-1] and curve[-1] < 3.3, curve   # ln 256 = 5.55 at the start

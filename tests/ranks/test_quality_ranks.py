@@ -16,7 +16,7 @@ from ssd_allreduce.bench.quality_run import RunSpec, simulate
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.mark.parametrize("optimizer, variant", [("adamw", "2:2:auto:auto"), ("sgd", "sync")])
+@pytest.mark.parametrize("optimizer, variant", [("adamw", "2:2:auto:auto"), ("sgd", "sync"), ("sgd", "2:1+dc")])
 def test_real_ranks_follow_the_simulator(tmp_path, optimizer, variant):
     spec = RunSpec("regression", 2, optimizer, "non-iid", 0, 24, 6, parse_variant(variant), evals=4)
     out = tmp_path / "result.json"

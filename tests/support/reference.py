@@ -13,6 +13,9 @@ G = lr_o (D + mu m) (Nesterov) or lr_o m takes D's place in both formulas; buffe
 ``beta`` may be a function of the steps the window was in flight. ``lr_scale``: the local steps
 after the warm-up run at that multiple of the optimizer's learning rate.
 
+Drift correction (``drift``): at a landing, before W moves, c_r = (D - (s_r - W)) / k for
+parameters (zero before the first landing); after every later local step, w_r = w_r + c_r.
+
 Hierarchical (SPEC's "Hierarchical windows", ``ranks_per_node`` R): workers r = nR .. nR + R - 1
 form node n. For t >= T their gradients are averaged over the node before the local step, so its
 workers share their parameters; D = mean over nodes of the node's mean (s_r - W), which is the
@@ -37,8 +40,10 @@ def local_tensors(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
 class ReferenceSSD:
     def __init__(self, make_model: Callable[[], nn.Module], make_optimizer: Callable, workers: int, *,
                  k: int, d: int, T: int, beta, ranks_per_node: Optional[int] = None, outer_lr: float = 1.0,
-                 outer_mu: float = 0.0, nesterov: bool = True, lr_scale: float = 1.0) -> None:
+                 outer_mu: float = 0.0, nesterov: bool = True, lr_scale: float = 1.0, drift: bool = False) -> None:
         self.R = ranks_per_node
+        self.drift = drift
+        self.c: Optional[list[list[Tensor]]] = None
         self.outer_lr, self.outer_mu, self.nesterov, self.lr_scale = outer_lr, outer_mu, nesterov, lr_scale
         self.m: Optional[list[Tensor]] = None
         self.models = [make_model() for _ in range(workers)]
@@ -60,6 +65,9 @@ class ReferenceSSD:
         beta = self.beta(elapsed) if callable(self.beta) else self.beta
         if self.m is None:
             self.m = [torch.zeros_like(D) for D in self.D]
+        if self.drift:
+            self.c = [[(self.D[i] - (self.s[r][i] - self.W[i])) / self.k for i in range(n_params)]
+                      for r in range(len(self.models))]
         G = []
         for i, D in enumerate(self.D):
             if i < n_params:
@@ -101,6 +109,11 @@ class ReferenceSSD:
             opt.step()
             for group, lr in zip(opt.param_groups, lrs):
                 group["lr"] = lr
+        if windows and self.c is not None:
+            with torch.no_grad():
+                for r in range(workers):
+                    for w, c in zip(self._w(r), self.c[r]):
+                        w.add_(c)
         if windows:
             j = t - self.T
             if self.d > 0 and self.launched_at == t - self.d:

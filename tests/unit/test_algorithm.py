@@ -48,6 +48,7 @@ def test_the_clock_launches_every_k_steps_after_the_warmup_and_lands_d_later():
     (dict(sync_every=2.5, delay=1, warmup_steps=0), "got 2.5"),
     (dict(outer_lr=0.0), "outer_lr must be a number > 0, got 0.0"),
     (dict(outer_momentum=1.0), "outer_momentum must be a number in [0, 1), got 1.0"),
+    (dict(drift_correction="yes"), "drift_correction must be True or False, got 'yes'"),
 ])
 def test_settings_reject_bad_window_values(kwargs, fragment):
     with pytest.raises(ValueError) as err:
@@ -192,6 +193,21 @@ def test_simulator_matches_the_independent_reference_step_by_step_and_after_fini
     for r in range(workers):
         params, buffers = model_tensors(sim.models[r])
         torch.testing.assert_close(params + buffers, ref.tensors(r), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ranks_per_node", [None, 2])
+def test_the_simulators_drift_correction_matches_the_independent_reference(ranks_per_node):
+    workers, steps = 4, 14
+    sim = Simulator(problem.make_model(), problem.make_sgd, workers, sync_every=3, delay=2, warmup_steps=2,
+                    glu_beta=0.5, ranks_per_node=ranks_per_node, drift_correction=True)
+    ref = ReferenceSSD(problem.make_model, problem.make_sgd, workers, k=3, d=2, T=2, beta=0.5,
+                       ranks_per_node=ranks_per_node, drift=True)
+    _run(sim, workers, steps)
+    _run(ref, workers, steps)
+    for r in range(workers):
+        params, buffers = model_tensors(sim.models[r])
+        torch.testing.assert_close(params + buffers, ref.tensors(r), rtol=1e-5, atol=1e-6)
+    assert any(bool(c.abs().max() > 0) for c in sim.corrections[0].buffers)
 
 
 def _run(sim_or_ref, workers: int, steps: int):

@@ -118,6 +118,24 @@ def test_the_outer_optimizer_follows_the_reference_with_w_bit_identical(size, ou
         assert_matches_reference(ranks, config)
 
 
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("config", [(3, 3, 0.5, 2), (2, 1, 0.75, 0), (4, 0, 0.5, 1)], ids=lambda c: "k{}d{}b{}T{}".format(*c))
+def test_the_drift_correction_follows_the_reference_with_w_bit_identical(size, config):
+    """Each rank's batches differ: after the first landing every local step also moves by the
+    window's average step less the rank's own."""
+    ranks = train(size, config, drift_correction=True)
+    assert_matches_reference(ranks, config, drift=True)
+    assert_global_weights_identical(ranks)
+    with pytest.raises(AssertionError):
+        assert_matches_reference(ranks, config)
+
+
+def test_the_drift_correction_follows_the_hierarchical_reference():
+    config = (3, 2, 0.5, 2)
+    ranks = train(4, config, ranks_per_node=2, local_sync=True, drift_correction=True)
+    assert_matches_reference(ranks, config, ranks_per_node=2, drift=True)
+
+
 def test_beta_chosen_by_the_delay_follows_the_reference():
     from ssd_allreduce.algorithm import glu_beta_for
     assert [glu_beta_for(d) for d in (0, 1, 2, 3, 4, 5, 10)] == [0.75, 0.75, 0.75, 0.625, 0.5, 0.5, 0.5]
@@ -369,6 +387,32 @@ def test_error_feedback_sends_what_rounding_lost_with_the_next_window(name):
         before = [e.clone() for e in state.residual.buffers]
 
 
+@pytest.mark.parametrize("name", ["fp16", "int8"])
+def test_hierarchical_error_feedback_keeps_what_the_nodes_shard_lost(name):
+    """Two nodes of two ranks whose BatchNorm statistics differ inside the node: a rank sends its
+    shard of the node's delta plus its residual, and after the landing its residual is exactly
+    what rounding lost of that (x - Q^-1(Q(x))), not of its own statistics' delta."""
+    compression = getattr(Compression, name)
+
+    def rank_fn(comm):
+        model, opt = build(comm, 2, 2, 0.5, 0, local_sync=True, compression=compression)
+        stage = opt._ssd_engine
+        sent, checked, launched, landed = None, 0, 0, 0
+        for t in range(9):
+            step(model, opt, comm.rank, t)
+            if opt.ssd_stats.windows_landed != landed:
+                landed = opt.ssd_stats.windows_landed
+                for x, e in zip(sent, stage.shards.part(stage.state.residual)):
+                    q, ctx = compression.compress(x)
+                    assert torch.equal(e, x - compression.decompress(q, ctx).float())
+                checked += 1
+            if opt.ssd_stats.windows_launched != launched:
+                launched = opt.ssd_stats.windows_launched
+                sent = [p.clone() for p in stage.shards.part(stage.state.delta)]   # in flight: x itself
+        return checked
+    assert run_threads(4, rank_fn, ranks_per_node=2, pending_polls=10**6) == [3] * 4
+
+
 # ---------------------------------------------------------------------------- checkpoints
 def _run_and_save(comm, build_kw: dict, save_at: int, total: int) -> tuple[dict, list]:
     """(the state saved after step ``save_at``, the parameters after ``total`` steps)."""
@@ -381,21 +425,23 @@ def _run_and_save(comm, build_kw: dict, save_at: int, total: int) -> tuple[dict,
     return saved, problem.model_tensors(model)
 
 
-def test_a_checkpoint_with_a_window_in_flight_resumes_bit_for_bit_with_every_wire_format():
-    for wire in ("none", "fp16", "int8"):
-        kw = dict(compression=getattr(Compression, wire))
-        full = run_threads(2, lambda comm: _run_and_save(comm, kw, save_at=5, total=14))   # launches at 4, 7, 10, 13
-        assert full[0][0]["opt"]["ssd_sgd"]["window"]["launched_at"] == 4
+@pytest.mark.parametrize("kw, save_at", [(dict(compression=Compression.none), 5), (dict(compression=Compression.fp16), 5),
+                                         (dict(compression=Compression.int8), 5), (dict(drift_correction=True), 8)],
+                         ids=["none", "fp16", "int8", "drift-correction"])
+def test_a_checkpoint_with_a_window_in_flight_resumes_bit_for_bit(kw, save_at):
+    """Saved after a launch (launches at 4, 7, 10, 13; the drift correction's after the first landing)."""
+    full = run_threads(2, lambda comm: _run_and_save(comm, kw, save_at=save_at, total=14))
+    assert full[0][0]["opt"]["ssd_sgd"]["window"]["launched_at"] == save_at - 1
 
-        def resumed(comm):
-            model, opt = build(comm, 3, 2, 0.5, 2, **kw)
-            model.load_state_dict(full[comm.rank][0]["model"])
-            opt.load_state_dict(full[comm.rank][0]["opt"])
-            for t in range(6, 14):
-                step(model, opt, comm.rank, t)
-            return problem.model_tensors(model)
-        for (_, expected), got in zip(full, run_threads(2, resumed)):
-            assert all(torch.equal(a, b) for a, b in zip(expected, got)), wire
+    def resumed(comm):
+        model, opt = build(comm, 3, 2, 0.5, 2, **kw)
+        model.load_state_dict(full[comm.rank][0]["model"])
+        opt.load_state_dict(full[comm.rank][0]["opt"])
+        for t in range(save_at + 1, 14):
+            step(model, opt, comm.rank, t)
+        return problem.model_tensors(model)
+    for (_, expected), got in zip(full, run_threads(2, resumed)):
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
 
 def test_a_window_restored_from_a_checkpoint_still_reports_a_rank_that_stepped_without_gradients():

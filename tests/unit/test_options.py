@@ -90,6 +90,13 @@ def test_flags_that_work_pass_every_check():
     start_training(*DIGITS, "--slow-rank", "1", "--slow-fraction", "0.5", size=2)
 
 
+def test_the_drift_correction_flag_reaches_the_settings():
+    from ssd_allreduce.train.options import build_parser, ssd_settings
+    on = build_parser().parse_args([*DIGITS, "--mode", "ssd", "--drift-correction"])
+    off = build_parser().parse_args([*DIGITS, "--mode", "ssd"])
+    assert ssd_settings(on).drift_correction and not ssd_settings(off).drift_correction
+
+
 def test_one_warmup_default_the_library_constant_or_one_epoch_at_most_that():
     signature = inspect.signature(DistributedOptimizer).parameters["warmup_steps"].default
     assert signature == SSDSettings().warmup_steps == DEFAULT_WARMUP_STEPS == 500

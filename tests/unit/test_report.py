@@ -11,7 +11,8 @@ from ssd_allreduce.bench import report
 
 def test_the_documents_are_what_their_results_write():
     written = report.written(report.DOCS)
-    assert report.DOCS / "BENCHMARKS.md" in written, "docs/results/quality.json and its section are published"
+    assert {report.DOCS / "BENCHMARKS.md", report.DOCS / "RELIABILITY.md"} <= set(written), \
+        "the quality study, the self-tuning window and the fault matrix are published from docs/results/"
     for doc, text in written.items():
         assert doc.read_text() == text, f"{doc} differs from its results: run python -m ssd_allreduce.bench report"
 
@@ -36,3 +37,68 @@ def test_report_rewrites_a_stale_section_and_check_says_so(tmp_path, capsys):
     assert report.main(["--docs", str(tmp_path)]) == 0
     assert "hand-written" not in doc.read_text() and record["command"] in doc.read_text()
     assert report.main(["--docs", str(tmp_path), "--check"]) == 0
+
+
+def _comparison(auto_repeats: list[float]) -> dict:
+    """A comparison's results at one network: Horovod, two fixed windows, auto, no-comm."""
+    def row(name, mode, ips, k=None, repeats=None):
+        return {"name": name, "mode": mode, "images_per_sec": ips, "images_per_sec_repeats": repeats or [ips, ips],
+                "x_horovod": ips / 1000, "x_no_comm": ips / 10_000, "test_accuracy": 0.98, "bytes_per_step": 100,
+                "time_to_target_s": None, "sync_every_used": k, "curve": [[0, 1]]}
+    auto_median = sorted(auto_repeats)[len(auto_repeats) // 2]
+    rows = [row("horovod", "horovod", 1000), row("ssd k=2 d=2", "ssd", 6000, 2),
+            row("ssd k=5 d=5", "ssd", 8000, 5), row("ssd k=auto d=auto", "ssd", auto_median, 7, auto_repeats),
+            row("no-comm", "no-comm", 10_000)]
+    return {"command": "python -m ssd_allreduce.bench compare --ssd-configs 2:2 5:5 auto", "bandwidths": [
+        {"rate": "100mbit", "measured_mbps": 96.4, "rows": rows, "targets": ["a target: met"], "cost_model": []}],
+        "config": {"ranks": 2, "model": "cnn", "data": "digits", "batch_size": 32, "repeats": 3, "nodes": 1}}
+
+
+def test_a_comparisons_record_writes_its_tables_with_the_spread_over_repeats():
+    from ssd_allreduce.bench import sections
+    stamp = {"command": "python -m ssd_allreduce.bench compare --ssd-configs 2:2 5:5 auto", "commit": "abc1234",
+             "date": "2026-12-05", "machine": "x86_64, 2 cores, Linux", "python": "3.11.7", "torch": "2.13.0",
+             "horovod": "0.28.1"}
+    record = json.loads(json.dumps(sections.record_of(_comparison([7000, 7600, 8400]), stamp)))
+    assert {k: record[k] for k in stamp} == stamp
+    assert all("curve" not in r for r in record["bandwidths"][0]["rows"])
+    auto = sections.render_auto_window(record)
+    # the best fixed window is k=5 (8000): auto's median 7600 is 0.950 of it, its repeats 0.88-1.05
+    assert "| 100mbit (measured 96 Mbit/s) | 6,000 | **8,000** | 7,600 (k=7) | 0.950 | 0.88–1.05 |" in auto
+    assert "| network | k=2 d=2 | k=5 d=5 | auto (chose) | auto / best fixed | over repeats |" in auto
+    table = sections.render_comparison(record)
+    assert "| ssd k=auto d=auto | 7,600 | 7,000–8,400 | 7.60 | 0.76 | 0.9800 | 100 | - |" in table
+    assert "- a target: met" in table and "3 repeat(s)" in table
+
+
+def test_the_fault_matrix_names_each_fault_and_keeps_what_the_survivor_said_without_the_backends_words():
+    stamp = {"command": "SSD_FAULT_MATRIX=full pytest tests/e2e/test_faults.py -k lost_rank", "commit": "abc1234",
+             "date": "2026-12-05", "machine": "x86_64, 2 cores, Linux", "python": "3.11.7", "torch": "2.13.0",
+             "horovod": "0.28.1"}
+    rows = [{"launcher": "torch-gloo", "fault": "kill:window:30:1", "seconds": 3.04, "job_end": False,
+             "message": "rank 0 at 2026-12-05T12:00:01.5: stopped during step 33 (a window in flight); lost: rank 1 "
+                        "(pid 7 on vm), last heard at step 18: DistBackendError: Connection closed by peer"},
+            {"launcher": "horovod-gloo", "fault": "stop:warmup:5:0", "seconds": 6.0, "job_end": False,
+             "message": "rank 1 at 2026-12-05T12:00:02.0: no progress for 6 s during step 5 (warm-up: gradients "
+                        "averaged every step): another rank stopped or froze, or a link is down; lost: rank 0 (pid 8 "
+                        "on vm), which keeps the roll call, does not answer; stopping this rank (exit 75). Rerun"},
+            {"launcher": "mpi4py", "fault": "kill:window:30:1", "seconds": 2.0, "job_end": True,
+             "message": "mpirun noticed that process rank 1 with PID 0 on node vm exited on signal 9"}]
+    table = report.render_faults({**stamp, "bound_s": 6, "rows": rows})
+    assert table.splitlines()[4:] == [
+        "| SIGKILL rank 1 | window in flight, step 30 | torch.distributed, Gloo (torchrun) | 3.0 s | stopped during "
+        "step 33 (a window in flight); lost: rank 1 (pid 7 on vm), last heard at step 18: <the backend's error> |",
+        "| SIGSTOP rank 0 | warm-up, step 5 | Horovod, Gloo (horovodrun) | 6.0 s | no progress for 6 s during step 5 "
+        "(warm-up: gradients averaged every step): …; lost: rank 0 (pid 8 on vm), which keeps the roll call, does "
+        "not answer |",
+        "| SIGKILL rank 1 | window in flight, step 30 | mpi4py (mpirun) | 2.0 s (job end) | mpirun noticed that "
+        "process rank 1 with PID 0 on node vm exited on signal 9 |"]
+    assert "bound 6 s" in table.splitlines()[0]
+
+
+def test_a_results_file_without_its_section_is_refused_saying_where_the_markers_go(tmp_path, capsys):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "quality.json").write_text((report.DOCS / "results" / "quality.json").read_text())
+    (tmp_path / "PAGE.md").write_text("# Page without markers\n")
+    assert report.main(["--docs", str(tmp_path), "--check"]) == 1
+    assert "quality.json has no section: put the lines <!-- results:quality --> and" in capsys.readouterr().err

@@ -33,6 +33,7 @@ from ..train.options import (BATCH_SIZE_HELP, GLU_BETA_HELP, SLOW_FRACTION_HELP,
 from ..train.runlog import markdown_table
 from . import costmodel, nodecost
 from .emulation import Emulation, emulate, emulation_available
+from .sections import write_record
 from .flags import PROG, RATE_HELP, UNSHAPED, check_at_least, link_rate
 
 DEFAULT_BANDWIDTHS = ("10gbit", "1gbit", "100mbit")
@@ -151,6 +152,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "name": first["name"], "mode": first["mode"], "ranks": first["ranks"],
         "run_images_per_sec": statistics.median(r["images_per_sec"] for r in runs),
         "images_per_sec": statistics.median(r["steady_images_per_sec"] for r in runs),
+        "images_per_sec_repeats": [r["steady_images_per_sec"] for r in runs],
         "rank_images_per_sec": {"min": min(per_rank), "median": statistics.median(per_rank), "max": max(per_rank)},
         "rank_spread": f"{min(per_rank):.0f}/{statistics.median(per_rank):.0f}/{max(per_rank):.0f}",
         "step_ms": statistics.median(r["steady_step_ms"] for r in runs),
@@ -381,6 +383,9 @@ def compare(a: argparse.Namespace) -> dict[str, Any]:
                   f"measured {c['measured_ms']:.2f} ms, error {c['error']:+.0%}")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(render_markdown(results))
+    if a.record:
+        write_record(results, Path(a.record))
+        print(f"wrote {a.record}")
     for p in plot_results(results, out):
         print(f"wrote {p}")
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
@@ -460,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None,
                    help="where results.json, results.md, the plots and every run's directory go "
                         "(default: results/bench-DATE-TIME)")
+    g.add_argument("--record", default=None, metavar="FILE",
+                   help="also write the results with their provenance to FILE (docs/results/NAME.json: "
+                        f"the section NAME of the documents that `{PROG} report` writes)")
     return ap
 
 

@@ -5,8 +5,9 @@ number of workers) and on real ranks (horovodrun, which must follow the simulato
     python -m ssd_allreduce.bench quality --tasks regression --ranks 4 8 16 --seeds 3
     python -m ssd_allreduce.bench quality --tasks gpt --optimizers adamw --max-steps 1000 --real-ranks 2 4
 
-A variant is ``k:d[:beta[:local_lr_scale[:outer_lr/outer_momentum]]]``: beta and the scale are
-the library's defaults (``auto``) where left out; ``sync`` is synchronous training. For each
+A variant is ``k:d[:beta[:local_lr_scale[:outer_lr/outer_momentum]]][+dc]``: beta and the scale
+are the library's defaults (``auto``) where left out, ``+dc`` turns the drift correction on;
+``sync`` is synchronous training. For each
 (task, workers, optimizer, shards) it reports the final validation loss, its gap to synchronous
 training in % (mean and range over the seeds), and the steps each variant took to reach the
 synchronous run's loss at 50, 80 and 100 % of its budget.
@@ -39,10 +40,11 @@ FRACTIONS = (0.5, 0.8, 1.0)
 
 
 def parse_variant(text: str) -> Variant:
-    """``sync`` or ``k:d[:beta[:scale[:outer_lr/outer_momentum]]]``."""
+    """``sync`` or ``k:d[:beta[:scale[:outer_lr/outer_momentum]]][+dc]``."""
     if text == "sync":
         return Variant("sync", sync=True)
-    parts = text.split(":")
+    window, drift = (text[:-3], True) if text.endswith("+dc") else (text, False)
+    parts = window.split(":")
     try:
         k, d = int(parts[0]), int(parts[1])
         beta: Any = parts[2] if len(parts) > 2 else AUTO
@@ -51,9 +53,9 @@ def parse_variant(text: str) -> Variant:
         scale = scale if scale == AUTO else float(scale)
         outer_lr, outer_momentum = (float(v) for v in parts[4].split("/")) if len(parts) > 4 else (1.0, 0.0)
     except (ValueError, IndexError):
-        raise SystemExit(f"--variants takes sync or k:d[:beta[:scale[:outer_lr/outer_momentum]]] such as "
-                         f"5:5:auto:auto, got {text!r}") from None
-    return Variant(text, k, d, beta, outer_lr, outer_momentum, scale)
+        raise SystemExit(f"--variants takes sync or k:d[:beta[:scale[:outer_lr/outer_momentum]]][+dc] such as "
+                         f"5:5:auto:auto or 5:5+dc, got {text!r}") from None
+    return Variant(text, k, d, beta, outer_lr, outer_momentum, scale, drift_correction=drift)
 
 
 def plan(a: argparse.Namespace) -> list[RunSpec]:
@@ -230,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how the data is split: shuffle, or non-iid (each rank a contiguous run of the samples "
                          "sorted by label, target or package)")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
-                    help="sync, or k:d[:glu_beta[:local_lr_scale[:outer_lr/outer_momentum]]] (auto for the "
-                         "library's choice)")
+                    help="sync, or k:d[:glu_beta[:local_lr_scale[:outer_lr/outer_momentum]]][+dc] (auto for the "
+                         "library's choice; +dc: the drift correction)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each variant beside sync of the same seed")
     ap.add_argument("--max-steps", type=int, default=600, help="the budget of every run, in steps")
     ap.add_argument("--warmup-steps", type=int, default=50, help="SSD-SGD's synchronous steps first")

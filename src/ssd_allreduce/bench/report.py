@@ -33,7 +33,49 @@ def render_quality(record: dict[str, Any]) -> str:
     return render_record(record)
 
 
-RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {"quality": render_quality, "quality-gpt": render_quality}
+def render_comparison(record: dict[str, Any]) -> str:
+    from .sections import render_comparison
+    return render_comparison(record)
+
+
+def render_auto_window(record: dict[str, Any]) -> str:
+    from .sections import render_auto_window
+    return render_auto_window(record)
+
+
+FAULTS = {"stop": "SIGSTOP", "kill": "SIGKILL"}
+PHASES = {"warmup": "warm-up, step {}", "window": "window in flight, step {}", "evaluation": "evaluation after step {}",
+          "checkpoint": "checkpoint at step {}"}
+LAUNCHERS = {"horovod-gloo": "Horovod, Gloo (horovodrun)", "horovod-mpi": "Horovod, MPI (mpirun)",
+             "torch-gloo": "torch.distributed, Gloo (torchrun)", "mpi4py": "mpi4py (mpirun)"}
+
+
+def survivor_message(message: str) -> str:
+    """What a survivor said, less its time stamp and the backend's own words (elided)."""
+    text = re.sub(r"^rank \d+ at \S+: ", "", message)
+    text = text.replace(": another rank stopped or froze, or a link is down", ": …").split("; stopping this rank")[0]
+    return re.sub(r": \w*(?:Error|Exception)\b.*$", ": <the backend's error>", text)
+
+
+def render_faults(record: dict[str, Any]) -> str:
+    """docs/RELIABILITY.md's fault matrix: each injected fault, where, on which backend, how soon the
+    survivor stopped (the job's end where mpirun ends it) and what it said."""
+    out = [f"Measured with `{record['command']}` (commit {record['commit']}, {record['date']}; {record['machine']}; "
+           f"Python {record['python']}, torch {record['torch']}, Horovod {record['horovod']}; bound "
+           f"{record['bound_s']} s):", "",
+           "| fault | phase | backend (launcher) | survivor stopped after | survivor's message |",
+           "|---|---|---|---|---|"]
+    for r in record["rows"]:
+        signal, phase, step, rank = r["fault"].split(":")
+        out.append(f"| {FAULTS[signal]} rank {rank} | {PHASES[phase].format(step)} | {LAUNCHERS[r['launcher']]} | "
+                   f"{r['seconds']:.1f} s{' (job end)' if r['job_end'] else ''} | {survivor_message(r['message'])} |")
+    return "\n".join(out) + "\n"
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "quality": render_quality, "quality-gpt": render_quality, "quality-drift": render_quality,
+    "quality-drift-beta": render_quality, "auto": render_auto_window, "faults": render_faults,
+    **{name: render_comparison for name in ("sweep", "compression", "compression-resnet", "warmup", "straggler", "nodes")}}
 """Each section with committed results: its name (``docs/results/NAME.json``) and what writes its markdown."""
 
 
@@ -47,8 +89,9 @@ def provenance(command: str) -> dict[str, str]:
         except Exception:   # noqa: BLE001 - absent or broken: say so in the record
             return "not importable"
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
+        # "-dirty": the measured code had changes beyond the commit
+        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=7"],
+                                capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return {"command": command, "commit": commit, "date": time.strftime("%Y-%m-%d"),
@@ -77,10 +120,15 @@ def written(docs: Path) -> dict[Path, str]:
         if not results.exists():
             continue
         body = render(json.loads(results.read_text()))
+        placed = False
         for doc in sorted(docs.glob("*.md")):
             text = out.get(doc, doc.read_text())
             if markers(name)[0] in text:
                 out[doc] = replace_section(text, name, body)
+                placed = True
+        if not placed:
+            raise ValueError(f"{results} has no section: put the lines {' and '.join(markers(name))} where its "
+                             f"table goes in one of {docs}/*.md")
     return out
 
 
@@ -97,7 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     stale = []
-    for doc, text in written(Path(a.docs)).items():
+    try:
+        documents = written(Path(a.docs))
+    except ValueError as exc:
+        print(f"report: {exc}", file=sys.stderr)
+        return 1
+    for doc, text in documents.items():
         if doc.read_text() == text:
             continue
         stale.append(doc)

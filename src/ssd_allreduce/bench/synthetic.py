@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -52,19 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Horovod's pytorch_synthetic_benchmark.py, with ``--mode ssd`` to run SSD-SGD instead."""
-    a = build_parser().parse_args(argv)
-    check_at_least(a, 1, "batch_size", "num_batches_per_iter", "num_iters", "image_size")
-    check_at_least(a, 0, "num_warmup_batches", "warmup_steps")
-    if a.warmup_steps is None:
-        a.warmup_steps = a.num_warmup_batches
-    ctx = init_distributed(a.backend, "cpu" if a.no_cuda else "auto")
-    if (a.mode == "horovod") != (a.backend == "horovod") and a.mode in ("horovod", "ddp"):
-        raise SystemExit(f"--mode {a.mode} needs --backend {'horovod' if a.mode == 'horovod' else 'torch'}")
-    size = a.image_size or (32 if a.model in MODEL_NAMES else 224)
-    classes = 10 if a.model in MODEL_NAMES else 1000
-    model = build_model(a.model, classes, 3, size).to(ctx.device)
+def wrap(a: argparse.Namespace, ctx: Any, model: torch.nn.Module) -> tuple[Any, torch.nn.Module]:
+    """(the optimizer, the network to call) of ``--mode``, every rank starting from rank 0's weights."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01 * ctx.size)
     ctx.comm.broadcast_(list(model.state_dict().values()), 0, "bench.init")
     net = model
@@ -80,6 +69,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                    named_buffers=model.named_buffers(), sync_every=a.sync_every,
                                    delay=a.delay, warmup_steps=a.warmup_steps, backend=ctx.comm,
                                    compression=Compression.fp16 if a.fp16_allreduce else Compression.none)
+    return opt, net
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Horovod's pytorch_synthetic_benchmark.py, with ``--mode ssd`` to run SSD-SGD instead."""
+    a = build_parser().parse_args(argv)
+    check_at_least(a, 1, "batch_size", "num_batches_per_iter", "num_iters", "image_size")
+    check_at_least(a, 0, "num_warmup_batches", "warmup_steps")
+    if a.warmup_steps is None:
+        a.warmup_steps = a.num_warmup_batches
+    ctx = init_distributed(a.backend, "cpu" if a.no_cuda else "auto")
+    if (a.mode == "horovod") != (a.backend == "horovod") and a.mode in ("horovod", "ddp"):
+        raise SystemExit(f"--mode {a.mode} needs --backend {'horovod' if a.mode == 'horovod' else 'torch'}")
+    size = a.image_size or (32 if a.model in MODEL_NAMES else 224)
+    classes = 10 if a.model in MODEL_NAMES else 1000
+    model = build_model(a.model, classes, 3, size).to(ctx.device)
+    opt, net = wrap(a, ctx, model)
     data = torch.randn(a.batch_size, 3, size, size, device=ctx.device)
     target = torch.randint(0, classes, (a.batch_size,), device=ctx.device)
 

@@ -13,14 +13,16 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from ..algorithm import apply_global_update_, compensate_local_, launch_window, outer_step_
-from ..comm import Communicator, ReduceOp
+from ..algorithm import (apply_global_update_, compensate_local_, correct_drift_, estimate_drift_, launch_window,
+                         outer_step_)
+from ..comm import Communicator
 from ..settings import AUTO, SSDSettings
 from ..stats import SSDStats
 from ..topology import Hierarchy
-from . import feedback, tuner as tuning
+from . import tuner as tuning
 from .clock import WindowClock
 from .layout import TensorLayout
+from .link import WindowLink
 from .rehearsal import rehearse
 from .state import DelayState, Position, Window
 from .transport import GatherTransport, NodeShards, make_transport
@@ -44,13 +46,14 @@ class DelayStage:
         node = hierarchy.node if hierarchy is not None and hierarchy.node.size > 1 else None
         self.shards = NodeShards(hierarchy.shard if hierarchy is not None else (0, 1), node, name)
         self.transport = make_transport(hierarchy.cross if hierarchy is not None else comm, compression, name)
-        self.state = DelayState(self.local, self.shards.shard, settings.outer_momentum > 0)
+        self.state = DelayState(self.local, self.shards.shard, settings.outer_momentum > 0, settings.drift_correction)
         self.verdicts = Verdicts(settings, stats, self.state, self.transport.comm.size,
                                  "ranks" if hierarchy is None else "nodes")
         self.tuner = (tuning.WindowTuner(comm, None if settings.sync_every == AUTO else settings.sync_every,
                                          settings.max_sync_every, settings.delay == AUTO) if settings.auto else None)
+        self.link = WindowLink(self.state, self.transport, self.shards, compression, stats, self.tuner,
+                               len(self.params), name)
         self.steps_without_gradients = 0   # on this rank, since the last launch
-        self._lossy: Optional[bool] = None   # the wire format rounds the delta (known at the first launch)
 
     @property
     def local(self) -> list[Tensor]:
@@ -82,7 +85,7 @@ class DelayStage:
             return
         # a window's host cost before the first: a launch timed on the scratch buffers, the landing 1.5 launches
         dry = 2.5 * tuning.timed(lambda: launch_window(self.local, state.global_, state.snapshot, state.delta))
-        self._set_clock(self.tuner.first_clock(step, self.wire_bytes(), dry))
+        self._set_clock(self.tuner.first_clock(step, self.link.wire_bytes(), dry))
 
     def _allocate(self) -> None:
         self.state.allocate()
@@ -91,10 +94,6 @@ class DelayStage:
     def _rehearse(self) -> None:
         rehearse(self.local, len(self.params), self.compression, isinstance(self.transport, GatherTransport),
                  self.settings)
-
-    def wire_bytes(self) -> int:
-        """Bytes a window's delta puts on the wire from this rank."""
-        return self.transport.bytes_sent(self.shards.part(self.state.delta))
 
     def reset_local_to_global(self) -> None:
         """``w = W`` (parameters and buffers)."""
@@ -111,8 +110,10 @@ class DelayStage:
         True when a skipped window brought non-finite local weights back to ``W``. A step
         ``without_gradients`` is reported to every rank with the window and raises there."""
         self.steps_without_gradients += without_gradients
-        self._poll()
         state, clock = self.state, self.state.clock
+        if state.correction is not None:
+            correct_drift_(self.params, state.correction.views[:len(self.params)])
+        self.link.poll()
         reset = False
         if state.window is not None and step == state.window.lands_at:
             reset = self.land(elapsed=step - state.window.launched_at)
@@ -142,51 +143,19 @@ class DelayStage:
         state = self.state
         with record_function("ssd_allreduce.launch"):
             launch_window(self.local, state.global_, state.snapshot, state.delta)
-            node = self.shards.node_comm
-            if node is not None and self.buffers:
-                # a node's ranks share their parameters, not their buffers' running statistics:
-                # the node's delta takes their mean (a small collective on the fast link)
-                views = state.delta.views[len(self.params):]
-                node.synchronize(node.allreduce_async_(views, name=f"{self.name}.node_buffers", op=ReduceOp.AVERAGE))
+            self.link.node_mean_buffers()
             self.stats.windows_launched += 1
-            state.window = window = Window(step, step + state.clock.delay, covers, launch_time=time.perf_counter())
+            state.window = Window(step, step + state.clock.delay, covers, launch_time=time.perf_counter())
             missing, self.steps_without_gradients = self.steps_without_gradients > 0, 0
-            if self.transport.comm.size == 1:   # the delta is its own average: nothing to send
-                return
-            parts = self.shards.part(state.delta)
-            if self._lossy is None:
-                self._lossy = feedback.is_lossy(self.compression, parts)
-            if self._lossy:
-                feedback.add_residual_(parts, self.shards.part(state.ensure_residual()))
-            window.inflight = self.transport.send(parts, missing)
-            self.stats.bytes_allreduced += self.transport.payload(window.inflight)
+            self.link.send(state.window, missing)
 
     def discard_window(self) -> None:
         """Forget the window in flight without waiting for it (its collective died with a lost rank)."""
         self.state.window = self.verdicts.pending = None
 
-    def _poll(self) -> None:
-        window = self.state.window
-        if window is None or window.inflight is None:
-            return
-        if not self.transport.arrived(window.inflight):
-            self.stats.polls_pending += 1
-        elif self.tuner is not None and not window.seen_arrived:
-            window.seen_arrived = True
-            self.tuner.window_arrived(time.perf_counter() - window.launch_time)
-
     def wait(self) -> None:
         """Block until the window in flight has arrived in the delta (it is not landed)."""
-        window = self.state.window
-        if window is None or window.inflight is None:
-            return
-        with record_function("ssd_allreduce.wait"):
-            t0 = time.perf_counter()
-            self.transport.receive(window.inflight, self.shards.part(self.state.delta))
-            if self.tuner is not None and not window.seen_arrived:
-                self.tuner.window_arrived(time.perf_counter() - window.launch_time)
-            window.missing, window.inflight = window.inflight.flag, None
-            self.stats.comm_wait_seconds += time.perf_counter() - t0
+        self.link.receive()
 
     def land(self, elapsed: int) -> bool:
         """``W += G`` (``G`` the outer step on the average ``D``, ``D`` itself by default) and the
@@ -202,11 +171,11 @@ class DelayStage:
             state.window = None
             if not self.verdicts.judge(window.launched_at, window.lands_at, state.delta, window.missing):
                 return self._back_to_global_if_nonfinite()
-            if state.residual is not None:
-                part = self.shards.part
-                feedback.update_residual_(self.compression, part(state.residual), part(state.snapshot),
-                                          part(state.global_))
+            self.link.update_residual()
             n = len(self.params)
+            if state.correction is not None:
+                estimate_drift_(state.correction.leading(n), state.delta.leading(n), state.snapshot.leading(n),
+                                state.global_.leading(n), window.sync_every)
             outer_step_(state.delta.leading(n), None if state.momentum is None else state.momentum.leading(n),
                         lr=settings.outer_lr, mu=settings.outer_momentum, nesterov=settings.outer_nesterov)
             apply_global_update_(state.global_, state.delta)

@@ -1,6 +1,7 @@
 """What the delay stage holds on one rank, and how it is saved and restored: ``W``, the snapshot
 and the delta (three copies of the model), the residual of a lossy wire format, the outer
-optimizer's momentum, the window launched, the clock, and the windows skipped in a row."""
+optimizer's momentum, the drift correction, the window launched, the clock, and the windows
+skipped in a row."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,13 +53,16 @@ class DelayState:
     """One rank's delay-stage state for the ``local`` tensors (parameters, then buffers), of which
     it carries ``shard`` across nodes. Nothing is allocated before ``allocate()``."""
 
-    def __init__(self, local: Sequence[Tensor], shard: tuple[int, int] = (0, 1), outer_momentum: bool = False) -> None:
+    def __init__(self, local: Sequence[Tensor], shard: tuple[int, int] = (0, 1), outer_momentum: bool = False,
+                 drift_correction: bool = False) -> None:
         self.local, self.shard, self.outer_momentum = list(local), shard, outer_momentum
+        self.drift_correction = drift_correction
         self.global_: Optional[FlatSpace] = None
         self.snapshot: Optional[FlatSpace] = None
         self.delta: Optional[FlatSpace] = None
         self.residual: Optional[FlatSpace] = None   # error feedback of a lossy wire format
         self.momentum: Optional[FlatSpace] = None   # the outer optimizer's
+        self.correction: Optional[FlatSpace] = None   # this rank's drift correction (its own, never shared)
         self.window: Optional[Window] = None
         self.clock: Optional[WindowClock] = None
         self.skipped_in_a_row = 0
@@ -69,13 +73,15 @@ class DelayState:
 
     @property
     def nbytes(self) -> int:
-        spaces = (self.global_, self.snapshot, self.delta, self.residual, self.momentum)
+        spaces = (self.global_, self.snapshot, self.delta, self.residual, self.momentum, self.correction)
         return sum(s.nbytes for s in spaces if s is not None)
 
     def allocate(self) -> None:
-        """W, the snapshot, the delta, and the outer momentum where one is kept (zeros)."""
+        """W, the snapshot, the delta, and the outer momentum and drift correction where they are
+        kept (zeros)."""
         self.global_, self.snapshot, self.delta = FlatSpace(self.local), FlatSpace(self.local), FlatSpace(self.local)
         self.momentum = FlatSpace(self.local) if self.outer_momentum else None
+        self.correction = FlatSpace(self.local) if self.drift_correction else None
 
     def ensure_residual(self) -> FlatSpace:
         if self.residual is None:
@@ -88,8 +94,10 @@ class DelayState:
 
     def adopt(self, comm: Communicator, root: Position, name: str) -> None:
         """Take rank 0's ``W``, outer momentum, window (arrived on rank 0) and clock: collective,
-        on an allocated state."""
+        on an allocated state. A drift correction is a rank's own: it starts again from zero."""
         mine, self.window = self.window, None
+        for c in [] if self.correction is None else self.correction.buffers:
+            c.zero_()
         self.skipped_in_a_row = root.skipped_in_a_row
         shared = self.global_.buffers + ([] if self.momentum is None else self.momentum.buffers)
         comm.broadcast_(shared, root_rank=0, name=f"{name}.adopt.global_weights")
@@ -112,6 +120,7 @@ class DelayState:
             "residual": _buffers(self.residual),
             "global_weights": _buffers(self.global_),
             "outer_momentum": _buffers(self.momentum),
+            "drift_correction": _buffers(self.correction),
             "clock": None if self.clock is None else list(self.clock.as_tuple()),
             "window": None if window is None else {
                 "launched_at": window.launched_at, "lands_at": window.lands_at, "sync_every": window.sync_every,
@@ -121,7 +130,7 @@ class DelayState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``'s output; ``{}`` resets to before the delay stage."""
-        self.global_ = self.snapshot = self.delta = self.residual = self.momentum = None
+        self.global_ = self.snapshot = self.delta = self.residual = self.momentum = self.correction = None
         self.window = self.clock = None
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         shard = tuple(state.get("shard", self.shard))
@@ -139,6 +148,8 @@ class DelayState:
         self.global_.load_(state["global_weights"], "global weights")
         if self.momentum is not None and state.get("outer_momentum") is not None:
             self.momentum.load_(state["outer_momentum"], "outer momentum")
+        if self.correction is not None and state.get("drift_correction") is not None:
+            self.correction.load_(state["drift_correction"], "drift correction")
         self.clock = WindowClock(*state["clock"])
         window = state.get("window")
         if window is not None:

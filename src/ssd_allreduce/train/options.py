@@ -82,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
                                  formatter_class=HelpFormatter)
     add_version(ap)
+    _add_launch(ap)
+    _add_data(ap)
+    _add_model(ap)
+    _add_length(ap)
+    _add_optimizer(ap)
+    _add_ssd(ap)
+    _add_faults(ap)
+    _add_straggler(ap)
+    _add_output(ap)
+    return ap
+
+
+def _add_launch(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("mode and launch")
     g.add_argument("--mode", choices=MODES, default="ssd",
                    help="ssd: SSD-SGD; horovod: hvd.DistributedOptimizer; ddp: torch DistributedDataParallel; "
@@ -91,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: a GPU per rank where there are GPUs, else the CPU")
 
+
+def _add_data(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("data")
     g.add_argument("--data", choices=DATASET_NAMES, default="digits",
                    help="digits: bundled with scikit-learn; cifar10 and imagefolder: --data-dir; synthetic: "
@@ -107,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=4, help="data-loading processes per rank (image folders)")
     g.add_argument("--batch-size", type=int, default=32, help=BATCH_SIZE_HELP)
 
+
+def _add_model(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("model")
     g.add_argument("--model", default="cnn",
                    help="mlp, cnn, resnet20..resnet110 or a torchvision name; gpt for --data stdlib")
@@ -114,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpt-layers", type=int, default=4, help=GPT_HELP["layers"])
     g.add_argument("--gpt-heads", type=int, default=4, help=GPT_HELP["heads"])
 
+
+def _add_length(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("length and evaluation")
     g.add_argument("--epochs", type=int, default=10, help="passes over the training data")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
@@ -122,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-samples", type=int, default=0,
                    help="evaluate on the first this many test samples (0: all of them)")
 
+
+def _add_optimizer(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("optimizer")
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                    help="the optimizer every mode wraps (AdamW: --momentum is not used)")
@@ -140,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip the gradients' norm to this (0: no clipping)")
     g.add_argument("--amp", action="store_true", help="float16 + GradScaler on GPUs, bfloat16 on CPUs")
 
+
+def _add_ssd(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("SSD-SGD (--mode ssd; local-sgd takes --sync-every, --warmup-steps, --local-sync)")
     g.add_argument("--sync-every", type=int_or_auto, default=5, metavar="K|auto", help=SYNC_EVERY_HELP + " (auto: --mode ssd)")
     g.add_argument("--delay", type=int_or_auto, default=None, metavar="D|auto", help=DELAY_HELP)
@@ -152,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an outer optimizer on each window's average delta (DiLoCo's): its learning rate (1 with "
                         "--outer-momentum 0: none)")
     g.add_argument("--outer-momentum", type=float, default=0.0, help="the outer optimizer's Nesterov momentum")
+    g.add_argument("--drift-correction", action="store_true",
+                   help="each local step also moves by the last window's average step less this rank's own "
+                        "(for shards whose data differ, e.g. --shards label-skew; one more copy of the weights)")
     g.add_argument("--compensation", choices=("glu", "overwrite"), default="glu",
                    help="what a landing does to a rank's own weights: glu compensates them; overwrite replaces "
                         "them by the global ones (the ablation)")
@@ -165,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "nodes; auto: on where the job has several nodes with several ranks on each (a rank's "
                         "node: $SSD_NODE, else its host name)")
 
+
+def _add_faults(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("checkpoints, preemption and faults")
     g.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint of --out (or the one given); "
@@ -187,17 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     # window, step, checkpoint, evaluation)
     g.add_argument("--fault-at", default=None, help=argparse.SUPPRESS)
 
+
+def _add_straggler(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("straggler emulation")
     g.add_argument("--slow-rank", type=int, default=-1, help=SLOW_RANK_HELP)
     g.add_argument("--slow-fraction", type=float, default=0.0, help=SLOW_FRACTION_HELP)
 
+
+def _add_output(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("run and output")
     g.add_argument("--seed", type=int, default=0, help="seed of the weights, the shards and every random draw")
     g.add_argument("--out", default="runs/latest",
                    help="run directory: metrics.jsonl, curves.png, checkpoints/")
     g.add_argument("--label", default="", help="free text stored with the run (e.g. the network)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return ap
 
 
 def build_summarize_parser() -> argparse.ArgumentParser:
@@ -218,7 +249,7 @@ def ssd_settings(args: argparse.Namespace) -> SSDSettings:
         return SSDSettings(sync_every=args.sync_every, delay=0 if args.mode == "local-sgd" else args.delay,
                            warmup_steps=warmup, glu_beta=args.glu_beta, compensation=args.compensation,
                            local_lr_scale=args.local_lr_scale, outer_lr=args.outer_lr,
-                           outer_momentum=args.outer_momentum,
+                           outer_momentum=args.outer_momentum, drift_correction=args.drift_correction,
                            compression=args.compression, max_sync_every=args.max_sync_every)
     except ValueError as exc:   # said in the flags' names
         message = str(exc)
