@@ -6,8 +6,8 @@
 #   scripts/bench.sh --list          # the sections and their commands
 #
 # Results (JSON, markdown, PNG) go to results/bench-<date>/<section>/ (SSD_BENCH_OUT=dir to choose);
-# every section but the cost models, the overhead and the GPT writes docs/results/<section>.json and
-# rewrites its part of docs/BENCHMARKS.md from it (python -m ssd_allreduce.bench report).
+# the quality, auto, compression, straggler and faults sections write docs/results/<section>.json and
+# rewrite their part of the docs from it (python -m ssd_allreduce.bench report).
 # The emulated networks need root (network namespaces); the GPU table is scripts/bench_gpu.sh.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -61,16 +61,18 @@ for name in "${wanted[@]}"; do
   mkdir -p "$OUT/$name"
   # shellcheck disable=SC2206  # the section's arguments are words
   args=(${SECTION[$name]})
-  case "${args[0]}" in
+  case "$name" in
     costmodel|nodecost|overhead) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" | tee "$OUT/$name/table.md" ;;
     # results committed under docs/results/, and the documents' sections written from them
-    quality) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" && "$VENV/bin/python" "${BENCH[@]}" report ;;
-    gpt) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" ;;
+    quality*) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" && "$VENV/bin/python" "${BENCH[@]}" report ;;
     faults) SSD_FAULT_MATRIX=full SSD_FAULT_RECORD="$REPO/docs/results/faults.json" "$VENV/bin/python" "${FAULTS[@]}" |
               tee "$OUT/$name/pytest.log" && "$VENV/bin/python" "${BENCH[@]}" report ;;
-    # the comparisons: their record under docs/results/, and their sections written from it
-    *) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" --record "docs/results/$name.json" &&
-       "$VENV/bin/python" "${BENCH[@]}" report ;;
+    # the comparisons whose sections are written from their record
+    auto|compression|compression-resnet|straggler)
+      "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" --record "docs/results/$name.json" &&
+        "$VENV/bin/python" "${BENCH[@]}" report ;;
+    # the others print their tables and write them under $OUT (docs/BENCHMARKS.md copies them)
+    *) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" ;;
   esac
 done
 echo "bench.sh: results in $OUT"

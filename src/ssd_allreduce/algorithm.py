@@ -86,15 +86,22 @@ def outer_step_(delta: Sequence[Tensor], momentum: Optional[Sequence[Tensor]], *
             torch._foreach_mul_(delta, lr)
 
 
-def estimate_drift_(correction: Sequence[Tensor], delta: Sequence[Tensor], snapshot: Sequence[Tensor],
-                    global_: Sequence[Tensor], sync_every: int) -> None:
-    """Landing, before ``W`` moves and the outer step: ``c = (D - (s - W)) / k``, the average
-    step of the window's ``k`` local steps less this rank's own (SCAFFOLD's control variates,
-    taken from the window's own average: nothing more is sent). Flat parameter parts."""
+def estimate_drift_(correction: Sequence[Tensor], before: Sequence[Tensor], delta: Sequence[Tensor],
+                    snapshot: Sequence[Tensor], global_: Sequence[Tensor], sync_every: int, delay: int) -> None:
+    """Landing, before ``W`` moves and the outer step: the correction ``c`` becomes
+    ``(a + D - (s - W)) / k`` and ``before`` the one it replaces, where ``a`` is what the
+    corrections added over the window's ``k`` steps: ``d`` steps of ``before`` and ``k - d`` of
+    ``c`` (a landing replaces the correction after its step's local update, ``d`` steps into the
+    next window). ``(D - (s - W)) / k`` is the window's average step less this rank's own, its own
+    corrections included, so the new ``c`` is the average step less this rank's uncorrected one:
+    SCAFFOLD's control variates, read off the window's own average (nothing more is sent; they
+    sum to zero over the ranks). Flat parameter parts."""
     with torch.no_grad():
-        for c, d, s, w in zip(correction, delta, snapshot, global_):
-            torch.sub(d, s, out=c)
-            c.add_(w).div_(sync_every)
+        for c, b, d, s, w in zip(correction, before, delta, snapshot, global_):
+            new = torch.sub(s, w).neg_().add_(d)   # D - (s - W): s and W are close, so s - W first
+            new.add_(b, alpha=delay).add_(c, alpha=sync_every - delay).div_(sync_every)
+            b.copy_(c)
+            c.copy_(new)
 
 
 def correct_drift_(params: Sequence[Tensor], correction: Sequence[Tensor]) -> None:

@@ -413,12 +413,14 @@ class _SSDSGDOptimizer(HorovodProtocol, ScaledLocalStep, RankAgreement, SavedSta
 
     def membership_changed(self) -> None:
         """After Horovod elastic re-initialised with other ranks: the window in flight is dropped,
-        the local weights become ``W`` (the same on every rank: commits land windows), the new
+        the local weights become ``W`` (the same on every rank: commits land windows) and a drift
+        correction starts again from zero, the new
         rank and size are taken, and ranks are compared at the next step, where a rank that
         joined takes rank 0's SSD-SGD state (``SSDState`` calls it)."""
         self.discard_window()
         if self._ssd_engine.started:
             self._ssd_engine.reset_local_to_global()
+            self._ssd_engine.state.forget_drift()   # it summed to zero over the ranks that were
         self._ssd_averager.discard()
         self._ssd_comm.refresh()
         self._ssd_checked = False

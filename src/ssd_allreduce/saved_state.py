@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 STATE_KEY = "ssd_sgd"
 STATE_VERSION = 4
+READABLE_VERSIONS = (3, 4)   # 3: no drift correction (it loads as off)
 
 
 class SavedState:
@@ -70,7 +71,7 @@ class SavedState:
         self._ssd_step = int(ssd["step"])
 
     def _ssd_check_compatible(self, ssd: dict[str, Any]) -> None:
-        if ssd.get("version") != STATE_VERSION:
+        if ssd.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"SSD-SGD state version {ssd.get('version')!r} is not {STATE_VERSION}: it was "
                              "written by another ssd_allreduce release; resume with that release or start anew")
         names = self._ssd_param_names + self._ssd_buffer_names

@@ -60,6 +60,7 @@ class Simulator:
         self.momentum: Optional[FlatSpace] = None
         self.snapshots: list[FlatSpace] = []
         self.corrections: list[FlatSpace] = []   # each worker's drift correction, where kept
+        self.corrections_before: list[FlatSpace] = []   # the ones the last landing replaced
         self._own_delta: Optional[FlatSpace] = None
         self.launched_at: Optional[int] = None
         self.windows_landed = 0
@@ -137,6 +138,7 @@ class Simulator:
         self.snapshots = [FlatSpace(local0) for _ in self.models]
         self._own_delta = FlatSpace(local0)
         self.corrections = [FlatSpace(local0) for _ in self.models] if self.settings.drift_correction else []
+        self.corrections_before = [FlatSpace(local0) for _ in self.corrections]
         self.clock = WindowClock.starting(self.settings.sync_every, self.settings.delay, step)
         with torch.no_grad():
             for i in range(self.num_workers):
@@ -163,9 +165,9 @@ class Simulator:
         assert self.global_ is not None and self.delta is not None
         s = self.settings
         n = len(self.tensors[0][0])
-        for i, c in enumerate(self.corrections):
-            estimate_drift_(c.leading(n), self.delta.leading(n), self.snapshots[i].leading(n), self.global_.leading(n),
-                            s.sync_every)
+        for i, (c, before) in enumerate(zip(self.corrections, self.corrections_before)):
+            estimate_drift_(c.leading(n), before.leading(n), self.delta.leading(n), self.snapshots[i].leading(n),
+                            self.global_.leading(n), s.sync_every, self.clock.delay)
         outer_step_(self.delta.leading(n), None if self.momentum is None else self.momentum.leading(n),
                     lr=s.outer_lr, mu=s.outer_momentum, nesterov=s.outer_nesterov)
         apply_global_update_(self.global_, self.delta)

@@ -13,8 +13,10 @@ G = lr_o (D + mu m) (Nesterov) or lr_o m takes D's place in both formulas; buffe
 ``beta`` may be a function of the steps the window was in flight. ``lr_scale``: the local steps
 after the warm-up run at that multiple of the optimizer's learning rate.
 
-Drift correction (``drift``): at a landing, before W moves, c_r = (D - (s_r - W)) / k for
-parameters (zero before the first landing); after every later local step, w_r = w_r + c_r.
+Drift correction (``drift``): after every local step after the warm-up, w_r = w_r + c_r (zero
+before the first landing); at a landing, before W moves, c_r = (a_r + D - (s_r - W)) / k for
+parameters, with a_r the sum of the corrections rank r added over that window's k steps (counted
+step by step here).
 
 Hierarchical (SPEC's "Hierarchical windows", ``ranks_per_node`` R): workers r = nR .. nR + R - 1
 form node n. For t >= T their gradients are averaged over the node before the local step, so its
@@ -44,6 +46,8 @@ class ReferenceSSD:
         self.R = ranks_per_node
         self.drift = drift
         self.c: Optional[list[list[Tensor]]] = None
+        self.added: Optional[list[list[Tensor]]] = None          # since the last launch
+        self.added_window: Optional[list[list[Tensor]]] = None   # over the window in flight
         self.outer_lr, self.outer_mu, self.nesterov, self.lr_scale = outer_lr, outer_mu, nesterov, lr_scale
         self.m: Optional[list[Tensor]] = None
         self.models = [make_model() for _ in range(workers)]
@@ -66,8 +70,8 @@ class ReferenceSSD:
         if self.m is None:
             self.m = [torch.zeros_like(D) for D in self.D]
         if self.drift:
-            self.c = [[(self.D[i] - (self.s[r][i] - self.W[i])) / self.k for i in range(n_params)]
-                      for r in range(len(self.models))]
+            self.c = [[(self.added_window[r][i] + self.D[i] - (self.s[r][i] - self.W[i])) / self.k
+                       for i in range(n_params)] for r in range(len(self.models))]
         G = []
         for i, D in enumerate(self.D):
             if i < n_params:
@@ -109,11 +113,16 @@ class ReferenceSSD:
             opt.step()
             for group, lr in zip(opt.param_groups, lrs):
                 group["lr"] = lr
-        if windows and self.c is not None:
+        if windows and self.drift:
+            n_params = len(local_tensors(self.models[0])[0])
+            if self.c is None:
+                self.c = [[torch.zeros_like(w) for w in self._w(r)[:n_params]] for r in range(workers)]
+                self.added = [[torch.zeros_like(c) for c in self.c[r]] for r in range(workers)]
             with torch.no_grad():
                 for r in range(workers):
-                    for w, c in zip(self._w(r), self.c[r]):
+                    for w, c, a in zip(self._w(r), self.c[r], self.added[r]):
                         w.add_(c)
+                        a.add_(c)
         if windows:
             j = t - self.T
             if self.d > 0 and self.launched_at == t - self.d:
@@ -123,6 +132,9 @@ class ReferenceSSD:
                     self.s = [[w.clone() for w in self._w(r)] for r in range(workers)]
                     self.D = [sum(self.s[r][i] - self.W[i] for r in range(workers)) / workers
                               for i in range(len(self.W))]
+                if self.drift:
+                    self.added_window = self.added
+                    self.added = [[torch.zeros_like(a) for a in added] for added in self.added]
                 self.launched_at = t
                 if self.d == 0:
                     self._land(0)

@@ -130,6 +130,21 @@ def test_the_drift_correction_follows_the_reference_with_w_bit_identical(size, c
         assert_matches_reference(ranks, config)
 
 
+def test_the_drift_corrections_sum_to_zero_over_the_ranks():
+    """Each is the average step less the rank's own: together they move ``W`` by nothing."""
+    def rank_fn(comm):
+        model, opt = build(comm, 2, 1, 0.5, 0, drift_correction=True)
+        for t in range(11):
+            step(model, opt, comm.rank, t)
+        state = opt._ssd_engine.state
+        return torch.cat(list(state.correction.buffers)), torch.cat(list(state.correction_before.buffers))
+    corrections = run_threads(4, rank_fn)
+    for which in (0, 1):
+        mine = torch.stack([c[which] for c in corrections])
+        assert mine.abs().max() > 1e-4
+        torch.testing.assert_close(mine.sum(0), torch.zeros_like(mine[0]), rtol=0, atol=1e-6)
+
+
 def test_the_drift_correction_follows_the_hierarchical_reference():
     config = (3, 2, 0.5, 2)
     ranks = train(4, config, ranks_per_node=2, local_sync=True, drift_correction=True)
@@ -640,3 +655,25 @@ def test_with_adamw_and_the_same_data_on_every_rank_k1_d0_is_synchronous_adamw()
         expected = problem.model_tensors(alone)
         torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {t}: {m}")
         torch.testing.assert_close(theirs, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {t}: {m}")
+
+
+def test_a_state_of_the_previous_format_loads_as_without_drift_correction_and_an_older_one_is_refused():
+    def rank_fn(comm):
+        model, opt = build(comm, 2, 2, 0.5, 1)
+        for t in range(5):
+            step(model, opt, comm.rank, t)
+        opt.finish()
+        saved = pickle.loads(pickle.dumps(opt.state_dict()))
+        ssd = saved["ssd_sgd"]
+        ssd["version"] = 3    # as the previous release wrote it: no drift correction anywhere
+        for key in ("drift_correction", "drift_correction_before", "drift_known"):
+            del ssd[key]
+        del ssd["settings"]["drift_correction"]
+        _, fresh = build(comm, 2, 2, 0.5, 1)
+        fresh.load_state_dict(saved)
+        same = all(torch.equal(a, b) for a, b in zip(fresh.global_weights, opt.global_weights))
+        ssd["version"] = 2
+        with pytest.raises(ValueError, match="SSD-SGD state version 2 is not 4: it was written by another"):
+            build(comm, 2, 2, 0.5, 1)[1].load_state_dict(saved)
+        return same
+    assert run_threads(2, rank_fn) == [True, True]

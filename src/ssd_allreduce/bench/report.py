@@ -75,7 +75,7 @@ def render_faults(record: dict[str, Any]) -> str:
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quality": render_quality, "quality-gpt": render_quality, "quality-drift": render_quality,
     "quality-drift-beta": render_quality, "auto": render_auto_window, "faults": render_faults,
-    **{name: render_comparison for name in ("sweep", "compression", "compression-resnet", "warmup", "straggler", "nodes")}}
+    **{name: render_comparison for name in ("compression", "compression-resnet", "straggler")}}
 """Each section with committed results: its name (``docs/results/NAME.json``) and what writes its markdown."""
 
 
@@ -89,9 +89,12 @@ def provenance(command: str) -> dict[str, str]:
         except Exception:   # noqa: BLE001 - absent or broken: say so in the record
             return "not importable"
     try:
-        # "-dirty": the measured code had changes beyond the commit
-        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=7"],
-                                capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+        # "-dirty": the measured code (not the documents a previous section rewrote) differs from the commit
+        code = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "src", "scripts"],
+                              capture_output=True, timeout=10)
+        commit += "-dirty" if code.returncode == 1 else ""
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return {"command": command, "commit": commit, "date": time.strftime("%Y-%m-%d"),

@@ -170,12 +170,15 @@ class DelayStage:
             self.shards.gather_(state.delta)   # here, where every rank of the node is at the same step
             state.window = None
             if not self.verdicts.judge(window.launched_at, window.lands_at, state.delta, window.missing):
+                state.keep_drift()
                 return self._back_to_global_if_nonfinite()
             self.link.update_residual()
             n = len(self.params)
-            if state.correction is not None:
-                estimate_drift_(state.correction.leading(n), state.delta.leading(n), state.snapshot.leading(n),
-                                state.global_.leading(n), window.sync_every)
+            if state.correction is not None and state.drift_known:
+                estimate_drift_(state.correction.leading(n), state.correction_before.leading(n), state.delta.leading(n),
+                                state.snapshot.leading(n), state.global_.leading(n), window.sync_every, state.clock.delay)
+            elif state.correction is not None:
+                state.keep_drift()
             outer_step_(state.delta.leading(n), None if state.momentum is None else state.momentum.leading(n),
                         lr=settings.outer_lr, mu=settings.outer_momentum, nesterov=settings.outer_nesterov)
             apply_global_update_(state.global_, state.delta)

@@ -63,6 +63,8 @@ class DelayState:
         self.residual: Optional[FlatSpace] = None   # error feedback of a lossy wire format
         self.momentum: Optional[FlatSpace] = None   # the outer optimizer's
         self.correction: Optional[FlatSpace] = None   # this rank's drift correction (its own, never shared)
+        self.correction_before: Optional[FlatSpace] = None   # the one the last landing replaced
+        self.drift_known = True   # False: the window in flight is rank 0's, adopted (not this rank's drift)
         self.window: Optional[Window] = None
         self.clock: Optional[WindowClock] = None
         self.skipped_in_a_row = 0
@@ -73,7 +75,8 @@ class DelayState:
 
     @property
     def nbytes(self) -> int:
-        spaces = (self.global_, self.snapshot, self.delta, self.residual, self.momentum, self.correction)
+        spaces = (self.global_, self.snapshot, self.delta, self.residual, self.momentum, self.correction,
+                  self.correction_before)
         return sum(s.nbytes for s in spaces if s is not None)
 
     def allocate(self) -> None:
@@ -82,6 +85,21 @@ class DelayState:
         self.global_, self.snapshot, self.delta = FlatSpace(self.local), FlatSpace(self.local), FlatSpace(self.local)
         self.momentum = FlatSpace(self.local) if self.outer_momentum else None
         self.correction = FlatSpace(self.local) if self.drift_correction else None
+        self.correction_before = FlatSpace(self.local) if self.drift_correction else None
+
+    def keep_drift(self) -> None:
+        """A landing that does not estimate the correction (a skipped window, an adopted one):
+        the correction stays, and so it is the one the next window's steps all added."""
+        for b, c in zip([] if self.correction is None else self.correction_before.buffers,
+                        [] if self.correction is None else self.correction.buffers):
+            b.copy_(c)
+        self.drift_known = True
+
+    def forget_drift(self) -> None:
+        """Start the drift correction again from zero (the ranks it summed to zero over changed)."""
+        for space in (self.correction, self.correction_before):
+            for b in [] if space is None else space.buffers:
+                b.zero_()
 
     def ensure_residual(self) -> FlatSpace:
         if self.residual is None:
@@ -94,10 +112,11 @@ class DelayState:
 
     def adopt(self, comm: Communicator, root: Position, name: str) -> None:
         """Take rank 0's ``W``, outer momentum, window (arrived on rank 0) and clock: collective,
-        on an allocated state. A drift correction is a rank's own: it starts again from zero."""
+        on an allocated state. A drift correction is a rank's own: it starts again from zero, and
+        the adopted window (rank 0's snapshot) does not estimate one."""
         mine, self.window = self.window, None
-        for c in [] if self.correction is None else self.correction.buffers:
-            c.zero_()
+        self.forget_drift()
+        self.drift_known = root.window is None
         self.skipped_in_a_row = root.skipped_in_a_row
         shared = self.global_.buffers + ([] if self.momentum is None else self.momentum.buffers)
         comm.broadcast_(shared, root_rank=0, name=f"{name}.adopt.global_weights")
@@ -121,6 +140,8 @@ class DelayState:
             "global_weights": _buffers(self.global_),
             "outer_momentum": _buffers(self.momentum),
             "drift_correction": _buffers(self.correction),
+            "drift_correction_before": _buffers(self.correction_before),
+            "drift_known": self.drift_known,
             "clock": None if self.clock is None else list(self.clock.as_tuple()),
             "window": None if window is None else {
                 "launched_at": window.launched_at, "lands_at": window.lands_at, "sync_every": window.sync_every,
@@ -130,7 +151,9 @@ class DelayState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``'s output; ``{}`` resets to before the delay stage."""
-        self.global_ = self.snapshot = self.delta = self.residual = self.momentum = self.correction = None
+        self.global_ = self.snapshot = self.delta = self.residual = self.momentum = None
+        self.correction = self.correction_before = None
+        self.drift_known = bool(state.get("drift_known", True))
         self.window = self.clock = None
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         shard = tuple(state.get("shard", self.shard))
@@ -150,6 +173,7 @@ class DelayState:
             self.momentum.load_(state["outer_momentum"], "outer momentum")
         if self.correction is not None and state.get("drift_correction") is not None:
             self.correction.load_(state["drift_correction"], "drift correction")
+            self.correction_before.load_(state["drift_correction_before"], "drift correction")
         self.clock = WindowClock(*state["clock"])
         window = state.get("window")
         if window is not None:
