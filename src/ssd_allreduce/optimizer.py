@@ -123,8 +123,8 @@ def DistributedOptimizer(
       (``algorithm.local_lr_scale_for`` says why);
     - ``drift_correction``: where the ranks' data differ (shards by class, by source), each local
       step also moves by the last window's average step less this rank's own (SCAFFOLD's
-      correction from the window's own average: no extra communication, one more copy of the
-      parameters).
+      correction from the window's own average: no extra communication, two more copies of the
+      weights); for windows of at most 2 steps (wider ones warn: there it was measured to hurt).
     """
     if hasattr(optimizer, "_ssd_base"):
         raise ValueError("this optimizer is already wrapped by ssd_allreduce.DistributedOptimizer")
@@ -454,7 +454,8 @@ class _SSDSGDOptimizer(HorovodProtocol, ScaledLocalStep, RankAgreement, SavedSta
     def extra_state_bytes(self) -> int:
         """Memory SSD-SGD holds beyond the wrapped optimizer: zero during the warm-up; after it W,
         the snapshot and the in-flight delta (three copies of the parameters and buffers), plus the
-        error-feedback residual of a rounding wire format and the outer momentum where set."""
+        error-feedback residual of a rounding wire format and the outer momentum where set, and
+        the drift correction and the one it replaced (two copies) where it is on."""
         return self._ssd_engine.state.nbytes
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
@@ -17,6 +18,9 @@ MIN_WARMUP_STEPS = 5   # "auto" times this many warm-up steps at least
 # which a delayed average would land stale, are averaged every step. The optimizer's and
 # SSDSettings' default; the driver's `--warmup-steps epoch` is one epoch, at most this.
 DEFAULT_WARMUP_STEPS = 500
+# The widest window the drift correction was measured to help at (docs/BENCHMARKS.md, "Drift
+# correction"): from k = d = 5 on it lost more than it corrected.
+DRIFT_CORRECTION_MAX_WINDOW = 2
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,11 @@ class SSDSettings:
         for name in ("outer_nesterov", "drift_correction"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.drift_correction and widest > DRIFT_CORRECTION_MAX_WINDOW:
+            warnings.warn(f"drift_correction with windows of up to {widest} steps: it was measured to help up to "
+                          f"{DRIFT_CORRECTION_MAX_WINDOW} (sync_every, or max_sync_every with 'auto'); at 5 and 10 it "
+                          "ended 10-290 % above synchronous training on skewed shards, worse than without it",
+                          stacklevel=3)
 
     @property
     def auto(self) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -259,3 +260,14 @@ def test_the_simulator_refuses_an_auto_window_saying_what_to_give():
     with pytest.raises(ValueError, match="fixed window.*sync_every and delay"):
         Simulator(_mlp(), lambda p: torch.optim.SGD(p, lr=0.1), 2, sync_every="auto", delay=None, warmup_steps=10,
                   glu_beta="auto")
+
+
+def test_a_drift_correction_over_windows_wider_than_measured_warns_saying_so():
+    with pytest.warns(UserWarning, match="drift_correction with windows of up to 5 steps: it was measured to help up to 2"):
+        SSDSettings(sync_every=5, drift_correction=True)
+    with pytest.warns(UserWarning, match="up to 16 steps"):
+        SSDSettings(sync_every="auto", warmup_steps=10, drift_correction=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SSDSettings(sync_every=2, delay=1, drift_correction=True)
+        SSDSettings(sync_every="auto", max_sync_every=2, warmup_steps=10, drift_correction=True)

@@ -177,7 +177,8 @@ def _add_ssd(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--outer-momentum", type=float, default=0.0, help="the outer optimizer's Nesterov momentum")
     g.add_argument("--drift-correction", action="store_true",
                    help="each local step also moves by the last window's average step less this rank's own "
-                        "(for shards whose data differ, e.g. --shards label-skew; one more copy of the weights)")
+                        "(for shards whose data differ, e.g. --shards label-skew; windows of at most 2 steps; "
+                        "two more copies of the weights)")
     g.add_argument("--compensation", choices=("glu", "overwrite"), default="glu",
                    help="what a landing does to a rank's own weights: glu compensates them; overwrite replaces "
                         "them by the global ones (the ablation)")
