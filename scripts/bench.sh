@@ -33,9 +33,11 @@ declare -A SECTION=(
   [quality]="quality --tasks regression --ranks 4 8 16 --optimizers sgd adamw --shards shuffle non-iid --seeds 3 --jobs 2 --out docs/results/quality.json"
   [quality-drift]="quality --tasks regression --ranks 4 8 16 --optimizers sgd adamw --shards non-iid shuffle --seeds 3 --variants sync 1:1 2:2 5:5 10:10 1:1+dc 2:2+dc 5:5+dc 10:10+dc --jobs 2 --out docs/results/quality-drift.json"
   [quality-drift-beta]="quality --tasks regression --ranks 4 16 --optimizers sgd --shards non-iid --seeds 3 --variants sync 1:1:0.5 2:2:0.5 1:1:0.5+dc 2:2:0.5+dc --jobs 2 --out docs/results/quality-drift-beta.json"
+  [quality-moments]="quality --tasks regression --ranks 4 8 16 --optimizers adamw --shards non-iid shuffle --seeds 3 --variants sync 1:1 2:2 5:5 10:10 1:1+am 2:1+am 2:2+am 5:5+am 10:10+am 1:1+am+dc 2:2+am+dc 5:5+am+dc 10:10+am+dc --jobs 2 --out docs/results/quality-moments.json"
+  [quality-moments-gpt]="quality --tasks gpt --ranks 4 --optimizers adamw --shards non-iid --seeds 3 --max-steps 300 --warmup-steps 30 --variants sync 2:2 5:5 2:2+am 5:5+am --jobs 2 --out docs/results/quality-moments-gpt.json"
   [quality-gpt]="quality --tasks gpt --ranks 4 --optimizers adamw sgd --shards shuffle --seeds 3 --max-steps 300 --warmup-steps 30 --variants sync 2:2 5:5 5:5:0.5:1 --jobs 2 --out docs/results/quality-gpt.json"
 )
-ORDER=(costmodel nodecost overhead ablation quality quality-drift quality-drift-beta quality-gpt sweep compression compression-resnet warmup auto straggler nodes gpt faults)
+ORDER=(costmodel nodecost overhead ablation quality quality-drift quality-drift-beta quality-moments quality-moments-gpt quality-gpt sweep compression compression-resnet warmup auto straggler nodes gpt faults)
 # docs/RELIABILITY.md's fault matrix: every fault on every backend, measured by its test
 FAULTS=(-m pytest -p no:cacheprovider -s tests/e2e/test_faults.py -k lost_rank)
 

@@ -16,6 +16,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .moments import is_adaptive
 from .tensors import FlatSpace
 
 COMPENSATIONS = ("glu", "overwrite")
@@ -40,8 +41,7 @@ def local_lr_scale_for(optimizer: torch.optim.Optimizer, ranks: int) -> float:
     average synchronous training steps on, so where noise dominates, the average of the ranks'
     local steps is sqrt(ranks) shorter than the synchronous step (the square-root rule of Adam's
     batch size). SGD's step is linear in the gradient: its average is the synchronous step."""
-    adaptive = "betas" in optimizer.defaults
-    return math.sqrt(ranks) if adaptive else 1.0
+    return math.sqrt(ranks) if is_adaptive(optimizer) else 1.0
 
 
 @contextmanager
@@ -118,6 +118,22 @@ def apply_global_update_(global_: FlatSpace, delta: FlatSpace) -> None:
             w_global.add_(d)
 
 
+def carry_moments_(moments: Sequence[Tensor], second: Sequence[bool], global_: Sequence[Tensor],
+                   snapshot: Sequence[Tensor]) -> None:
+    """Landing, after ``apply_global_update_`` and before ``compensate_local_`` (which spends the
+    snapshot), for the optimizer's moments that travel (``moments``): each ``m`` becomes
+    ``M + (m - s)``, the ranks' mean at the launch plus this rank's change since (GLU with beta =
+    1). A ``second`` moment is clamped at zero: a rank whose own was far above the mean and has
+    decayed since could fall below it."""
+    with torch.no_grad():
+        moments = list(moments)
+        torch._foreach_sub_(moments, list(snapshot))
+        torch._foreach_add_(moments, list(global_))
+        squares = [m for m, is_second in zip(moments, second) if is_second]
+        if squares:
+            torch._foreach_clamp_min_(squares, 0.0)
+
+
 def compensate_local_(local_params: Sequence[Tensor], local_buffers: Sequence[Tensor],
                       global_: FlatSpace, snapshot: FlatSpace, delta: FlatSpace, *,
                       glu_beta: float, elapsed: int, sync_every: int,
@@ -128,8 +144,8 @@ def compensate_local_(local_params: Sequence[Tensor], local_buffers: Sequence[Te
     rank's own progress since the launch and add the estimated progress all ranks made together
     over the ``elapsed`` steps the allreduce was in flight); with ``compensation="overwrite"`` (an
     ablation baseline) they become ``W``. Buffers (BatchNorm running statistics) take ``W``.
-    ``local_params`` then ``local_buffers`` are ordered as the flat spaces are. ``snapshot`` is
-    used as scratch space (it is dead after a landing).
+    ``local_params`` then ``local_buffers`` are ordered as the flat spaces are (moments may follow:
+    ``carry_moments_``). ``snapshot`` is used as scratch space (it is dead after a landing).
     """
     n = len(local_params)
     params = list(local_params)
@@ -160,4 +176,4 @@ def compensate_local_(local_params: Sequence[Tensor], local_buffers: Sequence[Te
             else:
                 torch._foreach_lerp_(params, snapshot.views[:n], 1.0 - beta)
         if local_buffers:
-            torch._foreach_copy_(list(local_buffers), global_.views[n:])
+            torch._foreach_copy_(list(local_buffers), global_.views[n:n + len(local_buffers)])

@@ -39,6 +39,7 @@ from .comm import Communicator, ReduceOp, make_communicator
 from .compression import Compression, compression_name
 from .delay import DelayStage
 from .algorithm import local_lr_scale_for
+from .moments import OptimizerMoments, check_averageable
 from .settings import AUTO, DEFAULT_GLU_BETA, DEFAULT_LOCAL_LR_SCALE, SSDSettings
 from .stats import SSDStats
 from .topology import Hierarchy, resolve_hierarchy
@@ -89,6 +90,7 @@ def DistributedOptimizer(
     outer_nesterov: bool = True,
     local_lr_scale: Union[float, str] = DEFAULT_LOCAL_LR_SCALE,
     drift_correction: bool = False,
+    average_moments: bool = False,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` (in place) so it trains with SSD-SGD; returns the same object, still an
     instance of its class.
@@ -124,7 +126,11 @@ def DistributedOptimizer(
     - ``drift_correction``: where the ranks' data differ (shards by class, by source), each local
       step also moves by the last window's average step less this rank's own (SCAFFOLD's
       correction from the window's own average: no extra communication, two more copies of the
-      weights); for windows of at most 2 steps (wider ones warn: there it was measured to hurt).
+      weights); for windows of at most 2 steps (wider ones warn: there it was measured to hurt);
+    - ``average_moments``: Adam's family only: its moments travel with the windows and each rank
+      lands on their average, so where the ranks' data differ every rank normalises its steps by
+      the same statistics (``moments`` says why); triples the window's bytes; compression none or
+      bf16.
     """
     if hasattr(optimizer, "_ssd_base"):
         raise ValueError("this optimizer is already wrapped by ssd_allreduce.DistributedOptimizer")
@@ -132,7 +138,10 @@ def DistributedOptimizer(
                            compensation=compensation, nonfinite=nonfinite, compression=compression_name(compression),
                            max_skipped_windows=max_skipped_windows, max_sync_every=max_sync_every,
                            outer_lr=outer_lr, outer_momentum=outer_momentum, outer_nesterov=outer_nesterov,
-                           local_lr_scale=local_lr_scale, drift_correction=drift_correction)
+                           local_lr_scale=local_lr_scale, drift_correction=drift_correction,
+                           average_moments=average_moments)
+    if average_moments:
+        check_averageable(optimizer)
     if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
         raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}")
     _check_op(_resolve_op(op))
@@ -292,7 +301,7 @@ class _SSDSGDOptimizer(HorovodProtocol, ScaledLocalStep, RankAgreement, SavedSta
         self._ssd_engine = DelayStage(
             comm, settings, self._ssd_params, self._ssd_buffers, compression, self.ssd_stats, name,
             [f"parameter {n!r}" for n in self._ssd_param_names] + [f"buffer {n!r}" for n in self._ssd_buffer_names],
-            hierarchy)
+            hierarchy, OptimizerMoments(self, self._ssd_params) if settings.average_moments else None)
         self._ssd_step = 0
         self._ssd_erred = 0   # ranks that stepped without gradients, from this step's averaging
         self._ssd_checked = False
@@ -448,14 +457,15 @@ class _SSDSGDOptimizer(HorovodProtocol, ScaledLocalStep, RankAgreement, SavedSta
     def global_weights(self) -> Optional[list[Tensor]]:
         """W, shaped like the parameters then the buffers (None during warm-up)."""
         engine = self._ssd_engine
-        return engine.state.global_.views if engine.started else None
+        return engine.state.global_.views[:len(engine.params) + len(engine.buffers)] if engine.started else None
 
     @property
     def extra_state_bytes(self) -> int:
         """Memory SSD-SGD holds beyond the wrapped optimizer: zero during the warm-up; after it W,
         the snapshot and the in-flight delta (three copies of the parameters and buffers), plus the
         error-feedback residual of a rounding wire format and the outer momentum where set, and
-        the drift correction and the one it replaced (two copies) where it is on."""
+        the drift correction and the one it replaced (two copies) where it is on; with averaged
+        moments every copy also holds Adam's two moments."""
         return self._ssd_engine.state.nbytes
 
 

@@ -18,9 +18,12 @@ MIN_WARMUP_STEPS = 5   # "auto" times this many warm-up steps at least
 # which a delayed average would land stale, are averaged every step. The optimizer's and
 # SSDSettings' default; the driver's `--warmup-steps epoch` is one epoch, at most this.
 DEFAULT_WARMUP_STEPS = 500
-# The widest window the drift correction was measured to help at (docs/BENCHMARKS.md, "Drift
-# correction"): from k = d = 5 on it lost more than it corrected.
+# The widest window the drift correction was measured to help SGD at (docs/BENCHMARKS.md, "Drift
+# correction"): from k = d = 5 on it lost more than it corrected. With averaged moments (AdamW) it
+# helped at every window measured, up to 10 ("Averaged moments").
 DRIFT_CORRECTION_MAX_WINDOW = 2
+# Wire formats that lose Adam's small second moments (fp16 underflows, int8 rounds to its chunk's scale)
+LOSSY_FOR_MOMENTS = ("fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,8 @@ class SSDSettings:
     (``algorithm.glu_beta_for``); ``local_lr_scale``: the local steps' learning rate in the
     delay stage, relative to the user's ("auto": ``algorithm.local_lr_scale_for``);
     ``drift_correction``: each local step also moves by the last window's difference between the
-    average step and this rank's own (``algorithm.estimate_drift_``; for shards whose data differ).
+    average step and this rank's own (``algorithm.estimate_drift_``; for shards whose data differ);
+    ``average_moments``: Adam's moments travel with the windows (``moments``).
     """
 
     sync_every: Union[int, str] = 5
@@ -55,6 +59,7 @@ class SSDSettings:
     outer_nesterov: bool = True
     local_lr_scale: Union[float, str] = DEFAULT_LOCAL_LR_SCALE
     drift_correction: bool = False
+    average_moments: bool = False
 
     def __post_init__(self) -> None:
         for name in ("sync_every", "delay"):
@@ -100,14 +105,22 @@ class SSDSettings:
             raise ValueError(f"outer_momentum must be a number in [0, 1), got {self.outer_momentum!r}")
         object.__setattr__(self, "outer_lr", float(self.outer_lr))
         object.__setattr__(self, "outer_momentum", float(self.outer_momentum))
-        for name in ("outer_nesterov", "drift_correction"):
+        for name in ("outer_nesterov", "drift_correction", "average_moments"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.drift_correction and widest > DRIFT_CORRECTION_MAX_WINDOW:
-            warnings.warn(f"drift_correction with windows of up to {widest} steps: it was measured to help up to "
-                          f"{DRIFT_CORRECTION_MAX_WINDOW} (sync_every, or max_sync_every with 'auto'); at 5 and 10 it "
-                          "ended 10-290 % above synchronous training on skewed shards, worse than without it",
-                          stacklevel=3)
+        if self.average_moments and self.warmup_steps < 1:
+            raise ValueError("average_moments carries the optimizer's moments, which exist after its first step: "
+                             f"warmup_steps must be >= 1, got {self.warmup_steps}")
+        wire = self.compression.removesuffix("Compressor").lower()   # "fp16" or the class's name
+        if self.average_moments and wire in LOSSY_FOR_MOMENTS:
+            raise ValueError(f"average_moments with compression {wire}: Adam's second moments (squared gradients, "
+                             "often below 1e-8) round to zero there, and a zero divides the step. Use compression "
+                             "none or bf16")
+        if self.drift_correction and widest > DRIFT_CORRECTION_MAX_WINDOW and not self.average_moments:
+            warnings.warn(f"drift_correction with windows of up to {widest} steps: with SGD it was measured to help "
+                          f"up to {DRIFT_CORRECTION_MAX_WINDOW} (sync_every, or max_sync_every with 'auto'); at 5 and "
+                          "10 it ended 10-290 % above synchronous training on skewed shards, worse than without it "
+                          "(with AdamW and average_moments it helped up to 10)", stacklevel=3)
 
     @property
     def auto(self) -> bool:

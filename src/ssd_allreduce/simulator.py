@@ -12,9 +12,10 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .algorithm import (apply_global_update_, compensate_local_, correct_drift_, estimate_drift_, launch_window,
-                        local_lr_scale_for, outer_step_, scaled_lr)
+from .algorithm import (apply_global_update_, carry_moments_, compensate_local_, correct_drift_, estimate_drift_,
+                        launch_window, local_lr_scale_for, outer_step_, scaled_lr)
 from .delay.clock import WindowClock
+from .moments import OptimizerMoments, check_averageable
 from .settings import SSDSettings
 from .tensors import FlatSpace, model_tensors
 
@@ -50,6 +51,10 @@ class Simulator:
         self.models = [copy.deepcopy(model) for _ in range(num_workers)]
         self.optimizers = [make_optimizer(m.parameters()) for m in self.models]
         self.tensors = [model_tensors(m) for m in self.models]
+        if self.settings.average_moments:
+            check_averageable(self.optimizers[0])
+        self.moments = ([OptimizerMoments(o, p) for o, (p, _) in zip(self.optimizers, self.tensors)]
+                        if self.settings.average_moments else [])
         window_ranks = len(self.nodes) if self.hierarchical else num_workers
         self.local_lr_scale = (local_lr_scale_for(self.optimizers[0], window_ranks)
                                if self.settings.local_lr_scale == "auto" else self.settings.local_lr_scale)
@@ -71,7 +76,7 @@ class Simulator:
 
     def _local(self, i: int) -> list[Tensor]:
         params, buffers = self.tensors[i]
-        return params + buffers
+        return params + buffers + (self.moments[i].tensors() if self.moments else [])
 
     def step(self, batches: Sequence[Batch], loss_fn: LossFn) -> list[float]:
         """One step of every worker on its own batch; returns the workers' losses."""
@@ -130,6 +135,8 @@ class Simulator:
                         self.tensors[i][0][j].grad = mean.clone()
 
     def _enter_delay_stage(self, step: int) -> None:
+        for moments in self.moments:
+            moments.fix()
         local0 = self._local(0)
         self.global_ = FlatSpace(local0)
         self.global_.copy_from_(local0)
@@ -172,6 +179,10 @@ class Simulator:
                     lr=s.outer_lr, mu=s.outer_momentum, nesterov=s.outer_nesterov)
         apply_global_update_(self.global_, self.delta)
         for i, (params, buffers) in enumerate(self.tensors):
+            if self.moments:
+                m = len(params) + len(buffers)
+                carry_moments_(self.moments[i].tensors(), self.moments[i].second(), self.global_.views[m:],
+                               self.snapshots[i].views[m:])
             compensate_local_(params, buffers, self.global_, self.snapshots[i], self.delta,
                               glu_beta=s.beta_for(elapsed), elapsed=elapsed, sync_every=s.sync_every,
                               compensation=s.compensation)
@@ -184,5 +195,5 @@ class Simulator:
         if self.global_ is not None:
             params, buffers = model_tensors(model)
             with torch.no_grad():
-                torch._foreach_copy_(params + buffers, self.global_.views)
+                torch._foreach_copy_(params + buffers, self.global_.views[:len(params) + len(buffers)])
         return model

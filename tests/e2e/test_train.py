@@ -62,12 +62,19 @@ def test_an_auto_window_and_int8_deltas_learn_the_digits(tmp_path):
 
 @pytest.mark.parametrize("mode", ["horovod", "ssd"])
 def test_adamw_learns_the_digits_wrapped_by_either(tmp_path, mode):
+    """SSD-SGD with its moments averaged (--average-moments): they travel in the windows."""
     run = tmp_path / mode
     run_ranks(horovodrun(2, *TRAIN, "--mode", mode, "--optimizer", "adamw", "--lr", "0.002", "--epochs", "4",
-                         "--warmup-steps", "20", "--out", str(run)))
+                         "--warmup-steps", "20", *(["--average-moments"] if mode == "ssd" else []), "--out", str(run)))
     assert summary(run)["test_accuracy"] >= 0.9, summary(run)
     state = final_states(run, 2)[0]["optimizer"]
     assert {"exp_avg", "exp_avg_sq"} <= set(next(iter(state["state"].values())))
+    if mode == "ssd":   # W holds the parameters, the float buffers and both moments of every parameter
+        ssd, model = state["ssd_sgd"], final_states(run, 2)[0]["model"]
+        assert ssd["settings"]["average_moments"] and {key for _, key in ssd["moments"]} == {"exp_avg", "exp_avg_sq"}
+        moments = sum(s[key].numel() for s in state["state"].values() for key in ("exp_avg", "exp_avg_sq"))
+        assert moments == 2 * sum(p.numel() for name, p in model.items() if name in ssd["names"] and "running" not in name)
+        assert sum(w.numel() for w in ssd["global_weights"]) == sum(model[n].numel() for n in ssd["names"]) + moments
 
 
 GPT = ["-m", "ssd_allreduce.train", "--no-progress", "--data", "stdlib", "--model", "gpt", "--corpus-bytes", "300000",

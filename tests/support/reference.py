@@ -18,6 +18,10 @@ before the first landing); at a landing, before W moves, c_r = (a_r + D - (s_r -
 parameters, with a_r the sum of the corrections rank r added over that window's k steps (counted
 step by step here).
 
+Averaged moments (``moments``, Adam's family): each rank's ``exp_avg`` and ``exp_avg_sq`` m_r
+travel as the weights do: at t = T every m_r = rank 0's; at a launch sm_r = m_r, Dm = mean_r
+(sm_r - M); at its landing M = M + Dm and m_r = M + (m_r - sm_r), a second moment clamped at 0.
+
 Hierarchical (SPEC's "Hierarchical windows", ``ranks_per_node`` R): workers r = nR .. nR + R - 1
 form node n. For t >= T their gradients are averaged over the node before the local step, so its
 workers share their parameters; D = mean over nodes of the node's mean (s_r - W), which is the
@@ -42,8 +46,13 @@ def local_tensors(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
 class ReferenceSSD:
     def __init__(self, make_model: Callable[[], nn.Module], make_optimizer: Callable, workers: int, *,
                  k: int, d: int, T: int, beta, ranks_per_node: Optional[int] = None, outer_lr: float = 1.0,
-                 outer_mu: float = 0.0, nesterov: bool = True, lr_scale: float = 1.0, drift: bool = False) -> None:
+                 outer_mu: float = 0.0, nesterov: bool = True, lr_scale: float = 1.0, drift: bool = False,
+                 moments: bool = False) -> None:
         self.R = ranks_per_node
+        self.moments = moments
+        self.M: list[Tensor] = []
+        self.sm: list[list[Tensor]] = []
+        self.Dm: list[Tensor] = []
         self.drift = drift
         self.c: Optional[list[list[Tensor]]] = None
         self.added: Optional[list[list[Tensor]]] = None          # since the last launch
@@ -62,6 +71,12 @@ class ReferenceSSD:
     def _w(self, r: int) -> list[Tensor]:
         params, buffers = local_tensors(self.models[r])
         return params + buffers
+
+    def _m(self, r: int) -> list[tuple[str, Tensor]]:
+        """Rank ``r``'s Adam moments: (key, tensor), parameter by parameter in the shared order."""
+        state = self.opts[r].state
+        return [(key, state[p][key]) for p in local_tensors(self.models[r])[0]
+                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if key in state[p]]
 
     @torch.no_grad()
     def _land(self, elapsed: int) -> None:
@@ -86,6 +101,13 @@ class ReferenceSSD:
                     w.copy_(W + beta * (w - s) + (1 - beta) * (elapsed / self.k) * g)
                 else:
                     w.copy_(W)
+        if self.moments:
+            self.M = [M + Dm for M, Dm in zip(self.M, self.Dm)]
+            for r in range(len(self.models)):
+                for (key, m), M, sm in zip(self._m(r), self.M, self.sm[r]):
+                    m.copy_(M + (m - sm))
+                    if key.endswith("_sq"):
+                        m.clamp_(min=0)
         self.launched_at = None
 
     def step(self, batches: list[Batch], loss_fn: Callable) -> None:
@@ -106,6 +128,11 @@ class ReferenceSSD:
                 for r in range(workers):
                     for w, W in zip(self._w(r), self.W):
                         w.copy_(W)
+                if self.moments:
+                    self.M = [m.clone() for _, m in self._m(0)]
+                    for r in range(workers):
+                        for (_, m), M in zip(self._m(r), self.M):
+                            m.copy_(M)
         for opt in self.opts:
             lrs = [group["lr"] for group in opt.param_groups]
             for group, lr in zip(opt.param_groups, lrs):
@@ -132,6 +159,10 @@ class ReferenceSSD:
                     self.s = [[w.clone() for w in self._w(r)] for r in range(workers)]
                     self.D = [sum(self.s[r][i] - self.W[i] for r in range(workers)) / workers
                               for i in range(len(self.W))]
+                    if self.moments:
+                        self.sm = [[m.clone() for _, m in self._m(r)] for r in range(workers)]
+                        self.Dm = [sum(self.sm[r][i] - self.M[i] for r in range(workers)) / workers
+                                   for i in range(len(self.M))]
                 if self.drift:
                     self.added_window = self.added
                     self.added = [[torch.zeros_like(a) for a in added] for added in self.added]

@@ -179,6 +179,24 @@ def test_with_adamw_the_moments_stay_on_each_rank_as_the_reference_keeps_them(co
 
 
 @pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("config", [(3, 2, 0.5, 2), (1, 1, 0.75, 1), (2, 0, 0.5, 3)], ids=lambda c: "k{}d{}b{}T{}".format(*c))
+def test_averaged_moments_follow_the_reference_with_w_bit_identical(size, config):
+    """Each rank's batches differ, so its moments do: they land as the ranks' mean at the launch
+    plus the rank's own change since."""
+    ranks = train(size, config, optimizer="adamw", local_lr_scale=1.0, average_moments=True)
+    assert_matches_reference(ranks, config, optimizer="adamw", moments=True)
+    assert_global_weights_identical(ranks)
+    with pytest.raises(AssertionError):   # the moments made a difference
+        assert_matches_reference(ranks, config, optimizer="adamw")
+
+
+def test_averaged_moments_follow_the_hierarchical_reference():
+    config = (2, 1, 0.5, 2)
+    ranks = train(4, config, ranks_per_node=2, optimizer="adamw", local_lr_scale=1.0, average_moments=True)
+    assert_matches_reference(ranks, config, optimizer="adamw", ranks_per_node=2, moments=True)
+
+
+@pytest.mark.parametrize("size", [2, 4])
 @pytest.mark.parametrize("wire", ["fp16", "bf16", "int8"])
 def test_lossy_wire_formats_follow_the_reference_to_their_rounding_with_w_bit_identical(size, wire):
     """The residual carries what rounding lost to the next window: within 2e-2 of float32 (the
@@ -441,8 +459,9 @@ def _run_and_save(comm, build_kw: dict, save_at: int, total: int) -> tuple[dict,
 
 
 @pytest.mark.parametrize("kw, save_at", [(dict(compression=Compression.none), 5), (dict(compression=Compression.fp16), 5),
-                                         (dict(compression=Compression.int8), 5), (dict(drift_correction=True), 8)],
-                         ids=["none", "fp16", "int8", "drift-correction"])
+                                         (dict(compression=Compression.int8), 5), (dict(drift_correction=True), 8),
+                                         (dict(optimizer="adamw", average_moments=True), 5)],
+                         ids=["none", "fp16", "int8", "drift-correction", "averaged-moments"])
 def test_a_checkpoint_with_a_window_in_flight_resumes_bit_for_bit(kw, save_at):
     """Saved after a launch (launches at 4, 7, 10, 13; the drift correction's after the first landing)."""
     full = run_threads(2, lambda comm: _run_and_save(comm, kw, save_at=save_at, total=14))

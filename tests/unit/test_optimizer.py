@@ -60,6 +60,7 @@ def test_returns_the_same_optimizer_still_an_instance_of_its_class():
     (dict(op="sum"), "op=Sum is not supported: after the warm-up SSD-SGD averages the model delta"),
     (dict(backward_passes_per_step=0), "backward_passes_per_step must be an integer >= 1, got 0"),
     (dict(op="adasum"), "keep hvd.DistributedOptimizer(op=hvd.Adasum) for Adasum"),
+    (dict(average_moments=True), "average_moments carries Adam's moments (exp_avg, exp_avg_sq); SGD has none"),
 ])
 def test_bad_arguments_say_what_to_change(kwargs, fragment):
     model = _model()
@@ -525,6 +526,18 @@ def test_gradscaler_unscaling_covers_sparse_gradients():
 def test_bad_auto_window_arguments_say_what_to_change(kwargs, fragment):
     with pytest.raises(ValueError, match=re.escape(fragment)):
         _wrap(_model(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(compression=ssd_allreduce.Compression.fp16), "average_moments with compression fp16"),
+    (dict(compression=ssd_allreduce.Compression.int8), "average_moments with compression int8"),
+    (dict(warmup_steps=0), "warmup_steps must be >= 1, got 0"),
+])
+def test_averaged_moments_refuse_what_would_lose_them(kwargs, fragment):
+    model = _model()
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        ssd_allreduce.DistributedOptimizer(torch.optim.AdamW(model.parameters()), named_parameters=model.named_parameters(),
+                                           backend=LocalCommunicator(), average_moments=True, **kwargs)
 
 
 class _GrowingCommunicator(LocalCommunicator):

@@ -97,6 +97,16 @@ def test_the_drift_correction_flag_reaches_the_settings():
     assert ssd_settings(on).drift_correction and not ssd_settings(off).drift_correction
 
 
+def test_the_averaged_moments_flag_reaches_the_settings_and_needs_adamw():
+    from ssd_allreduce.train.options import build_parser, ssd_settings
+    on = build_parser().parse_args([*DIGITS, "--mode", "ssd", "--optimizer", "adamw", "--average-moments"])
+    assert ssd_settings(on).average_moments
+    with pytest.raises(SystemExit, match="--average-moments carries Adam's moments: give --optimizer adamw"):
+        start_training(*DIGITS, "--mode", "ssd", "--average-moments")
+    with pytest.raises(SystemExit, match="--average-moments with --compression fp16"):
+        start_training(*DIGITS, "--mode", "ssd", "--optimizer", "adamw", "--average-moments", "--compression", "fp16")
+
+
 def test_one_warmup_default_the_library_constant_or_one_epoch_at_most_that():
     signature = inspect.signature(DistributedOptimizer).parameters["warmup_steps"].default
     assert signature == SSDSettings().warmup_steps == DEFAULT_WARMUP_STEPS == 500

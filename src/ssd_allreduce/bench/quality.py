@@ -5,8 +5,9 @@ number of workers) and on real ranks (horovodrun, which must follow the simulato
     python -m ssd_allreduce.bench quality --tasks regression --ranks 4 8 16 --seeds 3
     python -m ssd_allreduce.bench quality --tasks gpt --optimizers adamw --max-steps 1000 --real-ranks 2 4
 
-A variant is ``k:d[:beta[:local_lr_scale[:outer_lr/outer_momentum]]][+dc]``: beta and the scale
-are the library's defaults (``auto``) where left out, ``+dc`` turns the drift correction on;
+A variant is ``k:d[:beta[:local_lr_scale[:outer_lr/outer_momentum]]][+dc][+am]``: beta and the
+scale are the library's defaults (``auto``) where left out, ``+dc`` turns the drift correction on,
+``+am`` the averaged moments;
 ``sync`` is synchronous training. For each
 (task, workers, optimizer, shards) it reports the final validation loss, its gap to synchronous
 training in % (mean and range over the seeds), and the steps each variant took to reach the
@@ -40,10 +41,10 @@ FRACTIONS = (0.5, 0.8, 1.0)
 
 
 def parse_variant(text: str) -> Variant:
-    """``sync`` or ``k:d[:beta[:scale[:outer_lr/outer_momentum]]][+dc]``."""
+    """``sync`` or ``k:d[:beta[:scale[:outer_lr/outer_momentum]]][+dc][+am]``."""
     if text == "sync":
         return Variant("sync", sync=True)
-    window, drift = (text[:-3], True) if text.endswith("+dc") else (text, False)
+    window, *extras = text.split("+")
     parts = window.split(":")
     try:
         k, d = int(parts[0]), int(parts[1])
@@ -52,10 +53,13 @@ def parse_variant(text: str) -> Variant:
         beta = beta if beta == AUTO else float(beta)
         scale = scale if scale == AUTO else float(scale)
         outer_lr, outer_momentum = (float(v) for v in parts[4].split("/")) if len(parts) > 4 else (1.0, 0.0)
+        if not set(extras) <= {"dc", "am"} or len(set(extras)) < len(extras):
+            raise ValueError(extras)
     except (ValueError, IndexError):
-        raise SystemExit(f"--variants takes sync or k:d[:beta[:scale[:outer_lr/outer_momentum]]][+dc] such as "
-                         f"5:5:auto:auto or 5:5+dc, got {text!r}") from None
-    return Variant(text, k, d, beta, outer_lr, outer_momentum, scale, drift_correction=drift)
+        raise SystemExit(f"--variants takes sync or k:d[:beta[:scale[:outer_lr/outer_momentum]]][+dc][+am] such as "
+                         f"5:5:auto:auto, 5:5+dc or 5:5+am, got {text!r}") from None
+    return Variant(text, k, d, beta, outer_lr, outer_momentum, scale, drift_correction="dc" in extras,
+                   average_moments="am" in extras)
 
 
 def plan(a: argparse.Namespace) -> list[RunSpec]:
@@ -162,9 +166,15 @@ def render_record(record: dict[str, Any]) -> str:
     return head + "\n" + render(record["rows"])
 
 
-def plot_record(record: dict[str, Any], path: Path, variants: Sequence[str] = ("sync", "1:1", "5:5", "1:1:0.5:1", "5:5:0.5:1")) -> None:
-    """Validation loss against steps (mean over seeds) of ``variants``, a panel per (task,
-    optimizer, shards) at the most ranks the simulator ran."""
+def plotted(label: str) -> bool:
+    """Synchronous training and the variants of the windows k = d = 1 and 5, with any options: the
+    curves a plot shows."""
+    return label == "sync" or label.split("+")[0].split(":")[:2] in (["1", "1"], ["5", "5"])
+
+
+def plot_record(record: dict[str, Any], path: Path) -> None:
+    """Validation loss against steps (mean over seeds) of the ``plotted`` variants, a panel per
+    (task, optimizer, shards) at the most ranks the simulator ran."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -177,7 +187,7 @@ def plot_record(record: dict[str, Any], path: Path, variants: Sequence[str] = ("
     for ax, (task, opt, shards) in zip(axes[0], panels):
         mine = [r for r in sim if (r["task"], r["optimizer"], r["shards"]) == (task, opt, shards)]
         ranks = max(r["workers"] for r in mine)
-        for label in variants:
+        for label in [v for v in dict.fromkeys(r["variant"] for r in mine) if plotted(v)]:
             curves = [r["val_loss"] for r in mine if r["workers"] == ranks and r["variant"] == label]
             if curves:
                 steps = [step for step, _ in curves[0]]
@@ -232,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how the data is split: shuffle, or non-iid (each rank a contiguous run of the samples "
                          "sorted by label, target or package)")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
-                    help="sync, or k:d[:glu_beta[:local_lr_scale[:outer_lr/outer_momentum]]][+dc] (auto for the "
-                         "library's choice; +dc: the drift correction)")
+                    help="sync, or k:d[:glu_beta[:local_lr_scale[:outer_lr/outer_momentum]]][+dc][+am] (auto for "
+                         "the library's choice; +dc: the drift correction; +am: the averaged moments)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each variant beside sync of the same seed")
     ap.add_argument("--max-steps", type=int, default=600, help="the budget of every run, in steps")
     ap.add_argument("--warmup-steps", type=int, default=50, help="SSD-SGD's synchronous steps first")

@@ -40,11 +40,12 @@ class Variant:
     local_lr_scale: Union[float, str] = "auto"
     sync: bool = False
     drift_correction: bool = False
+    average_moments: bool = False
 
     def options(self) -> dict[str, Any]:
         return dict(sync_every=self.sync_every, delay=self.delay, glu_beta=self.glu_beta, outer_lr=self.outer_lr,
                     outer_momentum=self.outer_momentum, local_lr_scale=self.local_lr_scale,
-                    drift_correction=self.drift_correction)
+                    drift_correction=self.drift_correction, average_moments=self.average_moments)
 
 
 @dataclass(frozen=True)

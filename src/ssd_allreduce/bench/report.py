@@ -74,7 +74,8 @@ def render_faults(record: dict[str, Any]) -> str:
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quality": render_quality, "quality-gpt": render_quality, "quality-drift": render_quality,
-    "quality-drift-beta": render_quality, "auto": render_auto_window, "faults": render_faults,
+    "quality-drift-beta": render_quality, "quality-moments": render_quality,
+    "quality-moments-gpt": render_quality, "auto": render_auto_window, "faults": render_faults,
     **{name: render_comparison for name in ("compression", "compression-resnet", "straggler")}}
 """Each section with committed results: its name (``docs/results/NAME.json``) and what writes its markdown."""
 

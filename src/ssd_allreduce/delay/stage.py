@@ -13,9 +13,10 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from ..algorithm import (apply_global_update_, compensate_local_, correct_drift_, estimate_drift_, launch_window,
-                         outer_step_)
+from ..algorithm import (apply_global_update_, carry_moments_, compensate_local_, correct_drift_, estimate_drift_,
+                         launch_window, outer_step_)
 from ..comm import Communicator
+from ..moments import OptimizerMoments
 from ..settings import AUTO, SSDSettings
 from ..stats import SSDStats
 from ..topology import Hierarchy
@@ -35,18 +36,20 @@ class DelayStage:
     ``name``, the same on every rank and different for each optimizer of a process.
 
     With a ``hierarchy`` the windows run between nodes: each rank of a node carries its shard of
-    the node's delta across nodes (``hierarchy.cross``) and the node gathers them at the landing."""
+    the node's delta across nodes (``hierarchy.cross``) and the node gathers them at the landing.
+    ``moments``: the optimizer's moments that travel with the windows, after the buffers."""
 
     def __init__(self, comm: Communicator, settings: SSDSettings, params: Sequence[Tensor],
                  buffers: Sequence[Tensor], compression: Any, stats: SSDStats, name: str = "ssd",
-                 tensor_names: Optional[Sequence[str]] = None, hierarchy: Optional[Hierarchy] = None) -> None:
+                 tensor_names: Optional[Sequence[str]] = None, hierarchy: Optional[Hierarchy] = None,
+                 moments: Optional[OptimizerMoments] = None) -> None:
         self.comm, self.settings, self.compression, self.stats, self.name = comm, settings, compression, stats, name
-        self.params, self.buffers = list(params), list(buffers)
+        self.params, self.buffers, self.moments = list(params), list(buffers), moments
         self.layout = TensorLayout(self.local, tensor_names)
         node = hierarchy.node if hierarchy is not None and hierarchy.node.size > 1 else None
         self.shards = NodeShards(hierarchy.shard if hierarchy is not None else (0, 1), node, name)
         self.transport = make_transport(hierarchy.cross if hierarchy is not None else comm, compression, name)
-        self.state = DelayState(self.local, self.shards.shard, settings.outer_momentum > 0, settings.drift_correction)
+        self.state = DelayState(self._like, self.shards.shard, settings.outer_momentum > 0, settings.drift_correction)
         self.verdicts = Verdicts(settings, stats, self.state, self.transport.comm.size,
                                  "ranks" if hierarchy is None else "nodes")
         self.tuner = (tuning.WindowTuner(comm, None if settings.sync_every == AUTO else settings.sync_every,
@@ -57,7 +60,12 @@ class DelayStage:
 
     @property
     def local(self) -> list[Tensor]:
-        return self.params + self.buffers
+        """Parameters, buffers, then the moments that travel (once fixed)."""
+        moments = self.moments.tensors() if self.moments is not None and self.moments.fixed else []
+        return self.params + self.buffers + moments
+
+    def _like(self) -> list[Tensor]:
+        return self.params + self.buffers + ([] if self.moments is None else self.moments.like())
 
     @property
     def started(self) -> bool:
@@ -74,8 +82,8 @@ class DelayStage:
     def start(self, step: int) -> None:
         """End of warm-up, at ``step``: ``W`` = rank 0's weights, bit-identical everywhere, and
         ``w = W``; the window is chosen now where it is "auto"."""
-        self.layout.check(self.local)
         self._allocate()
+        self.layout.check(self.local)
         state = self.state
         state.global_.copy_from_(self.local)
         self.comm.broadcast_(state.global_.buffers, root_rank=0, name=f"{self.name}.global_weights")
@@ -88,11 +96,13 @@ class DelayStage:
         self._set_clock(self.tuner.first_clock(step, self.link.wire_bytes(), dry))
 
     def _allocate(self) -> None:
+        if self.moments is not None and not self.moments.fixed:   # the optimizer has stepped (or was synced)
+            self.moments.fix()
         self.state.allocate()
         self._rehearse()
 
     def _rehearse(self) -> None:
-        rehearse(self.local, len(self.params), self.compression, isinstance(self.transport, GatherTransport),
+        rehearse(self._like(), len(self.params), self.compression, isinstance(self.transport, GatherTransport),
                  self.settings)
 
     def reset_local_to_global(self) -> None:
@@ -182,6 +192,10 @@ class DelayStage:
             outer_step_(state.delta.leading(n), None if state.momentum is None else state.momentum.leading(n),
                         lr=settings.outer_lr, mu=settings.outer_momentum, nesterov=settings.outer_nesterov)
             apply_global_update_(state.global_, state.delta)
+            if self.moments is not None:
+                m = n + len(self.buffers)
+                carry_moments_(self.moments.tensors(), self.moments.second(), state.global_.views[m:],
+                               state.snapshot.views[m:])
             compensate_local_(self.params, self.buffers, state.global_, state.snapshot, state.delta,
                               glu_beta=settings.beta_for(elapsed), elapsed=elapsed, sync_every=window.sync_every,
                               compensation=settings.compensation)
@@ -219,7 +233,8 @@ class DelayStage:
         the same step."""
         self.wait()
         self.verdicts.check_deferred()
-        return self.state.state_dict()
+        moments = None if self.moments is None else [list(key) for key in self.moments.keys]
+        return {**self.state.state_dict(), "moments": moments}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``'s output; ``{}`` resets to before ``start()``. A deferred
@@ -227,6 +242,8 @@ class DelayStage:
         if self.state.window is not None and self.state.window.inflight is not None:
             raise RuntimeError("load_state_dict() while a window is in flight: call finish() first")
         self.verdicts.check_deferred()
+        if self.moments is not None and state.get("moments") is not None:   # the settings match: both have them
+            self.moments.restore(state["moments"])
         self.state.load_state_dict(state)
         if self.state.started:
             self._rehearse()

@@ -5,7 +5,7 @@ skipped in a row."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -50,12 +50,13 @@ class Position:
 
 
 class DelayState:
-    """One rank's delay-stage state for the ``local`` tensors (parameters, then buffers), of which
-    it carries ``shard`` across nodes. Nothing is allocated before ``allocate()``."""
+    """One rank's delay-stage state for the local tensors (parameters, then buffers, then the
+    moments that travel), shaped as ``like()`` gives them when allocated, of which it carries
+    ``shard`` across nodes. Nothing is allocated before ``allocate()``."""
 
-    def __init__(self, local: Sequence[Tensor], shard: tuple[int, int] = (0, 1), outer_momentum: bool = False,
-                 drift_correction: bool = False) -> None:
-        self.local, self.shard, self.outer_momentum = list(local), shard, outer_momentum
+    def __init__(self, like: Callable[[], Sequence[Tensor]], shard: tuple[int, int] = (0, 1),
+                 outer_momentum: bool = False, drift_correction: bool = False) -> None:
+        self.like, self.shard, self.outer_momentum = like, shard, outer_momentum
         self.drift_correction = drift_correction
         self.global_: Optional[FlatSpace] = None
         self.snapshot: Optional[FlatSpace] = None
@@ -82,10 +83,11 @@ class DelayState:
     def allocate(self) -> None:
         """W, the snapshot, the delta, and the outer momentum and drift correction where they are
         kept (zeros)."""
-        self.global_, self.snapshot, self.delta = FlatSpace(self.local), FlatSpace(self.local), FlatSpace(self.local)
-        self.momentum = FlatSpace(self.local) if self.outer_momentum else None
-        self.correction = FlatSpace(self.local) if self.drift_correction else None
-        self.correction_before = FlatSpace(self.local) if self.drift_correction else None
+        like = list(self.like())
+        self.global_, self.snapshot, self.delta = FlatSpace(like), FlatSpace(like), FlatSpace(like)
+        self.momentum = FlatSpace(like) if self.outer_momentum else None
+        self.correction = FlatSpace(like) if self.drift_correction else None
+        self.correction_before = FlatSpace(like) if self.drift_correction else None
 
     def keep_drift(self) -> None:
         """A landing that does not estimate the correction (a skipped window, an adopted one):
@@ -103,7 +105,7 @@ class DelayState:
 
     def ensure_residual(self) -> FlatSpace:
         if self.residual is None:
-            self.residual = FlatSpace(self.local)
+            self.residual = FlatSpace(list(self.like()))
         return self.residual
 
     def position(self, step: int) -> Position:

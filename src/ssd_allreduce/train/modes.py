@@ -129,7 +129,7 @@ class SSDMode(Mode):
             sync_every=a.sync_every, delay=0 if a.mode == "local-sgd" else a.delay, max_sync_every=a.max_sync_every,
             warmup_steps=a.warmup_steps, glu_beta=a.glu_beta, compensation=a.compensation,
             local_lr_scale=a.local_lr_scale, outer_lr=a.outer_lr, outer_momentum=a.outer_momentum,
-            drift_correction=a.drift_correction,
+            drift_correction=a.drift_correction, average_moments=a.average_moments,
             backend=self.ctx.comm, local_sync={"auto": None, "on": True, "off": False}[a.local_sync])
         if wrapped.node_layout and self.ctx.is_root:
             print(f"hierarchical SSD-SGD on {wrapped.node_layout}: gradients averaged inside each node every "

@@ -179,6 +179,9 @@ def _add_ssd(ap: argparse.ArgumentParser) -> None:
                    help="each local step also moves by the last window's average step less this rank's own "
                         "(for shards whose data differ, e.g. --shards label-skew; windows of at most 2 steps; "
                         "two more copies of the weights)")
+    g.add_argument("--average-moments", action="store_true",
+                   help="AdamW's moments travel with the windows and every rank lands on their average (for "
+                        "shards whose data differ; three times the window's bytes; --compression none or bf16)")
     g.add_argument("--compensation", choices=("glu", "overwrite"), default="glu",
                    help="what a landing does to a rank's own weights: glu compensates them; overwrite replaces "
                         "them by the global ones (the ablation)")
@@ -251,7 +254,8 @@ def ssd_settings(args: argparse.Namespace) -> SSDSettings:
                            warmup_steps=warmup, glu_beta=args.glu_beta, compensation=args.compensation,
                            local_lr_scale=args.local_lr_scale, outer_lr=args.outer_lr,
                            outer_momentum=args.outer_momentum, drift_correction=args.drift_correction,
-                           compression=args.compression, max_sync_every=args.max_sync_every)
+                           average_moments=args.average_moments, compression=args.compression,
+                           max_sync_every=args.max_sync_every)
     except ValueError as exc:   # said in the flags' names
         message = str(exc)
         for field in dataclasses.fields(SSDSettings):
@@ -261,6 +265,8 @@ def ssd_settings(args: argparse.Namespace) -> SSDSettings:
 
 def check_args(args: argparse.Namespace, backend: str, size: int) -> None:
     """Reject combinations that cannot work, saying what to change (every rank alike)."""
+    if args.average_moments and args.optimizer != "adamw":
+        raise SystemExit(f"--average-moments carries Adam's moments: give --optimizer adamw (got {args.optimizer})")
     if args.mode == "horovod" and backend != "horovod":
         raise SystemExit(f"--mode horovod needs the Horovod backend (got {backend}); under torchrun use --mode ddp")
     if args.mode == "ddp" and backend != "torch":
