@@ -49,7 +49,8 @@ class DelayStage:
         node = hierarchy.node if hierarchy is not None and hierarchy.node.size > 1 else None
         self.shards = NodeShards(hierarchy.shard if hierarchy is not None else (0, 1), node, name)
         self.transport = make_transport(hierarchy.cross if hierarchy is not None else comm, compression, name)
-        self.state = DelayState(self._like, self.shards.shard, settings.outer_momentum > 0, settings.drift_correction)
+        self.state = DelayState(self.params + self.buffers, moments, self.shards.shard, settings.outer_momentum > 0,
+                                settings.drift_correction)
         self.verdicts = Verdicts(settings, stats, self.state, self.transport.comm.size,
                                  "ranks" if hierarchy is None else "nodes")
         self.tuner = (tuning.WindowTuner(comm, None if settings.sync_every == AUTO else settings.sync_every,
@@ -63,9 +64,6 @@ class DelayStage:
         """Parameters, buffers, then the moments that travel (once fixed)."""
         moments = self.moments.tensors() if self.moments is not None and self.moments.fixed else []
         return self.params + self.buffers + moments
-
-    def _like(self) -> list[Tensor]:
-        return self.params + self.buffers + ([] if self.moments is None else self.moments.like())
 
     @property
     def started(self) -> bool:
@@ -96,13 +94,11 @@ class DelayStage:
         self._set_clock(self.tuner.first_clock(step, self.link.wire_bytes(), dry))
 
     def _allocate(self) -> None:
-        if self.moments is not None and not self.moments.fixed:   # the optimizer has stepped (or was synced)
-            self.moments.fix()
         self.state.allocate()
         self._rehearse()
 
     def _rehearse(self) -> None:
-        rehearse(self._like(), len(self.params), self.compression, isinstance(self.transport, GatherTransport),
+        rehearse(self.state.like(), len(self.params), self.compression, isinstance(self.transport, GatherTransport),
                  self.settings)
 
     def reset_local_to_global(self) -> None:
@@ -233,8 +229,7 @@ class DelayStage:
         the same step."""
         self.wait()
         self.verdicts.check_deferred()
-        moments = None if self.moments is None else [list(key) for key in self.moments.keys]
-        return {**self.state.state_dict(), "moments": moments}
+        return self.state.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``'s output; ``{}`` resets to before ``start()``. A deferred
@@ -242,8 +237,6 @@ class DelayStage:
         if self.state.window is not None and self.state.window.inflight is not None:
             raise RuntimeError("load_state_dict() while a window is in flight: call finish() first")
         self.verdicts.check_deferred()
-        if self.moments is not None and state.get("moments") is not None:   # the settings match: both have them
-            self.moments.restore(state["moments"])
         self.state.load_state_dict(state)
         if self.state.started:
             self._rehearse()

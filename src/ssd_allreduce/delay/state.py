@@ -5,12 +5,13 @@ skipped in a row."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..comm import Communicator
+from ..moments import OptimizerMoments
 from ..tensors import FlatSpace
 from .clock import WindowClock
 from .transport import InFlight
@@ -50,13 +51,13 @@ class Position:
 
 
 class DelayState:
-    """One rank's delay-stage state for the local tensors (parameters, then buffers, then the
-    moments that travel), shaped as ``like()`` gives them when allocated, of which it carries
-    ``shard`` across nodes. Nothing is allocated before ``allocate()``."""
+    """One rank's delay-stage state for the ``local`` tensors (parameters, then buffers) and the
+    optimizer's ``moments`` that travel after them, of which it carries ``shard`` across nodes.
+    Nothing is allocated before ``allocate()``."""
 
-    def __init__(self, like: Callable[[], Sequence[Tensor]], shard: tuple[int, int] = (0, 1),
-                 outer_momentum: bool = False, drift_correction: bool = False) -> None:
-        self.like, self.shard, self.outer_momentum = like, shard, outer_momentum
+    def __init__(self, local: Sequence[Tensor], moments: Optional[OptimizerMoments] = None,
+                 shard: tuple[int, int] = (0, 1), outer_momentum: bool = False, drift_correction: bool = False) -> None:
+        self.local, self.moments, self.shard, self.outer_momentum = list(local), moments, shard, outer_momentum
         self.drift_correction = drift_correction
         self.global_: Optional[FlatSpace] = None
         self.snapshot: Optional[FlatSpace] = None
@@ -80,10 +81,16 @@ class DelayState:
                   self.correction_before)
         return sum(s.nbytes for s in spaces if s is not None)
 
+    def like(self) -> list[Tensor]:
+        """Tensors shaped as the flat spaces' contents: the local ones, then the moments'."""
+        return self.local + ([] if self.moments is None else self.moments.like())
+
     def allocate(self) -> None:
         """W, the snapshot, the delta, and the outer momentum and drift correction where they are
-        kept (zeros)."""
-        like = list(self.like())
+        kept (zeros); the moments that travel are fixed now if no checkpoint named them."""
+        if self.moments is not None and not self.moments.fixed:   # the optimizer has stepped (or was synced)
+            self.moments.fix()
+        like = self.like()
         self.global_, self.snapshot, self.delta = FlatSpace(like), FlatSpace(like), FlatSpace(like)
         self.momentum = FlatSpace(like) if self.outer_momentum else None
         self.correction = FlatSpace(like) if self.drift_correction else None
@@ -105,7 +112,7 @@ class DelayState:
 
     def ensure_residual(self) -> FlatSpace:
         if self.residual is None:
-            self.residual = FlatSpace(list(self.like()))
+            self.residual = FlatSpace(self.like())
         return self.residual
 
     def position(self, step: int) -> Position:
@@ -144,6 +151,7 @@ class DelayState:
             "drift_correction": _buffers(self.correction),
             "drift_correction_before": _buffers(self.correction_before),
             "drift_known": self.drift_known,
+            "moments": None if self.moments is None else [list(key) for key in self.moments.keys],
             "clock": None if self.clock is None else list(self.clock.as_tuple()),
             "window": None if window is None else {
                 "launched_at": window.launched_at, "lands_at": window.lands_at, "sync_every": window.sync_every,
@@ -158,6 +166,8 @@ class DelayState:
         self.drift_known = bool(state.get("drift_known", True))
         self.window = self.clock = None
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+        if self.moments is not None and state.get("moments") is not None:   # the settings match: both have them
+            self.moments.restore(state["moments"])
         shard = tuple(state.get("shard", self.shard))
         if shard != self.shard and (state.get("residual") is not None or state.get("window") is not None):
             raise ValueError(
