@@ -144,6 +144,13 @@ def time_to_accuracy(curve: Sequence[tuple[float, float]], target: float) -> Opt
     return next((wall for wall, acc in curve if acc >= target), None)
 
 
+def bytes_per_window(stats: Optional[dict[str, Any]]) -> Optional[float]:
+    """The payload of one window after the warm-up (a self-tuned run's windows differ in steps, not bytes)."""
+    if not stats or not stats["windows_launched"]:
+        return None
+    return (stats["bytes_allreduced"] - stats["warmup_bytes_allreduced"]) / stats["windows_launched"]
+
+
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge the repeats of one mode at one bandwidth."""
     per_rank = [ips for r in runs for ips in r["rank_images_per_sec"]]
@@ -159,6 +166,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "compute_ms": statistics.median(r["steady_compute_ms"] for r in runs),
         "comm_wait_ms": statistics.median(r["steady_comm_wait_ms"] for r in runs),
         "bytes_per_step": first["bytes_per_step"],
+        "bytes_per_window": bytes_per_window(first.get("ssd_stats")),
         # 0: the run never left the warm-up
         "sync_every_used": (first.get("ssd_stats") or {}).get("sync_every") or None,
         "delay_used": (first.get("ssd_stats") or {}).get("delay"),
