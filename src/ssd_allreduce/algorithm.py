@@ -118,20 +118,21 @@ def apply_global_update_(global_: FlatSpace, delta: FlatSpace) -> None:
             w_global.add_(d)
 
 
-def carry_moments_(moments: Sequence[Tensor], second: Sequence[bool], global_: Sequence[Tensor],
+def carry_moments_(moments: Sequence[Tensor], floors: Sequence[Optional[float]], global_: Sequence[Tensor],
                    snapshot: Sequence[Tensor]) -> None:
     """Landing, after ``apply_global_update_`` and before ``compensate_local_`` (which spends the
     snapshot), for the optimizer's moments that travel (``moments``): each ``m`` becomes
     ``M + (m - s)``, the ranks' mean at the launch plus this rank's change since (GLU with beta =
-    1). A ``second`` moment is clamped at zero: a rank whose own was far above the mean and has
-    decayed since could fall below it."""
+    1). A second moment (its ``floors`` entry not None) lands at ``floor * M`` at least: a rank
+    whose own was far above the mean has decayed by more than the mean is worth, and a second
+    moment near zero would divide Adam's step by nearly nothing."""
     with torch.no_grad():
         moments = list(moments)
         torch._foreach_sub_(moments, list(snapshot))
         torch._foreach_add_(moments, list(global_))
-        squares = [m for m, is_second in zip(moments, second) if is_second]
-        if squares:
-            torch._foreach_clamp_min_(squares, 0.0)
+        for m, mean, floor in zip(moments, global_, floors):
+            if floor is not None:
+                torch.maximum(m, mean * floor, out=m)
 
 
 def compensate_local_(local_params: Sequence[Tensor], local_buffers: Sequence[Tensor],

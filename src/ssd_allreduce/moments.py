@@ -6,11 +6,11 @@ the step of the average (on target-sorted shards AdamW ended 66-260 % above sync
 With ``average_moments`` Adam's ``exp_avg`` and ``exp_avg_sq`` (and AMSGrad's ``max_exp_avg_sq``)
 ride in the window's delta like the weights, and land as the weights do with ``beta = 1``: the
 mean of the ranks' moments at the launch plus this rank's own change since (``algorithm.
-carry_moments_``). The window's bytes triple.
+carry_moments_``). The window's bytes triple (four times with AMSGrad).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -53,6 +53,9 @@ class OptimizerMoments:
         if not self.keys:
             raise RuntimeError("average_moments: the optimizer holds no moments at the end of the warm-up (it "
                                "has not stepped): give warmup_steps >= 1")
+        if not any(key in SECOND_MOMENTS for _, key in self.keys):
+            raise RuntimeError(f"average_moments needs Adam's second moments (exp_avg_sq); "
+                               f"{type(self.optimizer).__name__} keeps none: leave average_moments off")
 
     def restore(self, keys: Sequence[Sequence]) -> None:
         """The pairs a checkpoint saved."""
@@ -70,6 +73,9 @@ class OptimizerMoments:
             raise RuntimeError("average_moments: the optimizer's state lost moments it held when the delay stage "
                                "started: load a state saved by this optimizer with the same parameters") from None
 
-    def second(self) -> list[bool]:
-        """Per tensor of ``tensors()``: a second moment (never negative)."""
-        return [key in SECOND_MOMENTS for _, key in self.keys]
+    def floors(self, steps: int) -> list[Optional[float]]:
+        """Per tensor of ``tensors()``: for a second moment, the factor ``beta2 ** steps`` of the
+        ranks' mean below which it may not land (the mean decayed over ``steps`` steps with no
+        gradient at all); None for a first moment."""
+        beta2 = {id(p): group["betas"][1] for group in self.optimizer.param_groups for p in group["params"]}
+        return [beta2[id(self.params[i])] ** steps if key in SECOND_MOMENTS else None for i, key in self.keys]

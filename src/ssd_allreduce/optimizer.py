@@ -128,9 +128,9 @@ def DistributedOptimizer(
       correction from the window's own average: no extra communication, two more copies of the
       weights); for windows of at most 2 steps (wider ones warn: there it was measured to hurt);
     - ``average_moments``: Adam's family only: its moments travel with the windows and each rank
-      lands on their average, so where the ranks' data differ every rank normalises its steps by
+      lands on their average plus its own change since the launch, so where the ranks' data differ every rank normalises its steps by
       the same statistics (``moments`` says why); triples the window's bytes; compression none or
-      bf16.
+      bf16; for strongly skewed shards (on mildly skewed ones it was measured to cost).
     """
     if hasattr(optimizer, "_ssd_base"):
         raise ValueError("this optimizer is already wrapped by ssd_allreduce.DistributedOptimizer")

@@ -20,7 +20,7 @@ MIN_WARMUP_STEPS = 5   # "auto" times this many warm-up steps at least
 DEFAULT_WARMUP_STEPS = 500
 # The widest window the drift correction was measured to help SGD at (docs/BENCHMARKS.md, "Drift
 # correction"): from k = d = 5 on it lost more than it corrected. With averaged moments (AdamW) it
-# helped at every window measured, up to 10 ("Averaged moments").
+# helped on skewed shards at every window measured, up to 10 ("Averaged moments").
 DRIFT_CORRECTION_MAX_WINDOW = 2
 # Wire formats that lose Adam's small second moments (fp16 underflows, int8 rounds to its chunk's scale)
 LOSSY_FOR_MOMENTS = ("fp16", "int8")

@@ -181,7 +181,7 @@ class Simulator:
         for i, (params, buffers) in enumerate(self.tensors):
             if self.moments:
                 m = len(params) + len(buffers)
-                carry_moments_(self.moments[i].tensors(), self.moments[i].second(), self.global_.views[m:],
+                carry_moments_(self.moments[i].tensors(), self.moments[i].floors(elapsed), self.global_.views[m:],
                                self.snapshots[i].views[m:])
             compensate_local_(params, buffers, self.global_, self.snapshots[i], self.delta,
                               glu_beta=s.beta_for(elapsed), elapsed=elapsed, sync_every=s.sync_every,

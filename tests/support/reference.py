@@ -20,7 +20,8 @@ step by step here).
 
 Averaged moments (``moments``, Adam's family): each rank's ``exp_avg`` and ``exp_avg_sq`` m_r
 travel as the weights do: at t = T every m_r = rank 0's; at a launch sm_r = m_r, Dm = mean_r
-(sm_r - M); at its landing M = M + Dm and m_r = M + (m_r - sm_r), a second moment clamped at 0.
+(sm_r - M); at its landing, e steps after the launch, M = M + Dm and m_r = M + (m_r - sm_r), a
+second moment at least beta2^e M.
 
 Hierarchical (SPEC's "Hierarchical windows", ``ranks_per_node`` R): workers r = nR .. nR + R - 1
 form node n. For t >= T their gradients are averaged over the node before the local step, so its
@@ -107,7 +108,8 @@ class ReferenceSSD:
                 for (key, m), M, sm in zip(self._m(r), self.M, self.sm[r]):
                     m.copy_(M + (m - sm))
                     if key.endswith("_sq"):
-                        m.clamp_(min=0)
+                        beta2 = self.opts[r].param_groups[0]["betas"][1]
+                        m.copy_(torch.maximum(m, M * beta2 ** elapsed))
         self.launched_at = None
 
     def step(self, batches: list[Batch], loss_fn: Callable) -> None:

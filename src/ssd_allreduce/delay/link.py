@@ -22,9 +22,9 @@ class WindowLink:
     parameters: ``send`` at the launch, ``poll`` between steps, ``receive`` before the landing."""
 
     def __init__(self, state: DelayState, transport: Transport, shards: NodeShards, compression: Any,
-                 stats: SSDStats, tuner: Optional[WindowTuner], params: int, name: str) -> None:
+                 stats: SSDStats, tuner: Optional[WindowTuner], params: int, name: str, buffers: int = 0) -> None:
         self.state, self.transport, self.shards, self.compression = state, transport, shards, compression
-        self.stats, self.tuner, self.params, self.name = stats, tuner, params, name
+        self.stats, self.tuner, self.params, self.name, self.buffers = stats, tuner, params, name, buffers
         self._lossy: Optional[bool] = None   # the wire format rounds the delta (known at the first send)
 
     def wire_bytes(self) -> int:
@@ -34,14 +34,15 @@ class WindowLink:
     def node_mean_buffers(self) -> None:
         """A node's ranks share their parameters, not their buffers' running statistics: the
         snapshot takes their mean (a small collective on the fast link) and the delta follows
-        from it, so the residual recomputed from ``s - W`` at the landing is the node's."""
-        state, node, n = self.state, self.shards.node_comm, self.params
-        if node is None or len(state.snapshot.views) == n:
+        from it, so the residual recomputed from ``s - W`` at the landing is the node's. (Averaged
+        moments follow the buffers; a node's ranks share them, as their gradients.)"""
+        state, node, n, end = self.state, self.shards.node_comm, self.params, self.params + self.buffers
+        if node is None or not self.buffers:
             return
-        snapshot = state.snapshot.views[n:]
+        snapshot = state.snapshot.views[n:end]
         node.synchronize(node.allreduce_async_(snapshot, name=f"{self.name}.node_buffers", op=ReduceOp.AVERAGE))
         with torch.no_grad():
-            for s, w, d in zip(snapshot, state.global_.views[n:], state.delta.views[n:]):
+            for s, w, d in zip(snapshot, state.global_.views[n:end], state.delta.views[n:end]):
                 torch.sub(s, w, out=d)
 
     def send(self, window: Window, missing_gradients: bool) -> None:

@@ -56,7 +56,7 @@ class DelayStage:
         self.tuner = (tuning.WindowTuner(comm, None if settings.sync_every == AUTO else settings.sync_every,
                                          settings.max_sync_every, settings.delay == AUTO) if settings.auto else None)
         self.link = WindowLink(self.state, self.transport, self.shards, compression, stats, self.tuner,
-                               len(self.params), name)
+                               len(self.params), name, len(self.buffers))
         self.steps_without_gradients = 0   # on this rank, since the last launch
 
     @property
@@ -190,7 +190,7 @@ class DelayStage:
             apply_global_update_(state.global_, state.delta)
             if self.moments is not None:
                 m = n + len(self.buffers)
-                carry_moments_(self.moments.tensors(), self.moments.second(), state.global_.views[m:],
+                carry_moments_(self.moments.tensors(), self.moments.floors(elapsed), state.global_.views[m:],
                                state.snapshot.views[m:])
             compensate_local_(self.params, self.buffers, state.global_, state.snapshot, state.delta,
                               glu_beta=settings.beta_for(elapsed), elapsed=elapsed, sync_every=window.sync_every,

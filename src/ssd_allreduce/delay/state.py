@@ -166,8 +166,8 @@ class DelayState:
         self.drift_known = bool(state.get("drift_known", True))
         self.window = self.clock = None
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
-        if self.moments is not None and state.get("moments") is not None:   # the settings match: both have them
-            self.moments.restore(state["moments"])
+        if self.moments is not None:   # the settings match: saved with them (none before the delay stage)
+            self.moments.restore(state.get("moments") or [])
         shard = tuple(state.get("shard", self.shard))
         if shard != self.shard and (state.get("residual") is not None or state.get("window") is not None):
             raise ValueError(

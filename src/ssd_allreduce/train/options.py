@@ -180,8 +180,9 @@ def _add_ssd(ap: argparse.ArgumentParser) -> None:
                         "(for shards whose data differ, e.g. --shards label-skew; windows of at most 2 steps; "
                         "two more copies of the weights)")
     g.add_argument("--average-moments", action="store_true",
-                   help="AdamW's moments travel with the windows and every rank lands on their average (for "
-                        "shards whose data differ; three times the window's bytes; --compression none or bf16)")
+                   help="AdamW's moments travel with the windows and every rank lands on their average plus its own "
+                        "change (for strongly skewed shards; three times the window's bytes; --compression none "
+                        "or bf16)")
     g.add_argument("--compensation", choices=("glu", "overwrite"), default="glu",
                    help="what a landing does to a rank's own weights: glu compensates them; overwrite replaces "
                         "them by the global ones (the ablation)")
