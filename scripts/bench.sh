@@ -6,7 +6,7 @@
 #   scripts/bench.sh --list          # the sections and their commands
 #
 # Results (JSON, markdown, PNG) go to results/bench-<date>/<section>/ (SSD_BENCH_OUT=dir to choose);
-# the quality, auto, compression, straggler and faults sections write docs/results/<section>.json and
+# the quality, auto, compression, straggler, gpt and faults sections write docs/results/<section>.json and
 # rewrite their part of the docs from it (python -m ssd_allreduce.bench report).
 # The emulated networks need root (network namespaces); the GPU table is scripts/bench_gpu.sh.
 set -euo pipefail
@@ -29,7 +29,7 @@ declare -A SECTION=(
   [nodecost]="nodecost"
   [faults]="faults"
   [straggler]="compare --bandwidths 1gbit --epochs 4 --warmup-steps 20 --repeats 2 --ssd-configs 5:5 --no-local-sgd --slow-rank 1 --slow-fraction 0.5"
-  [gpt]="compare --workload gpt --optimizers adamw sgd --warmup-steps 20"
+  [gpt]="--workload gpt --optimizers adamw sgd --bandwidths 100mbit"
   [quality]="quality --tasks regression --ranks 4 8 16 --optimizers sgd adamw --shards shuffle non-iid --seeds 3 --jobs 2 --out docs/results/quality.json"
   [quality-drift]="quality --tasks regression --ranks 4 8 16 --optimizers sgd adamw --shards non-iid shuffle --seeds 3 --variants sync 1:1 2:2 5:5 10:10 1:1+dc 2:2+dc 5:5+dc 10:10+dc --jobs 2 --out docs/results/quality-drift.json"
   [quality-drift-beta]="quality --tasks regression --ranks 4 16 --optimizers sgd --shards non-iid --seeds 3 --variants sync 1:1:0.5 2:2:0.5 1:1:0.5+dc 2:2:0.5+dc --jobs 2 --out docs/results/quality-drift-beta.json"
@@ -41,12 +41,24 @@ ORDER=(costmodel nodecost overhead ablation quality quality-drift quality-drift-
 # docs/RELIABILITY.md's fault matrix: every fault on every backend, measured by its test
 FAULTS=(-m pytest -p no:cacheprovider -s tests/e2e/test_faults.py -k lost_rank)
 
+# How long a section took when its committed record was measured (2 cores), "?" without a record
+last_took() {
+  local record="$REPO/docs/results/$1.json"
+  if [ -f "$record" ]; then
+    python3 -c 'import json, sys; s = json.load(open(sys.argv[1])).get("seconds")
+print(f"{s / 60:.0f} min" if s else "?")' "$record"
+  else
+    echo "?"
+  fi
+}
+
 if [ "${1:-}" = --list ]; then
+  printf '%-20s %-8s %s\n' section took command
   for name in "${ORDER[@]}"; do
     if [ "$name" = faults ]; then
-      printf '%-12s SSD_FAULT_MATRIX=full python %s\n' "$name" "${FAULTS[*]}"
+      printf '%-20s %-8s SSD_FAULT_MATRIX=full python %s\n' "$name" "$(last_took "$name")" "${FAULTS[*]}"
     else
-      printf '%-12s python %s %s\n' "$name" "${BENCH[*]}" "${SECTION[$name]}"
+      printf '%-20s %-8s python %s %s\n' "$name" "$(last_took "$name")" "${BENCH[*]}" "${SECTION[$name]}"
     fi
   done
   exit 0
@@ -56,6 +68,12 @@ wanted=("$@")
 for name in "${wanted[@]}"; do
   [ -n "${SECTION[$name]+set}" ] || { echo "bench.sh: no section '$name'; choose from: ${ORDER[*]}" >&2; exit 2; }
 done
+total=0 unknown=()
+for name in "${wanted[@]}"; do
+  took=$(last_took "$name")
+  if [ "$took" = "?" ]; then unknown+=("$name"); else total=$((total + ${took% min})); fi
+done
+echo "bench.sh: ${wanted[*]}: about $total min on 2 cores as last recorded${unknown[*]:+, plus ${unknown[*]} (no record of their time)}" >&2
 
 "$REPO/scripts/setup.sh" >&2
 cd "$REPO"
@@ -70,7 +88,7 @@ for name in "${wanted[@]}"; do
     faults) SSD_FAULT_MATRIX=full SSD_FAULT_RECORD="$REPO/docs/results/faults.json" "$VENV/bin/python" "${FAULTS[@]}" |
               tee "$OUT/$name/pytest.log" && "$VENV/bin/python" "${BENCH[@]}" report ;;
     # the comparisons whose sections are written from their record
-    auto|compression|compression-resnet|straggler)
+    auto|compression|compression-resnet|straggler|gpt)
       "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" --record "docs/results/$name.json" &&
         "$VENV/bin/python" "${BENCH[@]}" report ;;
     # the others print their tables and write them under $OUT (docs/BENCHMARKS.md copies them)

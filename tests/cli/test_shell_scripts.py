@@ -2,7 +2,9 @@
 emulated cluster says it needs root, and what to type, when started without it."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -53,3 +55,22 @@ def test_the_cluster_without_root_says_so(tmp_path) -> None:
         shutil.rmtree(copy)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "needs root (try: sudo" in proc.stderr, proc.stderr
+
+
+def test_bench_lists_every_section_and_each_record_was_measured_by_its_section() -> None:
+    """A committed record's command is what its section of bench.sh runs (then its output folder),
+    and the list says how long each recorded section took."""
+    listing = subprocess.run([str(REPO / "scripts" / "bench.sh"), "--list"], capture_output=True, text=True,
+                             timeout=60, check=True).stdout.splitlines()
+    matches = [re.fullmatch(r"(\S+) +(\d+ min|\?) +(.+)", line) for line in listing[1:]]
+    assert all(matches), listing
+    sections = {m[1]: m for m in matches}
+    assert "quality" in sections and "sweep" in sections
+    records = sorted((REPO / "docs" / "results").glob("*.json"))
+    assert records and {r.stem for r in records} <= set(sections)
+    for record in records:
+        measured = json.loads(record.read_text())
+        _, took, command = sections[record.stem].groups()
+        assert took == (f"{measured['seconds'] / 60:.0f} min" if measured.get("seconds") else "?"), record.stem
+        if record.stem != "faults":   # the fault matrix is the record of its test module
+            assert measured["command"].startswith(command), (record.stem, command)

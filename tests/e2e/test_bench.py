@@ -118,7 +118,8 @@ def test_gpt_workload_compares_modes_on_validation_loss_and_runs_the_ablation(tm
                            "--eval-every", "5", "--warmup-steps", "2", "--ssd-configs", "2:2", "--shards", "by-package",
                            "--ablation-config", "2:2", "--sim-steps", "6", "--sim-seeds", "1", "--sim-ranks", "2",
                            "--gpt-width", "32", "--gpt-layers", "1", "--context", "16", "--corpus-bytes", "200000",
-                           "--eval-samples", "64", "--bandwidths", "none", "--out", str(out)],
+                           "--eval-samples", "64", "--bandwidths", "none", "--out", str(out),
+                           "--record", str(tmp_path / "docs" / "results" / "gpt.json")],
                           env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
@@ -138,6 +139,22 @@ def test_gpt_workload_compares_modes_on_validation_loss_and_runs_the_ablation(tm
     assert results["networks"] == ["unshaped loopback"] and {r["network"] for r in rows.values()} == {"unshaped loopback"}
     assert "| ssd k=2 d=2 beta=auto |" in (out / "results.md").read_text()
     assert (out / "gpt_adamw_by-package.png").stat().st_size > 10_000
+    # the time to Horovod's loss after half its steps (step 5) and after all of them (step 10)
+    assert base["x_horovod_to_50"] == base["x_horovod_to_100"] == 1.0
+    for r in rows.values():
+        for percent, (_, _, loss) in zip((50, 100), base["curve"]):
+            base_time = next(wall for _, wall, value in base["curve"] if value <= loss)
+            reached = [wall for _, wall, value in r["curve"] if value <= loss]
+            assert r[f"x_horovod_to_{percent}"] == (pytest.approx(base_time / reached[0]) if reached else None)
+    # the record: the same rows without their curves, its provenance, and the section it writes
+    record = json.loads((tmp_path / "docs" / "results" / "gpt.json").read_text())
+    assert record["horovod"] == "0.28.1" and record["commit"] and "--record" in record["command"]
+    assert [r["name"] for r in record["rows"]] == list(rows) and all("curve" not in r for r in record["rows"])
+    assert (tmp_path / "docs" / "results" / "gpt_adamw_by-package.png").stat().st_size > 10_000
+    page = tmp_path / "docs" / "PAGE.md"
+    page.write_text("<!-- results:gpt -->\n<!-- /results:gpt -->\n")
+    assert report.main(["--docs", str(tmp_path / "docs")]) == 0
+    assert f"| adamw | by-package | ssd k=2 d=2 beta=auto | {ssd['val_loss']:.4f} |" in page.read_text()
 
 
 def test_comparison_on_emulated_nodes_runs_every_window_flat_and_hierarchical(tmp_path):

@@ -80,13 +80,14 @@ def measured():
     """Every case's measurement; written to $SSD_FAULT_RECORD once the module is done, and only
     when every case passed (a table with a case missing is not written)."""
     rows: list[dict] = []
+    started = time.time()
     yield rows
     record = os.environ.get("SSD_FAULT_RECORD")
     if record and len(rows) == len(CASES):
         from ssd_allreduce.bench.report import provenance
         matrix = "SSD_FAULT_MATRIX=full " if os.environ.get("SSD_FAULT_MATRIX") == "full" else ""
         stamp = provenance(f"{matrix}pytest tests/e2e/test_faults.py -k lost_rank")
-        Path(record).write_text(json.dumps({**stamp, "bound_s": BOUND, "rows": rows}, indent=1) + "\n")
+        Path(record).write_text(json.dumps({**stamp, "seconds": round(time.time() - started), "bound_s": BOUND, "rows": rows}, indent=1) + "\n")
 
 
 @pytest.mark.parametrize("launcher, fault, lost", CASES)

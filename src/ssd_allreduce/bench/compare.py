@@ -349,6 +349,7 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
 
 def compare(a: argparse.Namespace) -> dict[str, Any]:
     specs = parse_modes(a.ssd_configs, a.local_sgd_every, not a.no_local_sgd, hierarchical=a.nodes > 1)
+    started = time.time()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     ok, why = emulation_available(a.nodes)
@@ -389,6 +390,7 @@ def compare(a: argparse.Namespace) -> dict[str, Any]:
         for c in results["node_cost_model"]:
             print(f"  cost model at {c['mbps']:.0f} Mbit/s, {c['name']}: predicted {c['predicted_ms']:.2f} ms, "
                   f"measured {c['measured_ms']:.2f} ms, error {c['error']:+.0%}")
+    results["seconds"] = time.time() - started
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(render_markdown(results))
     if a.record:

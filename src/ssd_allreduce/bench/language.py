@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -31,9 +29,11 @@ from ..train.data import ShardedBatches, TextSplit, load_stdlib_text
 from ..train.models import build_language_model
 from ..train.options import BATCH_SIZE_HELP, GLU_BETA_HELP, GPT_HELP, float_or_auto
 from ..train.runlog import markdown_table
+from .collect import write_atomically
 from .compare import launch_training, parse_window, run_dirname, save_figure
 from .emulation import Emulation, emulate, emulation_available
 from .flags import PROG, RATE_HELP, UNSHAPED, check_at_least, link_rate
+from .report import provenance
 
 SIMULATOR_DEFAULT_CONFIG = "10:10"
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.1}
@@ -109,8 +109,31 @@ def run_one(run: Run, a: argparse.Namespace, net: Emulation, rate: str, out: Pat
             "bytes_per_step": summary["bytes_per_step"], "parameter_bytes": summary["parameter_bytes"]}
 
 
+BUDGET_FRACTIONS = (50, 80, 100)
+"""Horovod's loss after these percents of its steps: the targets whose time to reach is compared."""
+
+
+def first_time_at(curve: Sequence[Sequence[float]], loss: float) -> Optional[float]:
+    """The training wall time of the first validation of ``curve`` (step, wall, loss) at or below ``loss``."""
+    return next((wall for _, wall, value in curve if value <= loss), None)
+
+
+def time_ratios(row: dict[str, Any], base: dict[str, Any]) -> dict[str, Optional[float]]:
+    """For each of ``BUDGET_FRACTIONS``: Horovod's training time to its own loss after that share
+    of its steps over ``row``'s time to the same loss (2.0: there twice as fast); None where
+    ``row`` never got there."""
+    steps = base["curve"][-1][0]
+    out: dict[str, Optional[float]] = {}
+    for percent in BUDGET_FRACTIONS:
+        target = next(value for step, _, value in base["curve"] if step * 100 >= steps * percent)
+        mine = first_time_at(row["curve"], target)
+        out[f"x_horovod_to_{percent}"] = first_time_at(base["curve"], target) / mine if mine else None
+    return out
+
+
 def add_ratios(rows: list[dict[str, Any]], tolerance: float) -> None:
-    """Each run's final validation loss against Horovod's with the same network, optimizer and shards."""
+    """Each run's final validation loss against Horovod's with the same network, optimizer and
+    shards, and its speed to Horovod's losses (``time_ratios``)."""
     for r in rows:
         base = next((b for b in rows if b["mode"] == "horovod" and b["optimizer"] == r["optimizer"]
                      and b["shards"] == r["shards"] and b["network"] == r["network"]), None)
@@ -118,12 +141,15 @@ def add_ratios(rows: list[dict[str, Any]], tolerance: float) -> None:
         r["x_horovod_speed"] = base["wall_seconds"] / r["wall_seconds"] if base else None
         r["verdict"] = ("-" if base is None or r is base else
                         "met" if r["vs_horovod"] <= tolerance else f"MISSED by {r['vs_horovod'] - tolerance:+.1%}")
+        r.update(time_ratios(r, base) if base else {})
 
 
 TABLE = (("optimizer", "optimizer", "{}"), ("shards", "shards", "{}"), ("mode", "name", "{}"),
          ("val loss", "val_loss", "{:.4f}"), ("vs horovod", "vs_horovod", "{:+.2%}"), ("within 2 %", "verdict", "{}"),
          ("step ms", "step_ms", "{:.1f}"), ("wall s", "wall_seconds", "{:.1f}"),
-         ("x horovod (time)", "x_horovod_speed", "{:.2f}"), ("payload B/step", "bytes_per_step", "{:,.0f}"))
+         ("x horovod (time)", "x_horovod_speed", "{:.2f}"),
+         *((f"x horovod to its {p} % loss", f"x_horovod_to_{p}", "{:.2f}") for p in BUDGET_FRACTIONS),
+         ("payload B/step", "bytes_per_step", "{:,.0f}"))
 
 
 # ---------------------------------------------------------------------------------- the simulator
@@ -198,8 +224,9 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
 def render(results: dict[str, Any]) -> str:
     c = results["config"]
-    lines = [f"Command: `{results['command']}`", "",
-             f"Machine: {results['machine']}; {c['ranks']} ranks (horovodrun, Gloo); GPT "
+    lines = [f"Command: `{results['command']}` (commit {results['commit']}, {results['date']}; {results['machine']}; "
+             f"Python {results['python']}, torch {results['torch']}, Horovod {results['horovod']}).", "",
+             f"{c['ranks']} ranks (horovodrun, Gloo); GPT "
              f"width {c['gpt_width']}, {c['gpt_layers']} layers, {c['gpt_heads']} heads, context {c['context']} bytes "
              f"({results['parameters']:,} parameters), batch {c['batch_size']} sequences per rank, {c['max_steps']} "
              f"steps, {c['warmup_steps']} warm-up steps, validation on {c['eval_samples']} held-out sequences; "
@@ -283,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None,
                    help="where results.json, results.md, the plots and every run's directory go "
                         "(default: results/gpt-DATE-TIME)")
+    g.add_argument("--record", default=None, metavar="FILE",
+                   help="also write the results without their curves to FILE (docs/results/gpt.json: the section "
+                        f"of the documents that `{PROG} report` writes)")
     return ap
 
 
@@ -330,14 +360,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                       f"({time.time() - t:.0f} s)", flush=True)
     add_ratios(rows, a.tolerance)
     sim = [] if a.no_simulator else simulator_ablation(a)
-    results = {"config": vars(a), "rows": rows, "simulator": sim, "networks": networks,
-               "parameters": rows[0]["parameter_bytes"] // 4, "seconds": time.time() - t0,
-               "machine": f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-               "command": f"{PROG} " + " ".join(sys.argv[1:])}
+    results = {**provenance(f"{PROG} " + " ".join(sys.argv[1:])), "config": vars(a), "rows": rows,
+               "simulator": sim, "networks": networks, "parameters": rows[0]["parameter_bytes"] // 4,
+               "seconds": time.time() - t0}
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    if a.record:
+        record = {**results, "rows": [{k: v for k, v in r.items() if k != "curve"} for r in rows]}
+        Path(a.record).parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(Path(a.record), lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+        print(f"wrote {a.record}")
     report = render(results)
     (out / "results.md").write_text(report)
     print(report)
-    for p in plot_curves(rows, out):
-        print(f"wrote {p}")
+    for folder in [out] + ([Path(a.record).parent] if a.record else []):   # the plots beside the record too
+        for p in plot_curves(rows, folder):
+            print(f"wrote {p}")
     return results

@@ -38,6 +38,11 @@ def render_comparison(record: dict[str, Any]) -> str:
     return render_comparison(record)
 
 
+def render_gpt(record: dict[str, Any]) -> str:
+    from .language import render
+    return render(record)
+
+
 def render_auto_window(record: dict[str, Any]) -> str:
     from .sections import render_auto_window
     return render_auto_window(record)
@@ -75,7 +80,7 @@ def render_faults(record: dict[str, Any]) -> str:
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quality": render_quality, "quality-gpt": render_quality, "quality-drift": render_quality,
     "quality-drift-beta": render_quality, "quality-moments": render_quality,
-    "quality-moments-gpt": render_quality, "auto": render_auto_window, "faults": render_faults,
+    "quality-moments-gpt": render_quality, "auto": render_auto_window, "faults": render_faults, "gpt": render_gpt,
     **{name: render_comparison for name in ("compression", "compression-resnet", "straggler")}}
 """Each section with committed results: its name (``docs/results/NAME.json``) and what writes its markdown."""
 

@@ -23,6 +23,8 @@ def record_of(results: dict[str, Any], stamp: dict[str, str]) -> dict[str, Any]:
     record = {**stamp, "config": results["config"],
               "bandwidths": [{**s, "rows": [{k: v for k, v in r.items() if k != "curve"} for r in s["rows"]]}
                              for s in results["bandwidths"]]}
+    if "seconds" in results:
+        record["seconds"] = results["seconds"]
     if results.get("node_cost_model"):
         record["node_cost_model"] = results["node_cost_model"]
     return record
