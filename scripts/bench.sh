@@ -73,7 +73,11 @@ for name in "${wanted[@]}"; do
   took=$(last_took "$name")
   if [ "$took" = "?" ]; then unknown+=("$name"); else total=$((total + ${took% min})); fi
 done
-echo "bench.sh: ${wanted[*]}: about $total min on 2 cores as last recorded${unknown[*]:+, plus ${unknown[*]} (no record of their time)}" >&2
+if [ ${#unknown[@]} -lt ${#wanted[@]} ]; then
+  echo "bench.sh: about $total min on 2 cores as last recorded${unknown[*]:+, plus ${unknown[*]} (not timed yet)}" >&2
+else
+  echo "bench.sh: ${unknown[*]}: not timed yet" >&2
+fi
 
 "$REPO/scripts/setup.sh" >&2
 cd "$REPO"

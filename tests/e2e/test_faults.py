@@ -36,8 +36,9 @@ EXPECTED_PHASE = {"warmup": re.escape("step 5 (warm-up: gradients averaged every
 
 def inject(tmp_path: Path, launcher: str, fault: str, lost: int = 1) -> tuple[str, float, int, float]:
     """Run with the fault sent to rank ``lost``; returns (the ranks' output, the fault's time, the
-    lost rank's pid, the job's end). A frozen rank is killed once the survivors' bound (and slack)
-    has passed: launchers wait long for a stopped process to end (torchrun 30 s)."""
+    lost rank's pid, the job's end). A frozen rank is killed once a survivor has said where it
+    stopped, or the bound (and slack) has passed: launchers wait long for a stopped process to end
+    (torchrun 30 s)."""
     out, log = tmp_path / "run", tmp_path / "ranks.log"
     fault_file = out / f"fault-rank{lost}.time"
     cmd = LAUNCHERS[launcher](*TRAIN, "--out", str(out), "--fault-at", f"{fault}:{lost}")
@@ -53,7 +54,7 @@ def inject(tmp_path: Path, launcher: str, fault: str, lost: int = 1) -> tuple[st
             written = fault_file.read_text().split() if fault_file.exists() else []
             if fault.startswith("stop") and not killed and len(written) == 2:
                 frozen_at, frozen = written
-                if time.time() > float(frozen_at) + BOUND + SLACK:
+                if time.time() > float(frozen_at) + BOUND + SLACK or SURVIVOR_STOPPED.search(log.read_text()):
                     killed = True
                     try:
                         os.kill(int(frozen), signal.SIGKILL)
@@ -67,6 +68,7 @@ def inject(tmp_path: Path, launcher: str, fault: str, lost: int = 1) -> tuple[st
     return output, float(when), int(pid), ended
 
 
+SURVIVOR_STOPPED = re.compile(r"rank \d+ at \S+: (stopped during|no progress for \d+ s during) .*\n")
 PHASE_FAULTS = ("stop:warmup:5", "stop:window:30", "kill:window:30", "stop:evaluation:22", "stop:checkpoint:22")
 # The suite runs every phase on Horovod with Gloo and a frozen window on the other backends;
 # SSD_FAULT_MATRIX=full runs every phase on every backend (docs/RELIABILITY.md's table).
