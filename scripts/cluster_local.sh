@@ -292,7 +292,9 @@ down() {
   done
   stop_pidfiles "${holders[@]}"
   for node in $(nodes); do
-    if [ -e "/run/netns/$node" ]; then ip netns delete "$node"; fi   # takes its link with it
+    # the link first: a deleted namespace takes its end of the link only once the kernel frees it
+    if ip link show "$(outer_link "$node")" >/dev/null 2>&1; then ip link delete "$(outer_link "$node")"; fi
+    if [ -e "/run/netns/$node" ]; then ip netns delete "$node"; fi
   done
   if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link delete "$BRIDGE"; fi
   remove_hosts

@@ -4,7 +4,7 @@ at the very start take rank 0's SSD-SGD state (Horovod's resume: load on rank 0,
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from torch import Tensor
 
@@ -18,6 +18,20 @@ if TYPE_CHECKING:
     from .warmup import GradientAverager
 
 logger = logging.getLogger(__name__)
+
+
+def check_moments_held(root: Position, held: list[Optional[list[tuple[int, str]]]]) -> None:
+    """Raise (on every rank) unless every rank's optimizer holds the moments rank 0's windows carry
+    (``average_moments``): a rank without them could not send its share."""
+    if root.moments is None:
+        return
+    for rank, mine in enumerate(held):
+        missing = set(root.moments) - set(mine or [])
+        if missing:
+            raise ValueError(f"rank {rank}'s optimizer holds no state for {len(missing)} of the {len(root.moments)} "
+                             "moments rank 0's windows carry (average_moments): load the optimizer's state on every "
+                             "rank, or load it on rank 0 alone and call hvd.broadcast_optimizer_state(optimizer, "
+                             "root_rank=0)")
 
 
 def check_same_optimizer(ref: dict[str, Any], theirs: dict[str, Any], rank: int) -> None:
@@ -73,7 +87,8 @@ class RankAgreement:
                 "position": self._ssd_engine.position(self._ssd_step),
                 "tensors": [(n, tuple(t.shape), str(t.dtype)) for n, t in
                             zip(self._ssd_param_names + self._ssd_buffer_names, tensors)],
-                "buckets": [[tuple(p.shape) for p in bucket] for bucket in self._ssd_averager.buckets]}
+                "buckets": [[tuple(p.shape) for p in bucket] for bucket in self._ssd_averager.buckets],
+                "moments_held": None if self._ssd_engine.moments is None else self._ssd_engine.moments.held()}
         everyone = self._ssd_comm.allgather_object(mine)
         moved = [(r, e["moved"]) for r, e in enumerate(everyone) if e["moved"]]
         if moved:   # raised on every rank, not only where the model moved
@@ -81,6 +96,7 @@ class RankAgreement:
         ref = everyone[0]
         for rank, theirs in enumerate(everyone[1:], start=1):
             check_same_optimizer(ref, theirs, rank)
+        check_moments_held(everyone[0]["position"], [e["moments_held"] for e in everyone])
         self._ssd_agree_on_position([e["position"] for e in everyone])
         self._ssd_checked = True
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")   # never below zero: clamped after a landing
+SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")   # floored after a landing (``floors``)
 
 
 def is_adaptive(optimizer: torch.optim.Optimizer) -> bool:
@@ -30,6 +30,9 @@ def check_averageable(optimizer: torch.optim.Optimizer) -> None:
         raise ValueError(f"average_moments carries Adam's moments (exp_avg, exp_avg_sq); "
                          f"{type(optimizer).__name__} has none: leave average_moments off (SGD's momentum "
                          "averaged with the window was measured to diverge at k = d = 10)")
+    if isinstance(optimizer, torch.optim.Adamax):
+        raise ValueError("average_moments needs Adam's second moments (exp_avg_sq); Adamax keeps an infinity norm "
+                         "(exp_inf) instead: leave average_moments off")
 
 
 class OptimizerMoments:
@@ -45,11 +48,15 @@ class OptimizerMoments:
     def fixed(self) -> bool:
         return bool(self.keys)
 
+    def held(self) -> list[tuple[int, str]]:
+        """The (parameter index, state key) pairs of the moments the optimizer holds now."""
+        state = self.optimizer.state
+        return [(i, key) for i, p in enumerate(self.params) for key in MOMENT_KEYS
+                if torch.is_tensor(state.get(p, {}).get(key))]
+
     def fix(self) -> None:
         """Take the moments the optimizer holds now."""
-        state = self.optimizer.state
-        self.keys = [(i, key) for i, p in enumerate(self.params) for key in MOMENT_KEYS
-                     if torch.is_tensor(state.get(p, {}).get(key))]
+        self.keys = self.held()
         if not self.keys:
             raise RuntimeError("average_moments: the optimizer holds no moments at the end of the warm-up (it "
                                "has not stepped): give warmup_steps >= 1")
@@ -58,7 +65,7 @@ class OptimizerMoments:
                                f"{type(self.optimizer).__name__} keeps none: leave average_moments off")
 
     def restore(self, keys: Sequence[Sequence]) -> None:
-        """The pairs a checkpoint saved."""
+        """The pairs a checkpoint (or rank 0) saved."""
         self.keys = [(int(i), str(key)) for i, key in keys]
 
     def like(self) -> list[Tensor]:

@@ -5,8 +5,8 @@ the hierarchy; and what a landing decides (skip, raise, defer), the window's tra
 feedback, checkpoints and adoption across ranks."""
 from __future__ import annotations
 
+import copy
 import math
-
 import pickle
 import threading
 import warnings
@@ -592,6 +592,35 @@ def test_a_rank_that_joins_a_self_tuned_run_makes_the_same_collectives_as_the_su
         return mine._ssd_engine.clock.as_tuple(), [w.clone() for w in mine.global_weights]
     (clock0, w0), (clock1, w1) = run_threads(2, scaled_up)
     assert clock0 == clock1 and all(torch.equal(a, b) for a, b in zip(w0, w1))
+
+
+def test_a_fresh_rank_takes_rank_0s_averaged_moments_or_every_rank_says_one_holds_none():
+    """Horovod's resume with averaged moments: rank 0 loads the checkpoint, the others receive
+    the wrapped optimizer's state (``hvd.broadcast_optimizer_state``) and take rank 0's choice of
+    the moments that travel; a rank whose optimizer holds none of them stops every rank with the
+    fix, where it used to raise alone and leave the others waiting."""
+    def first(comm):
+        model, opt = build(comm, 3, 3, 1.0, 2, optimizer="adamw", average_moments=True)
+        for t in range(7):
+            step(model, opt, comm.rank, t)
+        return model.state_dict(), opt.state_dict()
+    model_state, opt_state = run_threads(2, first)[0]
+    plain = {k: v for k, v in opt_state.items() if k != "ssd_sgd"}   # as the broadcast leaves it
+
+    def resumed(comm, broadcast: bool):
+        model, opt = build(comm, 3, 3, 1.0, 2, optimizer="adamw", average_moments=True)
+        model.load_state_dict(model_state)
+        if comm.rank == 0 or broadcast:
+            opt.load_state_dict(copy.deepcopy(opt_state if comm.rank == 0 else plain))
+        for t in range(7, 12):
+            step(model, opt, comm.rank, t)
+        opt.finish()
+        return opt._ssd_engine.moments.keys, [b.clone() for b in opt._ssd_engine.state.global_.buffers]
+    (keys0, w0), (keys1, w1) = run_threads(2, lambda comm: resumed(comm, True))
+    assert keys0 == keys1 == [tuple(k) for k in opt_state["ssd_sgd"]["moments"]]
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1))
+    errors = run_threads(2, lambda comm: resumed(comm, False), expect_errors=True)
+    assert all(isinstance(e, ValueError) and "rank 1's optimizer holds no state for" in str(e) for e in errors), errors
 
 
 def test_threaded_ranks_that_call_different_collectives_raise_rather_than_hang():

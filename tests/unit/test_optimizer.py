@@ -540,6 +540,13 @@ def test_averaged_moments_refuse_what_would_lose_them(kwargs, fragment):
                                            backend=LocalCommunicator(), average_moments=True, **kwargs)
 
 
+def test_averaged_moments_refuse_adamax_when_wrapped():
+    model = _model()
+    with pytest.raises(ValueError, match=re.escape("Adamax keeps an infinity norm (exp_inf) instead")):
+        ssd_allreduce.DistributedOptimizer(torch.optim.Adamax(model.parameters()), named_parameters=model.named_parameters(),
+                                           backend=LocalCommunicator(), average_moments=True)
+
+
 class _GrowingCommunicator(LocalCommunicator):
     """One rank whose job grows to ``grown_to`` ranks at the next ``refresh`` (Horovod elastic)."""
 

@@ -145,10 +145,12 @@ def time_to_accuracy(curve: Sequence[tuple[float, float]], target: float) -> Opt
 
 
 def bytes_per_window(stats: Optional[dict[str, Any]]) -> Optional[float]:
-    """The payload of one window after the warm-up (a self-tuned run's windows differ in steps, not bytes)."""
+    """The payload of one window after the warm-up (a self-tuned run's windows differ in steps, not
+    bytes), less the gradients a hierarchical node averages every step."""
     if not stats or not stats["windows_launched"]:
         return None
-    return (stats["bytes_allreduced"] - stats["warmup_bytes_allreduced"]) / stats["windows_launched"]
+    windows = stats["bytes_allreduced"] - stats["warmup_bytes_allreduced"] - stats.get("node_bytes_allreduced", 0)
+    return windows / stats["windows_launched"]
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:

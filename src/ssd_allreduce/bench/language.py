@@ -109,8 +109,9 @@ def run_one(run: Run, a: argparse.Namespace, net: Emulation, rate: str, out: Pat
             "bytes_per_step": summary["bytes_per_step"], "parameter_bytes": summary["parameter_bytes"]}
 
 
-BUDGET_FRACTIONS = (50, 80, 100)
-"""Horovod's loss after these percents of its steps: the targets whose time to reach is compared."""
+BUDGET_FRACTIONS = (50, 75, 100)
+"""Horovod's loss at its first validation at or after these percents of its steps (steps 80, 120
+and 160 of the default 160, validated every 20): the targets whose time to reach is compared."""
 
 
 def first_time_at(curve: Sequence[Sequence[float]], loss: float) -> Optional[float]:
@@ -119,8 +120,8 @@ def first_time_at(curve: Sequence[Sequence[float]], loss: float) -> Optional[flo
 
 
 def time_ratios(row: dict[str, Any], base: dict[str, Any]) -> dict[str, Optional[float]]:
-    """For each of ``BUDGET_FRACTIONS``: Horovod's training time to its own loss after that share
-    of its steps over ``row``'s time to the same loss (2.0: there twice as fast); None where
+    """For each of ``BUDGET_FRACTIONS``: Horovod's training time to its own loss at that share of
+    its steps over ``row``'s time to the same loss (2.0: there twice as fast); None where
     ``row`` never got there."""
     steps = base["curve"][-1][0]
     out: dict[str, Optional[float]] = {}

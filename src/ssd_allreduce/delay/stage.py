@@ -102,7 +102,7 @@ class DelayStage:
                  self.settings)
 
     def reset_local_to_global(self) -> None:
-        """``w = W`` (parameters and buffers)."""
+        """``w = W``: parameters, buffers and the moments that travel."""
         with torch.no_grad():
             torch._foreach_copy_(self.local, self.state.global_.views)
 
@@ -220,6 +220,8 @@ class DelayStage:
                              "its node's ranks (hierarchical SSD-SGD): load every rank's own checkpoint on every "
                              "rank, or save after optimizer.finish() on every rank")
         if not self.state.started:
+            if self.moments is not None and root.moments is not None:   # rank 0's, not the ones held here
+                self.moments.restore(root.moments)
             self._allocate()
         self.state.adopt(self.comm, root, self.name)
         self._set_clock(self.state.clock)

@@ -44,6 +44,7 @@ class Position:
     window: Optional[tuple[int, int, int]] = None   # launched at, lands at, steps it covers
     skipped_in_a_row: int = 0
     clock: Optional[tuple] = None
+    moments: Optional[tuple] = None   # the (parameter index, state key) pairs of the moments that travel
 
     @property
     def fresh(self) -> bool:
@@ -116,8 +117,10 @@ class DelayState:
         return self.residual
 
     def position(self, step: int) -> Position:
+        moments = self.moments is not None and self.moments.fixed
         return Position(step, self.started, None if self.window is None else self.window.describe(),
-                        self.skipped_in_a_row, None if self.clock is None else self.clock.as_tuple())
+                        self.skipped_in_a_row, None if self.clock is None else self.clock.as_tuple(),
+                        tuple(self.moments.keys) if moments else None)
 
     def adopt(self, comm: Communicator, root: Position, name: str) -> None:
         """Take rank 0's ``W``, outer momentum, window (arrived on rank 0) and clock: collective,
