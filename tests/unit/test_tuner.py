@@ -206,3 +206,34 @@ def test_when_every_step_launches_or_lands_a_window_it_is_rechecked_every_few_wi
 def test_an_auto_delay_stays_overlapped_where_no_collective_time_was_measured():
     from ssd_allreduce.delay.tuner import choose_window
     assert choose_window(0.004, 0.0, 0.0, sync_every=8, max_sync_every=16, auto_delay=True) == (8, 1)
+
+
+def test_a_window_cost_the_steps_do_not_show_is_fitted_from_periods_at_two_windows(monkeypatch):
+    """On shared cores a window's collective slows every step around it, not only its launch and
+    landing: here each step takes 4 ms plus 4 ms per window, spread evenly over the window's k
+    steps, so a step's own timing sees no window cost and the model alone keeps k = 1. The first
+    re-check probes k = 2; the periods at 1 and 2 (8 and 6 ms a step) give the cost, 4 ms, and
+    the window widens to the smallest within 3 % of the widest's step time. Each new window is
+    re-checked after RETUNE_EVERY (here 4) windows, no more than PROBE_WINDOWS."""
+    from ssd_allreduce.delay import tuner
+    from ssd_allreduce.delay.tuner import fitted_window_cost
+    clock = _Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    monkeypatch.setattr(tuner, "RETUNE_EVERY", 4)
+    model = _model()
+    opt = _wrap(model, _SlowCommunicator(clock, 0.0), sync_every="auto", warmup_steps=6)
+    engine = opt._ssd_engine
+    for step in range(60):
+        k = engine.clock.sync_every if engine.clock is not None else 1
+        clock.now += 0.004 + 0.004 / k
+        _train(model, opt, 1, start=step)
+    chosen = [(entry["sync_every"], entry["window_ms"]) for entry in engine.tuner.log]
+    assert chosen[0] == (1, 0.0) and chosen[1][0] == tuner.PROBE, chosen      # the model alone, then the probe
+    assert chosen[2] == (10, pytest.approx(4.0)), chosen     # 4 + 4/10 ms is within 3 % of 4 + 4/16
+    # the window run next is measured too (4.4 ms a step) and fits the same cost; its steps, 4.4 ms,
+    # are the compute now, so the smallest window within 3 % of the widest is 11
+    assert engine.tuner.measured == {1: pytest.approx(0.008), 2: pytest.approx(0.006), 10: pytest.approx(0.0044)}
+    assert chosen[3] == (11, pytest.approx(4.0)) and engine.clock.sync_every == 11, chosen
+    assert fitted_window_cost({4: 0.005}) is None
+    assert fitted_window_cost({1: 0.008, 2: 0.006, 4: 0.005}) == pytest.approx(0.004)
+    assert fitted_window_cost({1: 0.005, 2: 0.006}) == 0.0   # slower at the wider window: no cost found

@@ -10,6 +10,14 @@ is sent to measure) and a timed dry launch; it is re-checked every ``RETUNE_EVER
 what the windows took. Changes take effect at a launch, on every rank at the same step; when the
 next re-check is due is the clock's (``WindowClock.next_check``), so every rank, a joining or
 resumed one too, makes the same collective at the same launch.
+
+A window's cost to the host can be more than its launch and landing steps show: on shared cores
+the collective's own work slows every step around it. So each re-check also records the mean wall
+time of a step over the period just run at its window (a table agreed across ranks), and where
+two windows have been run it fits ``step = c + cost / k`` and uses that cost where it is larger.
+Where only one window has run and the choice would keep it or widen it by less than ``PROBE``
+times, the next period runs a window ``PROBE`` times wider; a window not run yet (the first
+choice's too) is re-checked after ``PROBE_WINDOWS`` windows.
 """
 from __future__ import annotations
 
@@ -32,6 +40,8 @@ TOLERANCE = 0.03      # the step time a window's own cost may add, against the w
 SAMPLES = 64          # the most recent step and window times a choice is made from
 MIN_SAMPLES = 4       # steps every rank must have timed before a choice is made
 PROVISIONAL = 5       # the window used until then (a resume at the end of the warm-up)
+PROBE = 2             # a probe's window, times the one run so far
+PROBE_WINDOWS = 5     # windows a probe runs before the next re-check
 
 
 def choose_window(compute_s: float, collective_s: float, window_s: float, *, sync_every: Optional[int],
@@ -55,6 +65,17 @@ def choose_window(compute_s: float, collective_s: float, window_s: float, *, syn
     return k, k
 
 
+def fitted_window_cost(measured: dict[int, float]) -> Optional[float]:
+    """A window's cost from the mean step times measured at two or more windows (``{k: seconds}``):
+    the slope of ``step = c + cost / k`` by least squares (at least 0); None with fewer than two."""
+    if len(measured) < 2:
+        return None
+    xs, ys = [1.0 / k for k in measured], list(measured.values())
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return max(0.0, slope)
+
+
 class WindowTuner:
     """Step and collective times of this rank, and the choices made from everyone's."""
 
@@ -69,6 +90,8 @@ class WindowTuner:
         self._windows_seen = 0   # launches + landings by the last step's end: a step with one is a window step
         self.window_estimate = 0.0   # a window's host cost, from the dry launch
         self.last_compute: Optional[float] = None   # the compute time the last choice was made from
+        self.measured: dict[int, float] = {}   # window -> mean step seconds over a period at it (agreed)
+        self._period = (0, 0.0)   # steps and wall seconds since the last choice
         self.log: list[dict[str, float]] = []
 
     def first_clock(self, step: int, delta_bytes: int, window_s: float) -> WindowClock:
@@ -76,15 +99,18 @@ class WindowTuner:
         window with a re-check at the first launch where some rank timed too few steps."""
         chosen = self.initial(step, delta_bytes, window_s)
         k, d = chosen or self.provisional
-        return WindowClock.starting(k, d, step, RETUNE_EVERY if chosen else 0)
+        return WindowClock.starting(k, d, step, min(PROBE_WINDOWS, RETUNE_EVERY) if chosen else 0)
 
     def recheck(self, clock: WindowClock, step: int) -> None:
         """At a launch where ``clock`` says a re-check is due (every rank alike): the new window
         from the next launch on, and the next re-check's launch."""
         chosen = self.retune(step, clock.sync_every, clock.delay)
-        if chosen is not None:
-            clock.sync_every, clock.delay = chosen
-        clock.next_check = clock.launches + (RETUNE_EVERY if chosen is not None else 1)
+        if chosen is None:
+            clock.next_check = clock.launches + 1
+            return
+        unmeasured = chosen[0] not in self.measured   # a probe, or a window not run yet: measure it soon
+        clock.sync_every, clock.delay = chosen
+        clock.next_check = clock.launches + (min(PROBE_WINDOWS, RETUNE_EVERY) if unmeasured else RETUNE_EVERY)
 
     def step_done(self, now: float, stats: SSDStats) -> None:
         """A step ended at ``now``; the time since the last one, less what was spent waiting on
@@ -93,6 +119,7 @@ class WindowTuner:
         if self._last is not None:
             sample = max((now - self._last[0]) - (stats.comm_wait_seconds - self._last[1]), 0.0)
             (self.window_steps if windows != self._windows_seen else self.compute).append(sample)
+            self._period = (self._period[0] + 1, self._period[1] + now - self._last[0])
         self._last = (now, stats.comm_wait_seconds)
         self._windows_seen = windows
 
@@ -143,20 +170,33 @@ class WindowTuner:
         if busy:
             window = max(window, steps_per_window * (statistics.median(busy) - compute))
         collective = statistics.median(self.in_flight) if self.in_flight else 0.0
-        return self._choose(step, compute, collective, window, len(plain) + len(busy))
+        return self._choose(step, compute, collective, window, len(plain) + len(busy), running=sync_every)
 
     def _choose(self, step: int, compute_s: float, collective_s: float, window_s: float,
-                samples: int) -> Optional[tuple[int, int]]:
-        mine = (compute_s, collective_s, window_s, samples)
+                samples: int, running: Optional[int] = None) -> Optional[tuple[int, int]]:
+        """The agreed choice; ``running``: the window of the period that ends here (a re-check)."""
+        steps, seconds = self._period
+        mine = (compute_s, collective_s, window_s, samples, seconds / steps if steps else 0.0, self.measured)
         everyone = self.comm.allgather_object(mine) if self.comm.size > 1 else [mine]
         # the slowest rank's numbers decide, and the fewest samples: every rank gets the same
-        compute_s, collective_s, window_s = (max(e[i] for e in everyone) for i in range(3))
+        compute_s, collective_s, window_s, _, period_s = (max(e[i] for e in everyone) for i in range(5))
         if min(e[3] for e in everyone) < MIN_SAMPLES:
             return None
+        # every rank's table merged (a joining rank has none), then this period's: the same everywhere
+        self.measured = {k: max(e[5][k] for e in everyone if k in e[5]) for e in everyone for k in e[5]}
+        if running is not None and period_s > 0:
+            self.measured[running] = period_s
+        fitted = fitted_window_cost(self.measured)
+        window_s = max(window_s, fitted or 0.0)
         k, d = choose_window(compute_s, collective_s, window_s, sync_every=self.sync_every,
                              max_sync_every=self.max_sync_every, auto_delay=self.auto_delay)
+        if self.sync_every is None and running is not None and list(self.measured) == [running] \
+                and running <= k < PROBE * running and running < self.max_sync_every:
+            k = d = min(PROBE * running, self.max_sync_every)   # a second window, far enough to fit from
         entry = {"step": step, "compute_ms": 1e3 * compute_s, "collective_ms": 1e3 * collective_s,
                  "window_ms": 1e3 * window_s, "sync_every": k, "delay": d}
+        if running is not None:
+            entry["period_ms"] = 1e3 * period_s   # the mean step of the period at ``running``
         if not self.log or (self.log[-1]["sync_every"], self.log[-1]["delay"]) != (k, d):
             logger.info("SSD-SGD window at step %d: k=%d, d=%d (step compute %.2f ms, delta collective "
                         "%.2f ms, window cost %.2f ms, slowest rank)", step, k, d, entry["compute_ms"],
@@ -167,6 +207,7 @@ class WindowTuner:
         self.compute.clear()
         self.window_steps.clear()
         self._last = None   # the step that chose (the agreement) is not a typical step
+        self._period = (0, 0.0)
         return k, d
 
 
