@@ -6,8 +6,9 @@
 #   scripts/bench.sh --list          # the sections and their commands
 #
 # Results (JSON, markdown, PNG) go to results/bench-<date>/<section>/ (SSD_BENCH_OUT=dir to choose);
-# the quality, auto, compression, straggler, gpt and faults sections write docs/results/<section>.json and
-# rewrite their part of the docs from it (python -m ssd_allreduce.bench report).
+# the quality, sweep, warmup, auto, nodes, compression, straggler, gpt and faults sections write
+# docs/results/<section>.json and rewrite their part of the docs from it (python -m ssd_allreduce.bench
+# report); sweep also its two plots, docs/img/.
 # The emulated networks need root (network namespaces); the GPU table is scripts/bench_gpu.sh.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -92,9 +93,10 @@ for name in "${wanted[@]}"; do
     faults) SSD_FAULT_MATRIX=full SSD_FAULT_RECORD="$REPO/docs/results/faults.json" "$VENV/bin/python" "${FAULTS[@]}" |
               tee "$OUT/$name/pytest.log" && "$VENV/bin/python" "${BENCH[@]}" report ;;
     # the comparisons whose sections are written from their record
-    auto|compression|compression-resnet|straggler|gpt)
+    sweep|warmup|auto|nodes|compression|compression-resnet|straggler|gpt)
       "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" --record "docs/results/$name.json" &&
-        "$VENV/bin/python" "${BENCH[@]}" report ;;
+        "$VENV/bin/python" "${BENCH[@]}" report
+      if [ "$name" = sweep ]; then cp "$OUT/$name/throughput_vs_bandwidth.png" "$OUT/$name/accuracy_vs_time.png" docs/img/; fi ;;
     # the others print their tables and write them under $OUT (docs/BENCHMARKS.md copies them)
     *) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" ;;
   esac

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,15 +192,29 @@ def _single(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.fixture(scope="module")
+def three_epochs(tmp_path_factory) -> Path:
+    """One process, 3 epochs, a checkpoint after each (steps 44, 88, 132): the run the
+    checkpoint tests damage, plant into or resume differently, each in a copy of its own."""
+    run = tmp_path_factory.mktemp("three-epochs") / "run"
+    r = _single(run.parent, "--out", str(run), "--epochs", "3", "--keep-checkpoints", "3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return run
+
+
+@pytest.fixture
+def run_copy(tmp_path, three_epochs) -> Path:
+    return Path(shutil.copytree(three_epochs, tmp_path / "run"))
+
+
 def test_missing_cifar10_names_the_expected_files(tmp_path):
     r = _single(tmp_path, "--data", "cifar10", "--data-dir", str(tmp_path / "nowhere"))
     assert r.returncode != 0 and "data_batch_1" in r.stderr and "test_batch" in r.stderr
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_a_damaged_newest_checkpoint_is_passed_over_for_the_newest_intact_one(tmp_path, damage):
-    run = tmp_path / "run"
-    assert _single(tmp_path, "--out", str(run), "--epochs", "3", "--keep-checkpoints", "3").returncode == 0
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_newest_intact_one(tmp_path, run_copy, damage):
+    run = run_copy
     checkpoints = sorted((run / "checkpoints").glob("step-*"))
     assert [c.name for c in checkpoints] == ["step-00000044", "step-00000088", "step-00000132"]
     newest = checkpoints[-1] / "rank-0.pt"
@@ -218,9 +233,8 @@ def test_a_damaged_newest_checkpoint_is_passed_over_for_the_newest_intact_one(tm
     assert r.returncode != 0 and "no intact checkpoint to resume from" in r.stderr
 
 
-def test_resuming_from_an_older_checkpoint_drops_the_abandoned_later_ones(tmp_path):
-    run = tmp_path / "run"
-    assert _single(tmp_path, "--out", str(run), "--epochs", "3", "--keep-checkpoints", "3").returncode == 0
+def test_resuming_from_an_older_checkpoint_drops_the_abandoned_later_ones(tmp_path, run_copy):
+    run = run_copy
     r = _single(tmp_path, "--out", str(run), "--resume", str(run / "checkpoints" / "step-00000044"),
                 "--epochs", "2", "--keep-checkpoints", "2")
     assert r.returncode == 0, r.stderr
@@ -230,12 +244,11 @@ def test_resuming_from_an_older_checkpoint_drops_the_abandoned_later_ones(tmp_pa
     assert summary(run)["bytes_per_step"] == 0 and summary(run)["ssd_stats"]["warmup_bytes_allreduced"] == 0
 
 
-def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, run_copy):
     """A file planted in a shared run directory, even with a matching checksum in the manifest,
     is not unpickled: loading accepts tensors and plain values only."""
-    run, marker = tmp_path / "run", tmp_path / "executed"
-    assert _single(tmp_path, "--out", str(run), "--epochs", "1").returncode == 0
-    (directory,) = (run / "checkpoints").glob("step-*")
+    run, marker = run_copy, tmp_path / "executed"
+    directory = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     planted = subprocess.run([PYTHON, "-c", f"""
 import os, torch
 class Payload:
@@ -247,7 +260,7 @@ torch.save({{"model": Payload()}}, "{directory / 'rank-0.pt'}")
     manifest = json.loads((directory / "manifest.json").read_text())
     manifest["files"]["rank-0.pt"] = hashlib.sha256((directory / "rank-0.pt").read_bytes()).hexdigest()
     (directory / "manifest.json").write_text(json.dumps(manifest))
-    r = _single(tmp_path, "--out", str(run), "--resume", "--epochs", "2")
+    r = _single(tmp_path, "--out", str(run), "--resume", "--epochs", "4")
     assert r.returncode != 0 and "was refused: it holds more than tensors and plain values" in r.stderr
     assert not marker.exists()
 
@@ -264,12 +277,11 @@ def test_an_unwritable_checkpoint_directory_stops_every_rank_before_the_first_st
     assert '"kind": "step"' not in proc.stdout
 
 
-def test_checkpoint_of_another_model_or_world_size_is_refused(tmp_path):
-    run = tmp_path / "run"
-    assert _single(tmp_path, "--out", str(run), "--epochs", "1").returncode == 0
-    r = _single(tmp_path, "--out", str(run), "--resume", "--model", "mlp")
+def test_checkpoint_of_another_model_or_world_size_is_refused(tmp_path, run_copy):
+    run = run_copy
+    r = _single(tmp_path, "--out", str(run), "--resume", "--epochs", "4", "--model", "mlp")
     assert r.returncode != 0 and "its model is 'cnn', this run's is 'mlp'" in r.stderr
-    out = subprocess.run(horovodrun(2, *TRAIN, "--out", str(run), "--resume"), env=launcher_env(),
+    out = subprocess.run(horovodrun(2, *TRAIN, "--epochs", "4", "--out", str(run), "--resume"), env=launcher_env(),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "written by 1 ranks and this job has 2" in out.stdout + out.stderr
 

@@ -71,6 +71,31 @@ def test_a_comparisons_record_writes_its_tables_with_the_spread_over_repeats():
     assert "- a target: met" in table and "3 repeat(s)" in table
 
 
+def test_the_sweep_writes_every_measured_column_and_the_warmup_its_whole_runs():
+    from ssd_allreduce.bench import sections
+    from ssd_allreduce.bench.compare import FULL_TABLE
+    stamp = {"command": "python -m ssd_allreduce.bench compare --bandwidths 100mbit", "commit": "abc1234",
+             "date": "2026-12-06", "machine": "x86_64, 2 cores, Linux", "python": "3.11.7", "torch": "2.13.0",
+             "horovod": "0.28.1"}
+    results = _comparison([7000, 7600, 8400])
+    results["bandwidths"][0]["cost_model"] = [{"latency_us": 0, "name": "horovod", "predicted_ms": 11.08,
+                                               "measured_ms": 18.38, "error": -0.397}]
+    for r in results["bandwidths"][0]["rows"]:
+        r.update(run_images_per_sec=r["images_per_sec"] / 2, step_ms=5.0, hidden_fraction=0.5)
+    record = json.loads(json.dumps(sections.record_of(results, stamp)))
+    detailed = sections.render_detailed(record).splitlines()
+    assert detailed[2] == "### 100mbit, measured 96 Mbit/s"
+    assert detailed[4] == "| " + " | ".join(column for column, _, _ in FULL_TABLE) + " |"
+    assert detailed[7].startswith("| ssd k=2 d=2 | 6000 | 3000 | - | 5.00 | - | - | 50% | 100 |")
+    assert "- cost model (latency 0 us/hop), horovod: predicted 11.08 ms/step, measured 18.38 ms/step (-40%)" in detailed
+    record["config"]["warmup_steps"] = 60
+    record["bandwidths"][0]["rows"] = [r for r in record["bandwidths"][0]["rows"] if r["name"] != "ssd k=2 d=2"
+                                       and "auto" not in r["name"]]
+    warmup = sections.render_warmup(record).splitlines()
+    assert warmup[2] == "| network | Horovod img/s | SSD-SGD img/s (60 steps of warm-up in the run) | ratio |"
+    assert warmup[4] == "| 100mbit (measured 96 Mbit/s) | 500 | 4,000 | **8.00** |"
+
+
 def test_the_fault_matrix_names_each_fault_and_keeps_what_the_survivor_said_without_the_backends_words():
     stamp = {"command": "SSD_FAULT_MATRIX=full pytest tests/e2e/test_faults.py -k lost_rank", "commit": "abc1234",
              "date": "2026-12-05", "machine": "x86_64, 2 cores, Linux", "python": "3.11.7", "torch": "2.13.0",

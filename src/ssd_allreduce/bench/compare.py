@@ -415,6 +415,13 @@ def render_markdown(results: dict[str, Any]) -> str:
              + (f"; rank {c['slow_rank']} a straggler, its compute {c['slow_fraction']:.0%} slower"
                 if c.get("slow_rank", -1) >= 0 and c.get("slow_fraction") else "")
              + ".", ""]
+    return "\n".join(lines + network_tables(results))
+
+
+def network_tables(results: dict[str, Any]) -> list[str]:
+    """Every measured column per network, the targets, and the cost models' checks (the lines of
+    results.md after its header, and of the sections written from a record)."""
+    lines: list[str] = []
     for s in results["bandwidths"]:
         measured = f", measured {s['measured_mbps']:.0f} Mbit/s" if s["measured_mbps"] else ""
         lines += [f"### {s['rate']}{measured}", "", markdown_table(s["rows"], FULL_TABLE), ""]
@@ -433,7 +440,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += [f"| {c['mbps']:.0f} | {c['name']} | {c['predicted_ms']:.2f} | {c['measured_ms']:.2f} | "
                   f"{c['error']:+.0%} |" for c in checked]
         lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:

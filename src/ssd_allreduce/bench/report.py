@@ -48,6 +48,16 @@ def render_auto_window(record: dict[str, Any]) -> str:
     return render_auto_window(record)
 
 
+def render_detailed(record: dict[str, Any]) -> str:
+    from .sections import render_detailed
+    return render_detailed(record)
+
+
+def render_warmup(record: dict[str, Any]) -> str:
+    from .sections import render_warmup
+    return render_warmup(record)
+
+
 FAULTS = {"stop": "SIGSTOP", "kill": "SIGKILL"}
 PHASES = {"warmup": "warm-up, step {}", "window": "window in flight, step {}", "evaluation": "evaluation after step {}",
           "checkpoint": "checkpoint at step {}"}
@@ -81,6 +91,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quality": render_quality, "quality-gpt": render_quality, "quality-drift": render_quality,
     "quality-drift-beta": render_quality, "quality-moments": render_quality,
     "quality-moments-gpt": render_quality, "auto": render_auto_window, "faults": render_faults, "gpt": render_gpt,
+    "sweep": render_detailed, "nodes": render_detailed, "warmup": render_warmup,
     **{name: render_comparison for name in ("compression", "compression-resnet", "straggler")}}
 """Each section with committed results: its name (``docs/results/NAME.json``) and what writes its markdown."""
 

@@ -104,3 +104,23 @@ def render_auto_window(record: dict[str, Any]) -> str:
                    f"(k={auto['sync_every_used']}) | {auto['images_per_sec'] / base:.3f} | {spread} |")
     return "\n".join(out) + "\n"
 
+
+
+def render_detailed(record: dict[str, Any]) -> str:
+    """Every measured column per network (results.md's tables), the targets and the cost models."""
+    from .compare import network_tables
+    return "\n".join([provenance_line(record), "", *network_tables(record)]).rstrip() + "\n"
+
+
+def render_warmup(record: dict[str, Any]) -> str:
+    """The synchronous warm-up's own rate against Horovod's, per network: whole runs where all but
+    the last few steps are warm-up."""
+    c = record["config"]
+    out = [provenance_line(record), "",
+           f"| network | Horovod img/s | SSD-SGD img/s ({c['warmup_steps']} steps of warm-up in the run) | ratio |",
+           "|---|---|---|---|"]
+    for s in record["bandwidths"]:
+        rows = {r["mode"]: r for r in s["rows"]}
+        horovod, ssd = rows["horovod"]["run_images_per_sec"], rows["ssd"]["run_images_per_sec"]
+        out.append(f"| {_network(s)} | {horovod:,.0f} | {ssd:,.0f} | **{ssd / horovod:.2f}** |")
+    return "\n".join(out) + "\n"
