@@ -260,9 +260,18 @@ torch.save({{"model": Payload()}}, "{directory / 'rank-0.pt'}")
     manifest = json.loads((directory / "manifest.json").read_text())
     manifest["files"]["rank-0.pt"] = hashlib.sha256((directory / "rank-0.pt").read_bytes()).hexdigest()
     (directory / "manifest.json").write_text(json.dumps(manifest))
-    r = _single(tmp_path, "--out", str(run), "--resume", "--epochs", "4")
+    # the planted one alone: every rank stops, saying why
+    alone = Path(shutil.copytree(run, tmp_path / "alone"))
+    for older in sorted((alone / "checkpoints").glob("step-*"))[:-1]:
+        shutil.rmtree(older)
+    r = _single(tmp_path, "--out", str(alone), "--resume", "--epochs", "4")
     assert r.returncode != 0 and "was refused: it holds more than tensors and plain values" in r.stderr
     assert not marker.exists()
+    # beside intact ones: passed over, as a damaged one is, for the newest intact one
+    r = _single(tmp_path, "--out", str(run), "--resume", "--epochs", "4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "was refused: it holds more than tensors and plain values" in r.stdout and not marker.exists()
+    assert f"resumed from {run / 'checkpoints' / 'step-00000088'} at epoch 2, step 88" in r.stdout
 
 
 def test_an_unwritable_checkpoint_directory_stops_every_rank_before_the_first_step(tmp_path):

@@ -424,7 +424,8 @@ def network_tables(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     for s in results["bandwidths"]:
         measured = f", measured {s['measured_mbps']:.0f} Mbit/s" if s["measured_mbps"] else ""
-        lines += [f"### {s['rate']}{measured}", "", markdown_table(s["rows"], FULL_TABLE), ""]
+        columns = [c for c in FULL_TABLE if any(r.get(c[1]) is not None for r in s["rows"])]   # none: not measured
+        lines += [f"### {s['rate']}{measured}", "", markdown_table(s["rows"], columns), ""]
         lines += [f"- {t}" for t in s["targets"]]
         lines += [f"- cost model (latency {m['latency_us']:.0f} us/hop), {m['name']}: predicted "
                   f"{m['predicted_ms']:.2f} ms/step, measured {m['measured_ms']:.2f} ms/step ({m['error']:+.0%})"
