@@ -89,13 +89,18 @@ for name in "${wanted[@]}"; do
   case "$name" in
     costmodel|nodecost|overhead) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" | tee "$OUT/$name/table.md" ;;
     # results committed under docs/results/, and the documents' sections written from them
-    quality*) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" && "$VENV/bin/python" "${BENCH[@]}" report ;;
-    faults) SSD_FAULT_MATRIX=full SSD_FAULT_RECORD="$REPO/docs/results/faults.json" "$VENV/bin/python" "${FAULTS[@]}" |
-              tee "$OUT/$name/pytest.log" && "$VENV/bin/python" "${BENCH[@]}" report ;;
+    # (one command a line: under set -e a failure inside an && list would not stop the run)
+    quality*)
+      "$VENV/bin/python" "${BENCH[@]}" "${args[@]}"
+      "$VENV/bin/python" "${BENCH[@]}" report ;;
+    faults)
+      SSD_FAULT_MATRIX=full SSD_FAULT_RECORD="$REPO/docs/results/faults.json" "$VENV/bin/python" "${FAULTS[@]}" |
+        tee "$OUT/$name/pytest.log"
+      "$VENV/bin/python" "${BENCH[@]}" report ;;
     # the comparisons whose sections are written from their record
     sweep|warmup|auto|nodes|compression|compression-resnet|straggler|gpt)
-      "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" --record "docs/results/$name.json" &&
-        "$VENV/bin/python" "${BENCH[@]}" report
+      "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" --record "docs/results/$name.json"
+      "$VENV/bin/python" "${BENCH[@]}" report
       if [ "$name" = sweep ]; then cp "$OUT/$name/throughput_vs_bandwidth.png" "$OUT/$name/accuracy_vs_time.png" docs/img/; fi ;;
     # the others print their tables and write them under $OUT (docs/BENCHMARKS.md copies them)
     *) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" ;;

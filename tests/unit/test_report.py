@@ -95,8 +95,8 @@ def test_the_sweep_writes_every_measured_column_and_the_warmup_its_whole_runs():
     record["bandwidths"][0]["rows"] = [r for r in record["bandwidths"][0]["rows"] if r["name"] != "ssd k=2 d=2"
                                        and "auto" not in r["name"]]
     warmup = sections.render_warmup(record).splitlines()
-    assert warmup[2] == "| network | Horovod img/s | SSD-SGD img/s (60 steps of warm-up in the run) | ratio |"
-    assert warmup[4] == "| 100mbit (measured 96 Mbit/s) | 500 | 4,000 | **8.00** |"
+    assert warmup[2] == "| network | mode | img/s (60 steps of warm-up in the run) | Horovod img/s | ratio |"
+    assert warmup[4:] == ["| 100mbit (measured 96 Mbit/s) | ssd k=5 d=5 | 4,000 | 500 | **8.00** |"]
 
 
 def test_the_fault_matrix_names_each_fault_and_keeps_what_the_survivor_said_without_the_backends_words():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from torch import nn
 
 import ssd_allreduce
 from fakes import LocalCommunicator
+from ssd_allreduce.delay.tuner import WindowTuner
+from threaded import run_threads
 
 
 def _model() -> nn.Module:
@@ -214,21 +217,24 @@ def test_a_window_cost_the_steps_do_not_show_is_fitted_from_periods_at_two_windo
     steps, so a step's own timing sees no window cost and the model alone keeps k = 1. The first
     re-check probes k = 2; the periods at 1 and 2 (8 and 6 ms a step) give the cost, 4 ms, and
     the window widens to the smallest within 3 % of the widest's step time. Each new window is
-    re-checked after RETUNE_EVERY (here 4) windows, no more than PROBE_WINDOWS."""
+    re-checked after PROBE_WINDOWS windows (fewer than RETUNE_EVERY, here 8)."""
     from ssd_allreduce.delay import tuner
     from ssd_allreduce.delay.tuner import fitted_window_cost
     clock = _Clock()
     monkeypatch.setattr(time, "perf_counter", clock)
-    monkeypatch.setattr(tuner, "RETUNE_EVERY", 4)
+    monkeypatch.setattr(tuner, "RETUNE_EVERY", 8)
     model = _model()
     opt = _wrap(model, _SlowCommunicator(clock, 0.0), sync_every="auto", warmup_steps=6)
     engine = opt._ssd_engine
-    for step in range(60):
+    for step in range(80):
         k = engine.clock.sync_every if engine.clock is not None else 1
         clock.now += 0.004 + 0.004 / k
         _train(model, opt, 1, start=step)
     chosen = [(entry["sync_every"], entry["window_ms"]) for entry in engine.tuner.log]
     assert chosen[0] == (1, 0.0) and chosen[1][0] == tuner.PROBE, chosen      # the model alone, then the probe
+    # a window not run yet is re-checked after PROBE_WINDOWS windows, not RETUNE_EVERY (8 here)
+    checked_at = [entry["step"] for entry in engine.tuner.log]
+    assert checked_at[2] - checked_at[1] == tuner.PROBE_WINDOWS * tuner.PROBE, checked_at
     assert chosen[2] == (10, pytest.approx(4.0)), chosen     # 4 + 4/10 ms is within 3 % of 4 + 4/16
     # the window run next is measured too (4.4 ms a step) and fits the same cost; its steps, 4.4 ms,
     # are the compute now, so the smallest window within 3 % of the widest is 11
@@ -237,3 +243,24 @@ def test_a_window_cost_the_steps_do_not_show_is_fitted_from_periods_at_two_windo
     assert fitted_window_cost({4: 0.005}) is None
     assert fitted_window_cost({1: 0.008, 2: 0.006, 4: 0.005}) == pytest.approx(0.004)
     assert fitted_window_cost({1: 0.005, 2: 0.006}) == 0.0   # slower at the wider window: no cost found
+
+
+def test_a_joining_rank_without_step_times_merges_the_others_table_and_chooses_alike():
+    """Two ranks re-check together: rank 0 has run windows 4 and 8 (its table), rank 1 has just
+    joined (none). Both end with the same table (rank 0's, and this period's time at 8, the
+    slower rank's) and the same window: the collectives that follow are the same on every rank."""
+    def rank(comm):
+        tuner = WindowTuner(comm, None, 16, True)
+        if comm.rank == 0:
+            tuner.measured = {4: 0.009, 8: 0.0065}
+        stats = SimpleNamespace(windows_launched=0, windows_landed=0, comm_wait_seconds=0.0)
+        step_s = 0.005 if comm.rank == 0 else 0.006     # rank 1 is the slower
+        for i in range(6):
+            tuner.step_done(100.0 + i * step_s, stats)
+        return tuner.retune(30, 8, 8), tuner.measured
+
+    (chosen0, table0), (chosen1, table1) = run_threads(2, rank)
+    assert table0 == table1 == {4: 0.009, 8: pytest.approx(0.006)}
+    # the fitted cost, (9 - 6) ms / (1/4 - 1/8) = 24 ms a window, on 6 ms steps: k = 14 is the
+    # smallest whose step is within 3 % of k = 16's
+    assert chosen0 == chosen1 == (14, 14)

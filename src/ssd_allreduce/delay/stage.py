@@ -137,6 +137,8 @@ class DelayStage:
 
     def finish(self, steps_done: int) -> bool:
         """Land the window in flight now, ``steps_done`` steps into training (see ``land``)."""
+        if self.tuner is not None:
+            self.tuner.pause()   # an evaluation, a checkpoint or a commit follows: not a step's time
         window = self.state.window
         if window is None:
             self.verdicts.check_deferred()

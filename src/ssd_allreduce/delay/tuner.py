@@ -12,8 +12,9 @@ next re-check is due is the clock's (``WindowClock.next_check``), so every rank,
 resumed one too, makes the same collective at the same launch.
 
 A window's cost to the host can be more than its launch and landing steps show: on shared cores
-the collective's own work slows every step around it. So each re-check also records the mean wall
-time of a step over the period just run at its window (a table agreed across ranks), and where
+the collective's own work slows every step around it. So each re-check also records the mean time
+of a step, less its communication wait, over the period just run at its window (a table agreed
+across ranks; a step after an evaluation, a checkpoint or a commit is left out), and where
 two windows have been run it fits ``step = c + cost / k`` and uses that cost where it is larger.
 Where only one window has run and the choice would keep it or widen it by less than ``PROBE``
 times, the next period runs a window ``PROBE`` times wider; a window not run yet (the first
@@ -90,14 +91,15 @@ class WindowTuner:
         self._windows_seen = 0   # launches + landings by the last step's end: a step with one is a window step
         self.window_estimate = 0.0   # a window's host cost, from the dry launch
         self.last_compute: Optional[float] = None   # the compute time the last choice was made from
-        self.measured: dict[int, float] = {}   # window -> mean step seconds over a period at it (agreed)
-        self._period = (0, 0.0)   # steps and wall seconds since the last choice
+        self.measured: dict[int, float] = {}   # window -> mean step seconds (less waits) over a period at it, agreed
+        self._period = (0, 0.0)   # steps and their seconds (less waits) since the last choice
         self.log: list[dict[str, float]] = []
 
     def first_clock(self, step: int, delta_bytes: int, window_s: float) -> WindowClock:
         """The clock of a delay stage entered at ``step``: the first choice, or the provisional
         window with a re-check at the first launch where some rank timed too few steps."""
         chosen = self.initial(step, delta_bytes, window_s)
+        self._period, self._last = (0, 0.0), None   # the windows' periods start here, chosen or not
         k, d = chosen or self.provisional
         return WindowClock.starting(k, d, step, min(PROBE_WINDOWS, RETUNE_EVERY) if chosen else 0)
 
@@ -119,9 +121,15 @@ class WindowTuner:
         if self._last is not None:
             sample = max((now - self._last[0]) - (stats.comm_wait_seconds - self._last[1]), 0.0)
             (self.window_steps if windows != self._windows_seen else self.compute).append(sample)
-            self._period = (self._period[0] + 1, self._period[1] + now - self._last[0])
+            # less the waits, which the choice charges itself (what the collective hides not)
+            self._period = (self._period[0] + 1, self._period[1] + sample)
         self._last = (now, stats.comm_wait_seconds)
         self._windows_seen = windows
+
+    def pause(self) -> None:
+        """Something that is not a training step runs until the next step ends (an evaluation, a
+        checkpoint, a commit): that step is not timed."""
+        self._last = None
 
     def window_arrived(self, seconds: float) -> None:
         """A window's collective was seen complete ``seconds`` after its launch (an upper bound
