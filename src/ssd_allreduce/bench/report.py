@@ -12,6 +12,7 @@ it), so a published number cannot drift from its data.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -28,34 +29,12 @@ REPO = Path(__file__).resolve().parents[3]
 DOCS = REPO / "docs"
 
 
-def render_quality(record: dict[str, Any]) -> str:
-    from .quality import render_record
-    return render_record(record)
-
-
-def render_comparison(record: dict[str, Any]) -> str:
-    from .sections import render_comparison
-    return render_comparison(record)
-
-
-def render_gpt(record: dict[str, Any]) -> str:
-    from .language import render
-    return render(record)
-
-
-def render_auto_window(record: dict[str, Any]) -> str:
-    from .sections import render_auto_window
-    return render_auto_window(record)
-
-
-def render_detailed(record: dict[str, Any]) -> str:
-    from .sections import render_detailed
-    return render_detailed(record)
-
-
-def render_warmup(record: dict[str, Any]) -> str:
-    from .sections import render_warmup
-    return render_warmup(record)
+def _lazy(module: str, name: str) -> Callable[[dict[str, Any]], str]:
+    """The renderer ``name`` of ``bench.module``, imported when a section is written (the
+    renderers' modules import the training code; ``report`` itself stays light)."""
+    def render(record: dict[str, Any]) -> str:
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)(record)
+    return render
 
 
 FAULTS = {"stop": "SIGSTOP", "kill": "SIGKILL"}
@@ -88,11 +67,13 @@ def render_faults(record: dict[str, Any]) -> str:
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
-    "quality": render_quality, "quality-gpt": render_quality, "quality-drift": render_quality,
-    "quality-drift-beta": render_quality, "quality-moments": render_quality,
-    "quality-moments-gpt": render_quality, "auto": render_auto_window, "faults": render_faults, "gpt": render_gpt,
-    "sweep": render_detailed, "nodes": render_detailed, "warmup": render_warmup,
-    **{name: render_comparison for name in ("compression", "compression-resnet", "straggler")}}
+    **{name: _lazy("quality", "render_record") for name in ("quality", "quality-gpt", "quality-drift",
+                                                              "quality-drift-beta", "quality-moments",
+                                                              "quality-moments-gpt")},
+    **{name: _lazy("sections", "render_comparison") for name in ("compression", "compression-resnet", "straggler")},
+    **{name: _lazy("sections", "render_detailed") for name in ("sweep", "nodes")},
+    "auto": _lazy("sections", "render_auto_window"), "warmup": _lazy("sections", "render_warmup"),
+    "gpt": _lazy("language", "render"), "faults": render_faults}
 """Each section with committed results: its name (``docs/results/NAME.json``) and what writes its markdown."""
 
 

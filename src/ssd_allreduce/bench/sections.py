@@ -105,7 +105,6 @@ def render_auto_window(record: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-
 def render_detailed(record: dict[str, Any]) -> str:
     """Every measured column per network (results.md's tables), the targets and the cost models."""
     from .compare import network_tables

@@ -66,6 +66,11 @@ def choose_window(compute_s: float, collective_s: float, window_s: float, *, syn
     return k, k
 
 
+def measuring_windows() -> int:
+    """Windows until the re-check of a window not run yet (the first choice's too)."""
+    return min(PROBE_WINDOWS, RETUNE_EVERY)
+
+
 def fitted_window_cost(measured: dict[int, float]) -> Optional[float]:
     """A window's cost from the mean step times measured at two or more windows (``{k: seconds}``):
     the slope of ``step = c + cost / k`` by least squares (at least 0); None with fewer than two."""
@@ -101,7 +106,7 @@ class WindowTuner:
         chosen = self.initial(step, delta_bytes, window_s)
         self._period, self._last = (0, 0.0), None   # the windows' periods start here, chosen or not
         k, d = chosen or self.provisional
-        return WindowClock.starting(k, d, step, min(PROBE_WINDOWS, RETUNE_EVERY) if chosen else 0)
+        return WindowClock.starting(k, d, step, measuring_windows() if chosen else 0)
 
     def recheck(self, clock: WindowClock, step: int) -> None:
         """At a launch where ``clock`` says a re-check is due (every rank alike): the new window
@@ -110,9 +115,9 @@ class WindowTuner:
         if chosen is None:
             clock.next_check = clock.launches + 1
             return
-        unmeasured = chosen[0] not in self.measured   # a probe, or a window not run yet: measure it soon
         clock.sync_every, clock.delay = chosen
-        clock.next_check = clock.launches + (min(PROBE_WINDOWS, RETUNE_EVERY) if unmeasured else RETUNE_EVERY)
+        # a probe, or a window not run yet: measured soon
+        clock.next_check = clock.launches + (RETUNE_EVERY if chosen[0] in self.measured else measuring_windows())
 
     def step_done(self, now: float, stats: SSDStats) -> None:
         """A step ended at ``now``; the time since the last one, less what was spent waiting on
