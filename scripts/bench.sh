@@ -5,10 +5,10 @@
 #   scripts/bench.sh auto quality    # only these sections
 #   scripts/bench.sh --list          # the sections and their commands
 #
-# Results (JSON, markdown, PNG) go to results/bench-<date>/<section>/ (SSD_BENCH_OUT=dir to choose);
-# the quality, sweep, warmup, auto, nodes, compression, straggler, gpt and faults sections write
-# docs/results/<section>.json and rewrite their part of the docs from it (python -m ssd_allreduce.bench
-# report); sweep also its two plots, docs/img/.
+# Every section writes its record, docs/results/<section>.json, and rewrites its part of the docs
+# from it (python -m ssd_allreduce.bench report); sweep also its two plots, docs/img/. What else a
+# section writes (run directories, plots, markdown) goes to results/bench-<date>/<section>/
+# (SSD_BENCH_OUT=dir to choose).
 # The emulated networks need root (network namespaces); the GPU table is scripts/bench_gpu.sh.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,9 +36,10 @@ declare -A SECTION=(
   [quality-drift-beta]="quality --tasks regression --ranks 4 16 --optimizers sgd --shards non-iid --seeds 3 --variants sync 1:1:0.5 2:2:0.5 1:1:0.5+dc 2:2:0.5+dc --jobs 2 --out docs/results/quality-drift-beta.json"
   [quality-moments]="quality --tasks regression --ranks 4 8 16 --optimizers adamw --shards non-iid shuffle --seeds 3 --variants sync 1:1 2:2 5:5 10:10 1:1+am 2:1+am 2:2+am 5:5+am 10:10+am 1:1+am+dc 2:2+am+dc 5:5+am+dc 10:10+am+dc --jobs 2 --out docs/results/quality-moments.json"
   [quality-moments-gpt]="quality --tasks gpt --ranks 4 --optimizers adamw --shards non-iid --seeds 3 --max-steps 300 --warmup-steps 30 --variants sync 2:2 5:5 2:2+am 5:5+am --jobs 2 --out docs/results/quality-moments-gpt.json"
+  [quality-outer]="quality --tasks regression --ranks 4 16 --optimizers sgd adamw --shards shuffle non-iid --seeds 3 --variants sync 2:2 5:5 10:10 2:2:auto:auto:0.5/0.5 5:5:auto:auto:0.5/0.5 10:10:auto:auto:0.5/0.5 5:5:auto:auto:0.7/0.5 10:10:auto:auto:0.7/0.5 5:5:auto:auto:0.7/0.9 10:10:auto:auto:0.7/0.9 --jobs 2 --out docs/results/quality-outer.json"
   [quality-gpt]="quality --tasks gpt --ranks 4 --optimizers adamw sgd --shards shuffle --seeds 3 --max-steps 300 --warmup-steps 30 --variants sync 2:2 5:5 5:5:0.5:1 --jobs 2 --out docs/results/quality-gpt.json"
 )
-ORDER=(costmodel nodecost overhead ablation quality quality-drift quality-drift-beta quality-moments quality-moments-gpt quality-gpt sweep compression compression-resnet warmup auto straggler nodes gpt faults)
+ORDER=(costmodel nodecost overhead ablation quality quality-drift quality-drift-beta quality-moments quality-moments-gpt quality-outer quality-gpt sweep compression compression-resnet warmup auto straggler nodes gpt faults)
 # docs/RELIABILITY.md's fault matrix: every fault on every backend, measured by its test
 FAULTS=(-m pytest -p no:cacheprovider -s tests/e2e/test_faults.py -k lost_rank)
 
@@ -87,7 +88,9 @@ for name in "${wanted[@]}"; do
   # shellcheck disable=SC2206  # the section's arguments are words
   args=(${SECTION[$name]})
   case "$name" in
-    costmodel|nodecost|overhead) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" | tee "$OUT/$name/table.md" ;;
+    costmodel|nodecost|overhead|ablation)
+      "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --record "docs/results/$name.json" | tee "$OUT/$name/table.md"
+      "$VENV/bin/python" "${BENCH[@]}" report ;;
     # results committed under docs/results/, and the documents' sections written from them
     # (one command a line: under set -e a failure inside an && list would not stop the run)
     quality*)
@@ -102,8 +105,6 @@ for name in "${wanted[@]}"; do
       "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" --record "docs/results/$name.json"
       "$VENV/bin/python" "${BENCH[@]}" report
       if [ "$name" = sweep ]; then cp "$OUT/$name/throughput_vs_bandwidth.png" "$OUT/$name/accuracy_vs_time.png" docs/img/; fi ;;
-    # the others print their tables and write them under $OUT (docs/BENCHMARKS.md copies them)
-    *) "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" ;;
   esac
 done
 echo "bench.sh: results in $OUT"

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from launchers import PYTHON, REPO, horovodrun, launcher_env, run_ranks
-from ssd_allreduce.bench import report
+from ssd_allreduce.bench import ablation, overhead, report
 from ssd_allreduce.bench.convergence import study
 from ssd_allreduce.train.models import build_model
 
@@ -67,10 +67,15 @@ def test_short_comparison_writes_side_by_side_results(tmp_path):
 
 def test_ablation_table_holds_what_the_simulator_computes(tmp_path):
     proc = subprocess.run([PYTHON, "-m", "ssd_allreduce.bench", "ablation", "--ranks", "2", "--epochs", "1",
-                           "--seeds", "1", "--sync-every", "2", "--warmup-steps", "20", "--out", str(tmp_path)],
-                          env=launcher_env(), capture_output=True, text=True, timeout=300)
+                           "--seeds", "1", "--sync-every", "2", "--warmup-steps", "20", "--out", str(tmp_path),
+                           "--record", str(tmp_path / "ablation.json")],
+                          env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "ablation.md").read_text()
+    record = json.loads((tmp_path / "ablation.json").read_text())
+    assert record["config"]["sync_every"] == 2 and record["seconds"] > 0
+    assert ablation.render_record(record).split("\n\n", 1)[1] == table.split("\n\n", 1)[1], \
+        "the documents' table (from the record) is the table the run wrote"
     cells = {}
     for variant in ("ssgd", "overwrite", "glu_beta=1.0", "glu_beta=0.5", "glu_beta=0.25", "glu_beta=0.1"):
         match = re.search(rf"\| {re.escape(variant)} \| ([0-9.]+) ± [0-9.]+ \| ([0-9.]+) ± [0-9.]+ \|", table)
@@ -96,10 +101,15 @@ def test_synthetic_mode_runs_ssd_windows_and_prints_horovod_style_img_per_sec():
     assert f"SSD-SGD: 5 steps, 2 windows launched, 2 landed, {2 * state_bytes} bytes sent per rank" in out
 
 
-def test_overhead_benchmark_reports_each_wrapper_against_the_plain_optimizer():
-    proc = subprocess.run([PYTHON, "-m", "ssd_allreduce.bench", "overhead", "--steps-per-round", "3", "--rounds", "2"],
+def test_overhead_benchmark_reports_each_wrapper_against_the_plain_optimizer(tmp_path):
+    proc = subprocess.run([PYTHON, "-m", "ssd_allreduce.bench", "overhead", "--steps-per-round", "3", "--rounds", "2",
+                           "--record", str(tmp_path / "overhead.json")],
                           env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = json.loads((tmp_path / "overhead.json").read_text())
+    rendered = overhead.render_record(record)
+    assert "median of 2 rounds of 3 steps" in rendered.splitlines()[0]
+    assert rendered.split("\n\n", 1)[1].strip() in proc.stdout, "the documents' table is the one printed"
     rows = re.findall(r"\| (.+?) \| (plain|horovod|ssd warm-up|ssd delay stage) \| ([0-9.]+) \| ([-+][0-9.]+) \| "
                       r"([0-9.]+) \|", proc.stdout)
     assert [r[1] for r in rows] == ["plain", "horovod", "ssd warm-up", "ssd delay stage"] * 2, proc.stdout

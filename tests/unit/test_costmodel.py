@@ -169,6 +169,29 @@ def test_main_prints_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(out.strip().splitlines()) == 2 + 4 * 3
 
 
+STAMP = {"commit": "abc1234", "date": "2026-12-06", "machine": "x86_64, 2 cores, Linux",
+         "python": "3.11.7", "torch": "2.13.0", "horovod": "0.28.1"}
+
+
+def test_the_record_writes_the_printed_table_with_its_command(tmp_path, capsys, monkeypatch) -> None:
+    import json
+    from ssd_allreduce.bench import report
+    # the provenance asks git (a process): a stamp stands in for it here
+    monkeypatch.setattr(report, "provenance", lambda command: {"command": command, **STAMP})
+    record = tmp_path / "costmodel.json"
+    costmodel.main(["--ranks", "8", "64", "--bandwidths", "10gbit", "--record", str(record)])
+    printed = capsys.readouterr().out
+    written = json.loads(record.read_text())
+    assert written["command"] == f"python -m ssd_allreduce.bench costmodel --ranks 8 64 --bandwidths 10gbit --record {record}"
+    assert [r["ranks"] for r in written["rows"]] == [8, 64]
+    base, ssd, _ = predict(REFERENCE_MODELS["resnet50"], 64, Network(10.0), 32, 5, 5)
+    assert written["rows"][1]["ssd_img_s"] == pytest.approx(ssd.throughput)
+    assert written["rows"][1]["baseline_img_s"] == pytest.approx(base.throughput)
+    table = costmodel.render_record(written)
+    assert table.startswith(f"Command: `{written['command']}` (commit ")
+    assert table.split("\n\n", 1)[1].strip() == printed.split("wrote")[0].strip()
+
+
 def test_main_custom_workload(capsys: pytest.CaptureFixture[str]) -> None:
     costmodel.main(["--param-bytes", "100e6", "--compute-seconds", "0.05", "--ranks", "4",
                     "--bandwidths", "10gbit", "--sync-every", "5", "--delay", "3"])

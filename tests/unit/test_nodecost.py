@@ -79,6 +79,27 @@ def test_the_cluster_table_prints_every_size_and_link(capsys):
                                                [" 1024 ", " 128 ", " 25 "], [" 1024 ", " 128 ", " 400 "]]
 
 
+STAMP = {"commit": "abc1234", "date": "2026-12-06", "machine": "x86_64, 2 cores, Linux",
+         "python": "3.11.7", "torch": "2.13.0", "horovod": "0.28.1"}
+
+
+def test_the_record_writes_a_table_per_model_as_printed(tmp_path, capsys, monkeypatch):
+    import json
+    from ssd_allreduce.bench import report
+    # the provenance asks git (a process): a stamp stands in for it here
+    monkeypatch.setattr(report, "provenance", lambda command: {"command": command, **STAMP})
+    record = tmp_path / "nodecost.json"
+    nodecost.main(["--ranks", "8", "64", "--bandwidths", "25gbit", "--record", str(record)])
+    printed = capsys.readouterr().out.split("wrote")[0].strip()
+    written = json.loads(record.read_text())
+    assert [(r["model"], r["gpus"]) for r in written["rows"]] == [("resnet50", 8), ("resnet50", 64),
+                                                                  ("vit-b16", 8), ("vit-b16", 64)]
+    rendered = nodecost.render_record(written)
+    assert rendered.splitlines()[2] == "ResNet-50, batch 64 per GPU, 8 GPUs per node, k = 5, d = 5:"
+    assert rendered.split("\n\n", 1)[1].strip() == printed.replace("resnet50,", "ResNet-50,").replace(
+        "vit-b16,", "ViT-B/16,")
+
+
 def test_bad_clusters_and_modes_raise():
     with pytest.raises(ValueError, match="nodes >= 1"):
         Cluster(0, 8, INTER, INTRA)

@@ -34,7 +34,7 @@ from ..train.runlog import markdown_table
 from . import costmodel, nodecost
 from .emulation import Emulation, emulate, emulation_available
 from .sections import write_record
-from .flags import PROG, RATE_HELP, UNSHAPED, check_at_least, link_rate
+from .flags import PROG, RATE_HELP, UNSHAPED, add_record, check_at_least, link_rate
 
 DEFAULT_BANDWIDTHS = ("10gbit", "1gbit", "100mbit")
 WORKLOADS = ("images", "gpt")
@@ -485,9 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None,
                    help="where results.json, results.md, the plots and every run's directory go "
                         "(default: results/bench-DATE-TIME)")
-    g.add_argument("--record", default=None, metavar="FILE",
-                   help="also write the results with their provenance to FILE (docs/results/NAME.json: "
-                        f"the section NAME of the documents that `{PROG} report` writes)")
+    add_record(g)
     return ap
 
 

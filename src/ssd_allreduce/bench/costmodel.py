@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import numbers
+import sys
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 from ..cli import HelpFormatter
-from .flags import PROG, RATE_HELP, cluster_rate, gbps
+from .flags import PROG, RATE_HELP, add_record, cluster_rate, gbps
 
 DEFAULT_MEMORY_BW_GBYTES = 100.0
 """Device memory bandwidth (GB/s) used for SSD's launch/landing copies."""
@@ -210,7 +212,7 @@ def _workload(model: str | Workload) -> Workload:
     return REFERENCE_MODELS[model]
 
 
-def cluster_table(
+def cluster_rows(
     model: str | Workload,
     ranks: Sequence[int],
     bandwidths_gbps: Sequence[float],
@@ -218,25 +220,39 @@ def cluster_table(
     delay: int,
     batch_per_rank: int,
     latency_us: float = 5.0,
-) -> str:
-    """Markdown table of predicted throughput, one row per (ranks, bandwidth)."""
+) -> list[dict[str, float]]:
+    """Predicted throughput, one row per (ranks, bandwidth)."""
     w = _workload(model)
-    lines = [
-        "| ranks | Gbit/s | baseline img/s | SSD img/s | SSD speedup "
-        "| baseline % of no-comm | SSD % of no-comm |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    rows = []
     for n in ranks:
         for bw in bandwidths_gbps:
-            base, ssd, _ = predict(
-                w, n, Network(bw, latency_us), batch_per_rank, sync_every, delay
-            )
-            lines.append(
-                f"| {n} | {bw:g} | {base.throughput:,.0f} | {ssd.throughput:,.0f} "
-                f"| {ssd.speedup_vs_baseline:.2f}x | {100 * base.fraction_of_no_comm:.1f}% "
-                f"| {100 * ssd.fraction_of_no_comm:.1f}% |"
-            )
+            base, ssd, _ = predict(w, n, Network(bw, latency_us), batch_per_rank, sync_every, delay)
+            rows.append({"ranks": n, "gbps": bw, "baseline_img_s": base.throughput, "ssd_img_s": ssd.throughput,
+                         "ssd_speedup": ssd.speedup_vs_baseline, "baseline_of_no_comm": base.fraction_of_no_comm,
+                         "ssd_of_no_comm": ssd.fraction_of_no_comm})
+    return rows
+
+
+def rows_table(rows: Sequence[dict[str, float]]) -> str:
+    """Markdown: :func:`cluster_rows`' rows."""
+    lines = ["| ranks | Gbit/s | baseline img/s | SSD img/s | SSD speedup | baseline % of no-comm | SSD % of no-comm |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['ranks']} | {r['gbps']:g} | {r['baseline_img_s']:,.0f} | {r['ssd_img_s']:,.0f} "
+              f"| {r['ssd_speedup']:.2f}x | {100 * r['baseline_of_no_comm']:.1f}% | {100 * r['ssd_of_no_comm']:.1f}% |"
+              for r in rows]
     return "\n".join(lines)
+
+
+def cluster_table(model: str | Workload, ranks: Sequence[int], bandwidths_gbps: Sequence[float], sync_every: int,
+                  delay: int, batch_per_rank: int, latency_us: float = 5.0) -> str:
+    """Markdown table of predicted throughput, one row per (ranks, bandwidth)."""
+    return rows_table(cluster_rows(model, ranks, bandwidths_gbps, sync_every, delay, batch_per_rank, latency_us))
+
+
+def render_record(record: dict[str, Any]) -> str:
+    """docs/BENCHMARKS.md's cluster table, from the record ``--record`` wrote."""
+    from .sections import stamp_line
+    return f"{stamp_line(record)}\n\n{rows_table(record['rows'])}\n"
 
 
 def prediction_error(predicted: float, measured: float) -> float:
@@ -266,12 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="custom workload: bytes allreduced (overrides --model's)")
     parser.add_argument("--compute-seconds", type=float,
                         help="custom workload: compute per step (overrides --model's)")
+    add_record(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: print :func:`cluster_table` for a reference or custom workload."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     w = REFERENCE_MODELS[args.model]
     overrides = {
@@ -282,11 +300,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     try:
         w = dataclasses.replace(w, **overrides)
-        table = cluster_table(w, args.ranks, [gbps(r) for r in args.bandwidths], args.sync_every, args.delay,
-                              args.batch_size, latency_us=args.latency_us)
+        rows = cluster_rows(w, args.ranks, [gbps(r) for r in args.bandwidths], args.sync_every, args.delay,
+                            args.batch_size, latency_us=args.latency_us)
     except ValueError as err:
         parser.error(str(err))
-    print(table)
+    print(rows_table(rows))
+    if args.record:
+        from .sections import write_rows_record
+        write_rows_record(Path(args.record), f"{PROG} costmodel " + " ".join(argv), rows,
+                          {"model": args.model, **dataclasses.asdict(w), "batch_size": args.batch_size,
+                           "sync_every": args.sync_every, "delay": args.delay, "latency_us": args.latency_us})
 
 
 if __name__ == "__main__":

@@ -45,3 +45,10 @@ def check_at_least(a: argparse.Namespace, minimum: int, *names: str) -> None:
         for v in value if isinstance(value, list) else [value]:
             if v is not None and not isinstance(v, str) and v < minimum:
                 raise SystemExit(f"--{name.replace('_', '-')} must be >= {minimum}, got {v}")
+
+
+def add_record(ap: "argparse.ArgumentParser | argparse._ArgumentGroup") -> None:
+    """``--record FILE``: the results with their provenance, for the documents' section of that name."""
+    ap.add_argument("--record", default=None, metavar="FILE",
+                    help="also write the results with their provenance to FILE (docs/results/NAME.json: "
+                         f"the section NAME of the documents that `{PROG} report` writes)")

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..cli import HelpFormatter
 from .costmodel import DEFAULT_MEMORY_BW_GBYTES, Network, Workload, ring_allreduce_seconds
-from .flags import PROG, RATE_HELP, check_at_least, cluster_rate, gbps
+from .flags import PROG, RATE_HELP, add_record, check_at_least, cluster_rate, gbps
 
 MODES = ("horovod", "horovod-hier", "ssd", "ssd-hier", "no-comm")
 
@@ -122,23 +124,50 @@ HBM_GBYTES = 2000.0    # a GPU's memory bandwidth, for a window's launch and lan
 DEFAULT_LATENCY_US = (5.0, 2.0)   # (between nodes, inside one)
 
 
-def cluster_table(model: str, gpus: Sequence[int], per_node: int, inter_gbps: Sequence[float],
-                  sync_every: int = 5, delay: int = 5, overlap: Optional[float] = None,
-                  batch: int = 64) -> str:
-    """Markdown: predicted images/s of each mode, and SSD-SGD's ratios, per (GPUs, link)."""
+MODEL_NAMES = {"resnet50": "ResNet-50", "vit-b16": "ViT-B/16"}
+
+
+def cluster_rows(model: str, gpus: Sequence[int], per_node: int, inter_gbps: Sequence[float],
+                 sync_every: int = 5, delay: int = 5, overlap: Optional[float] = None,
+                 batch: int = 64) -> list[dict[str, Any]]:
+    """Predicted images/s of each mode, a row per (GPUs, link between nodes)."""
     w = GPU_MODELS[model]
-    lines = ["| GPUs | nodes | Gbit/s per node | Horovod img/s | Horovod hier img/s | SSD-SGD img/s | SSD-SGD hier "
-             "img/s | hier x Horovod | hier % of no-comm |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     for n in gpus:
         nodes = max(1, n // per_node)
         for bw in inter_gbps:
             c = Cluster(nodes, min(per_node, n), Network(bw, DEFAULT_LATENCY_US[0]),
                         Network(NVLINK_GBPS, DEFAULT_LATENCY_US[1]))
             rate = {m: c.ranks * batch / step_seconds(m, w, c, sync_every, delay, overlap, HBM_GBYTES) for m in MODES}
-            lines.append(f"| {c.ranks} | {nodes} | {bw:g} | {rate['horovod']:,.0f} | {rate['horovod-hier']:,.0f} | "
-                         f"{rate['ssd']:,.0f} | {rate['ssd-hier']:,.0f} | {rate['ssd-hier'] / rate['horovod']:.2f}x | "
-                         f"{100 * rate['ssd-hier'] / rate['no-comm']:.1f}% |")
+            rows.append({"model": model, "gpus": c.ranks, "nodes": nodes, "gbps": bw,
+                         **{f"{m}_img_s": rate[m] for m in MODES}})
+    return rows
+
+
+def rows_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: :func:`cluster_rows`' rows, with hierarchical SSD-SGD's ratios."""
+    lines = ["| GPUs | nodes | Gbit/s per node | Horovod img/s | Horovod hier img/s | SSD-SGD img/s | SSD-SGD hier "
+             "img/s | hier x Horovod | hier % of no-comm |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['gpus']} | {r['nodes']} | {r['gbps']:g} | {r['horovod_img_s']:,.0f} | "
+              f"{r['horovod-hier_img_s']:,.0f} | {r['ssd_img_s']:,.0f} | {r['ssd-hier_img_s']:,.0f} | "
+              f"{r['ssd-hier_img_s'] / r['horovod_img_s']:.2f}x | {100 * r['ssd-hier_img_s'] / r['no-comm_img_s']:.1f}% |"
+              for r in rows]
     return "\n".join(lines)
+
+
+def model_heading(model: str, config: dict[str, Any]) -> str:
+    return (f"{MODEL_NAMES.get(model, model)}, batch {config['batch_size']} per GPU, {config['ranks_per_node']} GPUs "
+            f"per node, k = {config['sync_every']}, d = {config['delay']}:")
+
+
+def render_record(record: dict[str, Any]) -> str:
+    """docs/BENCHMARKS.md's predicted clusters, a table per model, from the record ``--record`` wrote."""
+    from .sections import stamp_line
+    out = [stamp_line(record)]
+    for model in dict.fromkeys(r["model"] for r in record["rows"]):
+        out += ["", model_heading(model, record["config"]), "",
+                rows_table([r for r in record["rows"] if r["model"] == model])]
+    return "\n".join(out) + "\n"
 
 
 def row_mode(row: dict[str, Any]) -> str:
@@ -208,17 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=64, help="samples per step on each rank")
     ap.add_argument("--overlap", type=float, default=None,
                     help="share of the compute Horovod's allreduce hides behind (default: 2/3, the backward)")
+    add_record(ap)
     return ap
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
     check_at_least(a, 1, "ranks", "ranks_per_node", "sync_every", "batch_size")
     check_at_least(a, 0, "delay")
     if a.delay > a.sync_every:
         raise SystemExit(f"--delay ({a.delay}) must be at most --sync-every ({a.sync_every})")
+    config = {"batch_size": a.batch_size, "ranks_per_node": a.ranks_per_node, "sync_every": a.sync_every,
+              "delay": a.delay, "overlap": a.overlap}
+    rows = []
     for model in a.model:
-        print(f"\n{model}, batch {a.batch_size} per GPU, {a.ranks_per_node} GPUs per node, k = {a.sync_every}, "
-              f"d = {a.delay}\n")
-        print(cluster_table(model, a.ranks, a.ranks_per_node, [gbps(r) for r in a.bandwidths], a.sync_every,
-                            a.delay, a.overlap, a.batch_size))
+        model_rows = cluster_rows(model, a.ranks, a.ranks_per_node, [gbps(r) for r in a.bandwidths], a.sync_every,
+                                  a.delay, a.overlap, a.batch_size)
+        print(f"\n{model_heading(model, config)}\n\n{rows_table(model_rows)}")
+        rows += model_rows
+    if a.record:
+        from .sections import write_rows_record
+        write_rows_record(Path(a.record), f"{PROG} nodecost " + " ".join(argv), rows, config)

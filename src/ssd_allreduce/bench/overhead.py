@@ -8,9 +8,12 @@ its warm-up and in its delay stage, rounds interleaved, medians reported.
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
+import sys
 import time
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -19,7 +22,7 @@ from ..cli import HelpFormatter
 from ..optimizer import DistributedOptimizer
 from ..train.options import BATCH_SIZE_HELP
 from ..train.runlog import markdown_table
-from .flags import PROG, check_at_least
+from .flags import PROG, add_record, check_at_least
 
 WRAPPERS = ("plain", "horovod", "ssd warm-up", "ssd delay stage")
 
@@ -91,11 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=32, help=BATCH_SIZE_HELP)
     ap.add_argument("--steps-per-round", type=int, default=50, help="timed steps of each wrapper in a round")
     ap.add_argument("--rounds", type=int, default=5, help="rounds, the wrappers interleaved (medians reported)")
+    add_record(ap)
     return ap
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
+    started = time.time()
     check_at_least(a, 1, "batch_size", "steps_per_round", "rounds")
     import horovod.torch as hvd
     hvd.init()
@@ -108,7 +114,38 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for kind in WRAPPERS:
             rows.append({"model": f"{name} ({tensors})", "optimizer": kind, "ms": ms[kind],
                          "over_plain": ms[kind] - ms["plain"], "x_horovod": ms[kind] / ms["horovod"]})
-    print(f"world size 1 on {device}, batch {a.batch_size}, median of {a.rounds} rounds of {a.steps_per_round} steps")
-    print(markdown_table(rows, (("model (tensors)", "model", "{}"), ("optimizer", "optimizer", "{}"),
-                                ("ms/step", "ms", "{:.3f}"), ("over plain ms", "over_plain", "{:+.3f}"),
-                                ("x horovod", "x_horovod", "{:.3f}"))))
+    config = {"device": a.device, "batch_size": a.batch_size, "steps_per_round": a.steps_per_round,
+              "rounds": a.rounds, "processor": processor()}
+    print(heading(config))
+    print(rows_table(rows))
+    if a.record:
+        from .sections import write_rows_record
+        write_rows_record(Path(a.record), f"{PROG} overhead " + " ".join(argv), rows, config, time.time() - started)
+
+
+def processor() -> str:
+    """The CPU's model name (Linux), else the platform's word for it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def heading(config: dict[str, Any]) -> str:
+    return (f"world size 1 on {config['device']} ({config['processor']}), batch {config['batch_size']}, median of "
+            f"{config['rounds']} rounds of {config['steps_per_round']} steps")
+
+
+def rows_table(rows: Sequence[dict[str, Any]]) -> str:
+    return markdown_table(rows, (("model (tensors)", "model", "{}"), ("optimizer", "optimizer", "{}"),
+                                 ("ms/step", "ms", "{:.3f}"), ("over plain ms", "over_plain", "{:+.3f}"),
+                                 ("x horovod", "x_horovod", "{:.3f}")))
+
+
+def render_record(record: dict[str, Any]) -> str:
+    """docs/BENCHMARKS.md's overhead table, from the record ``--record`` wrote."""
+    from .sections import stamp_line
+    return f"{stamp_line(record)} {heading(record['config'])}:\n\n{rows_table(record['rows'])}\n"

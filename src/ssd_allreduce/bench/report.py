@@ -69,10 +69,11 @@ def render_faults(record: dict[str, Any]) -> str:
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     **{name: _lazy("quality", "render_record") for name in ("quality", "quality-gpt", "quality-drift",
                                                               "quality-drift-beta", "quality-moments",
-                                                              "quality-moments-gpt")},
+                                                              "quality-moments-gpt", "quality-outer")},
     **{name: _lazy("sections", "render_comparison") for name in ("compression", "compression-resnet", "straggler")},
     **{name: _lazy("sections", "render_detailed") for name in ("sweep", "nodes")},
     "auto": _lazy("sections", "render_auto_window"), "warmup": _lazy("sections", "render_warmup"),
+    **{name: _lazy(name, "render_record") for name in ("costmodel", "nodecost", "ablation", "overhead")},
     "gpt": _lazy("language", "render"), "faults": render_faults}
 """Each section with committed results: its name (``docs/results/NAME.json``) and what writes its markdown."""
 

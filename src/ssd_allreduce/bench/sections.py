@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .collect import write_atomically
 
@@ -16,6 +16,24 @@ def write_record(results: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = record_of(results, provenance(results["command"]))
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+
+
+def write_rows_record(path: Path, command: str, rows: list[dict[str, Any]], config: dict[str, Any],
+                      seconds: Optional[float] = None) -> None:
+    """A table's rows (computed or measured) with the command that made them and its provenance."""
+    from .report import provenance
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {**provenance(command), "config": config, "rows": rows}
+    if seconds is not None:
+        record["seconds"] = seconds
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+    print(f"wrote {path}")
+
+
+def stamp_line(record: dict[str, Any]) -> str:
+    """The command that wrote a record, its commit, date, machine and versions."""
+    return (f"Command: `{record['command']}` (commit {record['commit']}, {record['date']}; {record['machine']}; "
+            f"Python {record['python']}, torch {record['torch']}, Horovod {record['horovod']}).")
 
 
 def record_of(results: dict[str, Any], stamp: dict[str, str]) -> dict[str, Any]:
