@@ -22,6 +22,11 @@ DEFAULT_WARMUP_STEPS = 500
 # correction"): from k = d = 5 on it lost more than it corrected. With averaged moments (AdamW) it
 # helped on skewed shards at every window measured, up to 10 ("Averaged moments").
 DRIFT_CORRECTION_MAX_WINDOW = 2
+# The largest steady-state outer step, outer_lr / (1 - outer_momentum) times the window's average,
+# measured safe with a delayed landing (docs/BENCHMARKS.md, "An outer optimizer"): 1 (0.5/0.5) was
+# within noise of no outer optimizer, 1.4 (0.7/0.5) ended up to 34 % above synchronous training at
+# k = d = 5, and DiLoCo's 7 (0.7/0.9) diverged at every window measured.
+OUTER_STEP_MAX_DELAYED = 1.0
 # Wire formats that lose Adam's small second moments (fp16 underflows, int8 rounds to its chunk's scale)
 LOSSY_FOR_MOMENTS = ("fp16", "int8")
 
@@ -116,6 +121,13 @@ class SSDSettings:
             raise ValueError(f"average_moments with compression {wire}: Adam's second moments (squared gradients, "
                              "often below 1e-8) round to zero there, and a zero divides the step. Use compression "
                              "none or bf16")
+        outer_step = self.outer_lr / (1 - self.outer_momentum)
+        if outer_step > OUTER_STEP_MAX_DELAYED + 1e-9 and self.delay != 0:
+            warnings.warn(f"outer_lr={self.outer_lr:g} with outer_momentum={self.outer_momentum:g} takes "
+                          f"{outer_step:.2g}x each window's average in steady state; with a delayed landing it was "
+                          f"measured safe up to {OUTER_STEP_MAX_DELAYED:g}x (e.g. 0.5 and 0.5): 1.4x ended up to "
+                          "34 % above synchronous training and DiLoCo's 0.7 and 0.9 diverged. Lower outer_lr or "
+                          "outer_momentum, or use delay=0", stacklevel=3)
         if self.drift_correction and widest > DRIFT_CORRECTION_MAX_WINDOW and not self.average_moments:
             warnings.warn(f"drift_correction with windows of up to {widest} steps: with SGD it was measured to help "
                           f"up to {DRIFT_CORRECTION_MAX_WINDOW} (sync_every, or max_sync_every with 'auto'); at 5 and "

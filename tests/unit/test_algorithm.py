@@ -273,3 +273,15 @@ def test_a_drift_correction_over_windows_wider_than_measured_warns_saying_so():
         SSDSettings(sync_every=2, delay=1, drift_correction=True)
         SSDSettings(sync_every="auto", max_sync_every=2, warmup_steps=10, drift_correction=True)
         SSDSettings(sync_every=10, drift_correction=True, average_moments=True)   # measured to help AdamW there
+
+
+def test_an_outer_step_larger_than_measured_safe_with_a_delay_warns_saying_what_to_lower():
+    with pytest.warns(UserWarning, match=r"outer_lr=0.7 with outer_momentum=0.9 takes 7x each window's average.*"
+                                         r"Lower outer_lr or outer_momentum, or use delay=0"):
+        SSDSettings(sync_every=5, outer_lr=0.7, outer_momentum=0.9)
+    with pytest.warns(UserWarning, match="1.4x each window's average"):
+        SSDSettings(sync_every=5, delay=1, outer_lr=0.7, outer_momentum=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SSDSettings(sync_every=5, outer_lr=0.5, outer_momentum=0.5)
+        SSDSettings(sync_every=5, delay=0, outer_lr=0.7, outer_momentum=0.9)   # DiLoCo's own, blocking

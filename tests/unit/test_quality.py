@@ -36,6 +36,17 @@ def test_gap_and_steps_to_the_synchronous_losses():
     assert "| 5:5 | +2.5 % (+0.0..+5.0); 50/80/- |" in table
 
 
+def test_a_run_whose_loss_is_not_finite_or_ten_times_synchronous_is_counted_as_diverged():
+    results = [run("sync", 0, [0.5, 0.2]), run("sync", 1, [0.5, 0.3]), run("sync", 2, [0.5, 0.3]),
+               run("5:5", 0, [0.6, math.nan]), run("5:5", 1, [0.6, 3.0]), run("5:5", 2, [0.6, 0.33]),
+               run("2:2", 0, [0.6, 0.21]), run("2:2", 1, [0.6, 2.99]), run("2:2", 2, [0.6, 0.3])]
+    rows = {r["variant"]: r for r in quality.summarise(results)}
+    assert rows["5:5"]["diverged"] == 2 and rows["2:2"]["diverged"] == 0
+    table = quality.render(list(rows.values()))
+    assert "| 5:5 | diverged (2 of 3 seeds) |" in table
+    assert "| 2:2 | +300.6 % (+0.0..+896.7); -/-/- |" in table
+
+
 def test_a_run_without_its_synchronous_seed_is_left_out():
     rows = quality.summarise([run("sync", 0, [0.5]), run("2:2", 1, [0.4])])
     assert [r["variant"] for r in rows] == ["sync"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -38,6 +39,8 @@ from .quality_tasks import SHARDS, TASKS
 DEFAULT_VARIANTS = ("sync", "1:1", "2:1", "2:2", "3:3", "5:1", "5:5", "10:10", "1:1:0.5:1", "2:2:0.5:1", "5:5:0.5:1")
 """The library's defaults at several windows, and the former defaults (beta 0.5, no scale) at three."""
 FRACTIONS = (0.5, 0.8, 1.0)
+DIVERGED_RATIO = 10.0
+"""A run whose final validation loss is not finite or this many times synchronous training's diverged."""
 
 
 def parse_variant(text: str) -> Variant:
@@ -104,12 +107,14 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for key, by_seed in runs.items():
         sync = runs.get(key[:5] + ("sync",), {})
-        gaps, reached = [], {f: [] for f in FRACTIONS}
+        gaps, reached, diverged = [], {f: [] for f in FRACTIONS}, 0
         for seed, r in by_seed.items():
             if seed not in sync:
                 continue
             base = sync[seed]
-            gaps.append(100 * (r["final"]["val_loss"] / base["final"]["val_loss"] - 1))
+            ratio = r["final"]["val_loss"] / base["final"]["val_loss"]
+            diverged += not math.isfinite(ratio) or ratio >= DIVERGED_RATIO
+            gaps.append(100 * (ratio - 1))
             budget = base["spec"]["steps"]
             for f in FRACTIONS:
                 target = min((m["val_loss"] for step, m in base["curve"] if step <= f * budget), default=None)
@@ -118,6 +123,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         row = dict(zip(("task", "workers", "optimizer", "shards", "where", "variant"), key))
         row.update(gap_pct=statistics.mean(gaps), gap_min=min(gaps), gap_max=max(gaps), seeds=len(gaps),
+                   diverged=diverged,
                    val_loss=statistics.mean(r["final"]["val_loss"] for r in by_seed.values()))
         for f in FRACTIONS:
             hit = [s for s in reached[f] if s is not None]
@@ -150,6 +156,8 @@ def render(rows: list[dict[str, Any]]) -> str:
                     cells.append("")
                 elif v == "sync":
                     cells.append(f"loss {r['val_loss']:.4f}")
+                elif r.get("diverged"):
+                    cells.append(f"diverged ({r['diverged']} of {r['seeds']} seeds)")
                 else:
                     reach = "/".join("-" if r[f"steps_to_{int(100 * f)}"] is None else f"{r[f'steps_to_{int(100 * f)}']:g}"
                                      for f in FRACTIONS)
