@@ -70,7 +70,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     **{name: _lazy("quality", "render_record") for name in ("quality", "quality-gpt", "quality-drift",
                                                               "quality-drift-beta", "quality-moments",
                                                               "quality-moments-gpt", "quality-outer",
-                                                              "quality-gpt-long", "quality-gpt-adamw")},
+                                                              "quality-gpt-long", "quality-gpt-delay")},
     **{name: _lazy("sections", "render_comparison") for name in ("compression", "compression-resnet", "straggler")},
     **{name: _lazy("sections", "render_detailed") for name in ("sweep", "nodes")},
     "auto": _lazy("sections", "render_auto_window"), "warmup": _lazy("sections", "render_warmup"),
