@@ -121,18 +121,22 @@ class SSDSettings:
             raise ValueError(f"average_moments with compression {wire}: Adam's second moments (squared gradients, "
                              "often below 1e-8) round to zero there, and a zero divides the step. Use compression "
                              "none or bf16")
+        self._warn_where_measured_harmful(widest)
+
+    def _warn_where_measured_harmful(self, widest: int) -> None:
+        """Options that the library accepts but the quality study measured to hurt (docs/BENCHMARKS.md)."""
         outer_step = self.outer_lr / (1 - self.outer_momentum)
         if outer_step > OUTER_STEP_MAX_DELAYED + 1e-9 and self.delay != 0:
             warnings.warn(f"outer_lr={self.outer_lr:g} with outer_momentum={self.outer_momentum:g} takes "
                           f"{outer_step:.2g}x each window's average in steady state; with a delayed landing it was "
                           f"measured safe up to {OUTER_STEP_MAX_DELAYED:g}x (e.g. 0.5 and 0.5): 1.4x ended up to "
                           "34 % above synchronous training and DiLoCo's 0.7 and 0.9 diverged. Lower outer_lr or "
-                          "outer_momentum, or use delay=0", stacklevel=3)
+                          "outer_momentum, or use delay=0", stacklevel=4)
         if self.drift_correction and widest > DRIFT_CORRECTION_MAX_WINDOW and not self.average_moments:
             warnings.warn(f"drift_correction with windows of up to {widest} steps: with SGD it was measured to help "
                           f"up to {DRIFT_CORRECTION_MAX_WINDOW} (sync_every, or max_sync_every with 'auto'); at 5 and "
                           "10 it ended 10-290 % above synchronous training on skewed shards, worse than without it "
-                          "(with AdamW and average_moments it helped up to 10)", stacklevel=3)
+                          "(with AdamW and average_moments it helped up to 10)", stacklevel=4)
 
     @property
     def auto(self) -> bool:

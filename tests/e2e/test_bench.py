@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 
@@ -125,7 +126,7 @@ def test_overhead_benchmark_reports_each_wrapper_against_the_plain_optimizer(tmp
 def test_gpt_workload_compares_modes_on_validation_loss_and_runs_the_ablation(tmp_path):
     out = tmp_path / "gpt"
     proc = subprocess.run([PYTHON, "-m", "ssd_allreduce.bench", "--workload", "gpt", "--max-steps", "10",
-                           "--eval-every", "5", "--warmup-steps", "2", "--ssd-configs", "2:2", "--shards", "by-package",
+                           "--budget-factor", "2", "--lr-schedule", "cosine", "--eval-every", "5", "--warmup-steps", "2", "--ssd-configs", "2:2", "--shards", "by-package",
                            "--ablation-config", "2:2", "--sim-steps", "6", "--sim-seeds", "1", "--sim-ranks", "2",
                            "--gpt-width", "32", "--gpt-layers", "1", "--context", "16", "--corpus-bytes", "200000",
                            "--eval-samples", "64", "--bandwidths", "none", "--out", str(out),
@@ -137,17 +138,24 @@ def test_gpt_workload_compares_modes_on_validation_loss_and_runs_the_ablation(tm
     assert list(rows) == ["horovod", "ssd k=2 d=2 beta=auto", "local-sgd k=5", "ssd k=2 d=2 overwrite",
                           "ssd k=2 d=2 beta=1", "ssd k=2 d=2 beta=0.5", "ssd k=2 d=2 beta=0.25"]
     base, ssd = rows["horovod"], rows["ssd k=2 d=2 beta=auto"]
-    assert [step for step, _, _ in ssd["curve"]] == [5, 10]
+    # the others train twice Horovod's steps, each under a cosine schedule that ends at its own last step
+    assert [step for step, _, _ in base["curve"]] == [5, 10]
+    assert [step for step, _, _ in ssd["curve"]] == [5, 10, 15, 20]
     assert ssd["vs_horovod"] == pytest.approx(ssd["val_loss"] / base["val_loss"] - 1)
     assert all(r["val_loss"] < 5.55 for r in rows.values()), "ln 256: every mode learned something"
     # the table's loss is the model's at the last step: the run's own end-of-training evaluation agrees
     run = out / "runs" / "none" / "adamw-by-package-ssd_k2_d2_betaauto" / "metrics.jsonl"
     final = [json.loads(line) for line in run.read_text().splitlines() if '"kind": "epoch"' in line][-1]
-    assert final["step"] == 10 and final["test_loss"] == pytest.approx(ssd["val_loss"], rel=1e-6)
+    assert final["step"] == 20 and final["test_loss"] == pytest.approx(ssd["val_loss"], rel=1e-6)
+    steps = [json.loads(line) for line in run.read_text().splitlines() if '"kind": "step"' in line]
+    assert steps[9]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 10 / 20)))
+    assert steps[-1]["step"] == 20 and steps[-1]["lr"] == pytest.approx(0, abs=1e-12)
     assert {r["variant"] for r in results["simulator"]} == {"synchronous (k=1)", "overwrite", "glu beta=1",
                                                             "glu beta=0.5", "glu beta=0.25"}
     assert results["networks"] == ["unshaped loopback"] and {r["network"] for r in rows.values()} == {"unshaped loopback"}
     assert "| ssd k=2 d=2 beta=auto |" in (out / "results.md").read_text()
+    assert "Horovod 10 steps and the others 20 with a cosine learning-rate schedule over each run" in \
+        (out / "results.md").read_text()
     assert (out / "gpt_adamw_by-package.png").stat().st_size > 10_000
     # the time to Horovod's loss at its first validation at or after 50 % of its steps (step 5),
     # 75 % (step 10) and 100 % (step 10)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 from types import SimpleNamespace
 from typing import Optional
 
 import pytest
+import torch
 
 from ssd_allreduce import DistributedOptimizer, SSDSettings
 from ssd_allreduce.bench import cli as bench_cli
@@ -170,6 +172,7 @@ def test_the_old_ablation_flag_names_the_subcommand(capsys):
     (["--gpt-width", "30"], "--gpt-width (30) must be a multiple of --gpt-heads (4)"),
     (["--ssd-configs", "4:5"], "need 0 <= d <= k"),
     (["--steps", "10"], "unrecognized arguments: --steps"),
+    (["--budget-factor", "0.5"], "--budget-factor must be >= 1 (Horovod trains --max-steps), got 0.5"),
     (["--bandwidths", "fast"], "expected a rate such as 100mbit"),
 ])
 def test_the_gpt_workload_refuses_what_cannot_run(capsys, flags, message):
@@ -180,6 +183,24 @@ def test_the_gpt_workload_warms_up_an_eighth_of_its_steps_unless_told():
     assert gpt_checked().warmup_steps == 20
     assert gpt_checked("--max-steps", "80").warmup_steps == 10
     assert gpt_checked("--warmup-steps", "3").warmup_steps == 3
+
+
+def test_a_cosine_schedule_reaches_zero_at_max_steps_where_that_comes_before_the_last_epoch():
+    def factors(*flags: str) -> list[float]:
+        args = build_parser().parse_args([*DIGITS, "--lr-schedule", "cosine", *flags])
+        sched = driver.make_lr_schedule(args, torch.optim.SGD([torch.zeros(1)], lr=1.0), steps_per_epoch=100, size=1)
+        return [sched.lr_lambdas[0](step) for step in (0, 5, 10, 100, 200)]
+    assert factors("--max-steps", "10") == pytest.approx([1, 0.5, 0, 0, 0])
+    assert factors() == pytest.approx([1, 0.5 * (1 + math.cos(math.pi * 5 / 200)),
+                                       0.5 * (1 + math.cos(math.pi * 10 / 200)), 0.5, 0])   # DIGITS: 2 epochs
+
+
+def test_the_gpt_workload_gives_the_others_a_multiple_of_horovods_steps_to_a_validation():
+    a = gpt_checked("--budget-factor", "2.5", "--max-steps", "160", "--eval-every", "20")
+    assert [language.Run("adamw", "shuffle", mode).steps(a.max_steps, a.budget_factor, a.eval_every)
+            for mode in ("horovod", "ssd", "local-sgd")] == [160, 400, 400]
+    assert language.Run("adamw", "shuffle", "ssd").steps(160, 1.1, 20) == 160
+    assert gpt_checked("--ablation-config", "none").ablation_config == ""
 
 
 @pytest.mark.parametrize("main, flags, message", [

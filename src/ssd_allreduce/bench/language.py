@@ -4,6 +4,7 @@ ablation on real ranks and on the simulator.
 
     python -m ssd_allreduce.bench --workload gpt                          # AdamW, about 10 minutes
     python -m ssd_allreduce.bench --workload gpt --optimizers adamw sgd   # the full evidence
+    python -m ssd_allreduce.bench --workload gpt --lr-schedule cosine --budget-factor 2   # equal time budgets
 
 Its runs stop at --max-steps, within the corpus's first epoch: the warm-up defaults to an eighth of
 them (the driver's one-epoch rule would leave SSD-SGD no steps).
@@ -62,6 +63,13 @@ class Run:
         variant = "overwrite" if self.compensation == "overwrite" else f"beta={self.glu_beta if isinstance(self.glu_beta, str) else format(self.glu_beta, 'g')}"
         return f"ssd k={self.sync_every} d={self.delay} {variant}"
 
+    def steps(self, max_steps: int, factor: float, eval_every: int) -> int:
+        """Horovod's budget is ``max_steps``; the others' ``factor`` times it, to the validation
+        before (a budget in time: their steps are cheaper)."""
+        if self.mode == "horovod":
+            return max_steps
+        return max(eval_every, int(factor * max_steps) // eval_every * eval_every)
+
     def args(self) -> list[str]:
         return ["--mode", self.mode, "--optimizer", self.optimizer, "--shards", self.shards, "--sync-every",
                 str(self.sync_every), "--delay", str(self.delay), "--compensation", self.compensation,
@@ -89,7 +97,9 @@ def plan(a: argparse.Namespace) -> list[Run]:
 def run_one(run: Run, a: argparse.Namespace, net: Emulation, rate: str, out: Path) -> dict[str, Any]:
     """Train ``run`` on real ranks over the network ``net`` emulated at ``rate``; its validation
     curve and summary."""
-    train_args = ["--data", "stdlib", "--model", "gpt", "--epochs", "1", "--max-steps", str(a.max_steps),
+    steps = run.steps(a.max_steps, a.budget_factor, a.eval_every)
+    train_args = ["--data", "stdlib", "--model", "gpt", "--epochs", "1", "--max-steps", str(steps),
+                  "--lr-schedule", a.lr_schedule,
                   "--eval-every", str(a.eval_every), "--eval-samples", str(a.eval_samples),
                   "--batch-size", str(a.batch_size), "--context", str(a.context), "--corpus-bytes", str(a.corpus_bytes),
                   "--gpt-width", str(a.gpt_width), "--gpt-layers", str(a.gpt_layers), "--gpt-heads", str(a.gpt_heads),
@@ -99,9 +109,10 @@ def run_one(run: Run, a: argparse.Namespace, net: Emulation, rate: str, out: Pat
     run_dir = out / "runs" / rate / f"{run.optimizer}-{run.shards}-{run_dirname(run.name)}"
     records = launch_training(train_args, a.ranks, net, run_dir, a.threads, a.run_timeout, run.name)
     summary = [r for r in records if r["kind"] == "summary"][-1]
-    if summary["steps"] != a.max_steps:
-        raise RuntimeError(f"{run.name} ran {summary['steps']} steps, not {a.max_steps}: the corpus holds fewer "
-                           f"batches per epoch; lower --max-steps or --batch-size, or raise --corpus-bytes")
+    if summary["steps"] != steps:
+        raise RuntimeError(f"{run.name} ran {summary['steps']} steps, not {steps}: the corpus holds fewer "
+                           f"batches per epoch; lower --max-steps, --budget-factor or --batch-size, or raise "
+                           "--corpus-bytes")
     curve = [(r["step"], r["wall"], r["test_loss"]) for r in records if r["kind"] == "eval"]
     return {"network": net.label, "optimizer": run.optimizer, "shards": run.shards, "name": run.name, "mode": run.mode,
             "curve": curve, "val_loss": curve[-1][2], "steps": summary["steps"],
@@ -202,7 +213,8 @@ def simulator_ablation(a: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------- report
-def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+def plot_curves(rows: list[dict[str, Any]], out: Path, prefix: str = "gpt") -> list[Path]:
+    """Validation loss against steps and against wall time, ``out/PREFIX_OPTIMIZER_SHARDS.png``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -219,8 +231,17 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                 by_time.plot(walls, losses, "o-", ms=3, label=label)
         by_step.set(xlabel="step", ylabel="validation loss (nats/byte)", title=f"{opt}, {shards} shards")
         by_time.set(xlabel="training wall time (s)", ylabel="validation loss (nats/byte)")
-        paths.append(save_figure(fig, [by_step, by_time], out / f"gpt_{opt}_{shards}.png"))
+        paths.append(save_figure(fig, [by_step, by_time], out / f"{prefix}_{opt}_{shards}.png"))
     return paths
+
+
+def budget(c: dict[str, Any]) -> str:
+    """The runs' steps and schedule, as the section's heading says them."""
+    factor = c.get("budget_factor", 1.0)
+    others = Run("", "", "ssd").steps(c["max_steps"], factor, c["eval_every"])
+    steps = f"{c['max_steps']} steps" if factor == 1 else f"Horovod {c['max_steps']} steps and the others {others}"
+    schedule = c.get("lr_schedule", "constant")
+    return steps + ("" if schedule == "constant" else f" with a {schedule} learning-rate schedule over each run")
 
 
 def render(results: dict[str, Any]) -> str:
@@ -229,8 +250,8 @@ def render(results: dict[str, Any]) -> str:
              f"Python {results['python']}, torch {results['torch']}, Horovod {results['horovod']}).", "",
              f"{c['ranks']} ranks (horovodrun, Gloo); GPT "
              f"width {c['gpt_width']}, {c['gpt_layers']} layers, {c['gpt_heads']} heads, context {c['context']} bytes "
-             f"({results['parameters']:,} parameters), batch {c['batch_size']} sequences per rank, {c['max_steps']} "
-             f"steps, {c['warmup_steps']} warm-up steps, validation on {c['eval_samples']} held-out sequences; "
+             f"({results['parameters']:,} parameters), batch {c['batch_size']} sequences per rank, {budget(c)}, "
+             f"{c['warmup_steps']} warm-up steps, validation on {c['eval_samples']} held-out sequences; "
              f"took {results['seconds'] / 60:.1f} min.", ""]
     for network in results["networks"]:
         lines += [f"### {network}", "", markdown_table([r for r in results["rows"] if r["network"] == network],
@@ -285,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rates (not scaled by the ranks), overriding adamw=0.001 sgd=0.1")
     g = ap.add_argument_group("training (every run alike; python -m ssd_allreduce.train's flags)")
     g.add_argument("--max-steps", type=int, default=160, help="steps of every run (within the corpus's first epoch)")
+    g.add_argument("--budget-factor", type=float, default=1.0,
+                   help="SSD-SGD and local SGD train this many times --max-steps (Horovod --max-steps), each "
+                        "under its own schedule: a comparison at a budget of time rather than of steps")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: down to 0 at each run's last step")
     g.add_argument("--warmup-steps", type=int, default=None,
                    help="steps of synchronous SGD before SSD-SGD's delay stage, on real ranks and on the simulator "
                         "(default: an eighth of --max-steps, 20 of 160)")
@@ -298,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--corpus-bytes", type=int, default=2_000_000, help="size of the standard-library corpus")
     g = ap.add_argument_group("GLU ablation (real ranks, then the simulator)")
     g.add_argument("--ablation-config", default="10:10",
-                   help="k:d of the GLU ablation (real ranks and simulator); '' skips it on real ranks")
+                   help="k:d of the GLU ablation (real ranks and simulator); none (or '') skips it on real ranks")
     g.add_argument("--ablation-shards", default="by-package", choices=("shuffle", "by-package"),
                    help="the sharding of the ablation on real ranks")
     g.add_argument("--sim-ranks", type=int, default=4, help="simulated ranks")
@@ -322,6 +348,8 @@ def check_args(a: argparse.Namespace) -> None:
     check_at_least(a, 1, "ranks", "threads", "local_sgd_every", "max_steps", "eval_every", "eval_samples",
                    "batch_size", "context", "gpt_width", "gpt_layers", "gpt_heads", "sim_ranks", "sim_steps",
                    "sim_seeds")
+    if a.budget_factor < 1:
+        raise SystemExit(f"--budget-factor must be >= 1 (Horovod trains --max-steps), got {a.budget_factor}")
     if a.max_steps % a.eval_every:
         raise SystemExit(f"--max-steps ({a.max_steps}) must be a multiple of --eval-every ({a.eval_every})")
     if a.gpt_width % a.gpt_heads:
@@ -332,6 +360,8 @@ def check_args(a: argparse.Namespace) -> None:
         raise SystemExit(f"--warmup-steps must be >= 0 and below --max-steps ({a.max_steps}), got {a.warmup_steps}")
     for cfg in a.ssd_configs:
         parse_window(cfg)
+    if a.ablation_config == "none":
+        a.ablation_config = ""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -373,7 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     report = render(results)
     (out / "results.md").write_text(report)
     print(report)
-    for folder in [out] + ([Path(a.record).parent] if a.record else []):   # the plots beside the record too
-        for p in plot_curves(rows, folder):
+    for folder, prefix in [(out, "gpt")] + ([(Path(a.record).parent, Path(a.record).stem)] if a.record else []):
+        for p in plot_curves(rows, folder, prefix):   # the plots beside the record too, named by it
             print(f"wrote {p}")
     return results

@@ -70,12 +70,12 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     **{name: _lazy("quality", "render_record") for name in ("quality", "quality-gpt", "quality-drift",
                                                               "quality-drift-beta", "quality-moments",
                                                               "quality-moments-gpt", "quality-outer",
-                                                              "quality-gpt-long")},
+                                                              "quality-gpt-long", "quality-gpt-delay")},
     **{name: _lazy("sections", "render_comparison") for name in ("compression", "compression-resnet", "straggler")},
     **{name: _lazy("sections", "render_detailed") for name in ("sweep", "nodes")},
     "auto": _lazy("sections", "render_auto_window"), "warmup": _lazy("sections", "render_warmup"),
     **{name: _lazy(name, "render_record") for name in ("costmodel", "nodecost", "ablation", "overhead")},
-    "gpt": _lazy("language", "render"), "faults": render_faults}
+    **{name: _lazy("language", "render") for name in ("gpt", "gpt-schedule")}, "faults": render_faults}
 """Each section with committed results: its name (``docs/results/NAME.json``) and what writes its markdown."""
 
 

@@ -100,7 +100,7 @@ def make_lr_schedule(args: argparse.Namespace, opt: torch.optim.Optimizer, steps
                      size: int) -> torch.optim.lr_scheduler.LambdaLR:
     scale = 1 if args.no_lr_scaling else size
     warm = int(args.lr_warmup_epochs * steps_per_epoch)
-    total = args.epochs * steps_per_epoch
+    total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     milestones = [int(m * steps_per_epoch) for m in args.lr_milestones]
 
     def factor(step: int) -> float:

@@ -154,7 +154,8 @@ def _add_optimizer(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-warmup-epochs", type=float, default=0.0,
                    help="epochs of a linear ramp from the one-rank learning rate to the scaled one")
     g.add_argument("--lr-schedule", choices=("constant", "step", "cosine"), default="constant",
-                   help="step: times --lr-gamma at each of --lr-milestones; cosine: down to 0 at the last epoch")
+                   help="step: times --lr-gamma at each of --lr-milestones; cosine: down to 0 at the end of the last "
+                        "epoch, or at --max-steps where that comes first")
     g.add_argument("--lr-milestones", type=float, nargs="*", default=[], help="epochs (step schedule)")
     g.add_argument("--lr-gamma", type=float, default=0.1, help="factor of the step schedule at each milestone")
     g.add_argument("--clip-grad-norm", type=float, default=0.0,
