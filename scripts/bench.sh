@@ -31,6 +31,7 @@ declare -A SECTION=(
   [faults]="faults"
   [straggler]="compare --bandwidths 1gbit --epochs 4 --warmup-steps 20 --repeats 2 --ssd-configs 5:5 --no-local-sgd --slow-rank 1 --slow-fraction 0.5"
   [gpt]="--workload gpt --optimizers adamw sgd --bandwidths 100mbit"
+  [gpt-delay]="--workload gpt --optimizers adamw sgd --shards shuffle --bandwidths 100mbit --ssd-configs 5:5 5:2 5:1 --ablation-config none --no-simulator"
   [gpt-schedule]="--workload gpt --optimizers adamw sgd --shards shuffle --bandwidths 100mbit --ssd-configs 5:5 --lr-schedule cosine --budget-factor 2 --ablation-config none --no-simulator"
   [quality]="quality --tasks regression --ranks 4 8 16 --optimizers sgd adamw --shards shuffle non-iid --seeds 3 --jobs 2 --out docs/results/quality.json"
   [quality-drift]="quality --tasks regression --ranks 4 8 16 --optimizers sgd adamw --shards non-iid shuffle --seeds 3 --variants sync 1:1 2:2 5:5 10:10 1:1+dc 2:2+dc 5:5+dc 10:10+dc --jobs 2 --out docs/results/quality-drift.json"
@@ -42,7 +43,7 @@ declare -A SECTION=(
   [quality-gpt-delay]="quality --tasks gpt --ranks 4 --optimizers adamw sgd --shards shuffle --seeds 3 --max-steps 300 --warmup-steps 30 --variants sync 5:0 5:1 5:2 5:5 5:5:1 --jobs 2 --out docs/results/quality-gpt-delay.json"
   [quality-gpt]="quality --tasks gpt --ranks 4 --optimizers adamw sgd --shards shuffle --seeds 3 --max-steps 300 --warmup-steps 30 --variants sync 2:2 5:5 5:5:0.5:1 --jobs 2 --out docs/results/quality-gpt.json"
 )
-ORDER=(costmodel nodecost overhead ablation quality quality-drift quality-drift-beta quality-moments quality-moments-gpt quality-outer quality-gpt quality-gpt-long quality-gpt-delay sweep compression compression-resnet warmup auto straggler nodes gpt gpt-schedule faults)
+ORDER=(costmodel nodecost overhead ablation quality quality-drift quality-drift-beta quality-moments quality-moments-gpt quality-outer quality-gpt quality-gpt-long quality-gpt-delay sweep compression compression-resnet warmup auto straggler nodes gpt gpt-delay gpt-schedule faults)
 # docs/RELIABILITY.md's fault matrix: every fault on every backend, measured by its test
 FAULTS=(-m pytest -p no:cacheprovider -s tests/e2e/test_faults.py -k lost_rank)
 
@@ -104,7 +105,7 @@ for name in "${wanted[@]}"; do
         tee "$OUT/$name/pytest.log"
       "$VENV/bin/python" "${BENCH[@]}" report ;;
     # the comparisons whose sections are written from their record
-    sweep|warmup|auto|nodes|compression|compression-resnet|straggler|gpt|gpt-schedule)
+    sweep|warmup|auto|nodes|compression|compression-resnet|straggler|gpt|gpt-delay|gpt-schedule)
       "$VENV/bin/python" "${BENCH[@]}" "${args[@]}" --out "$OUT/$name" --record "docs/results/$name.json"
       "$VENV/bin/python" "${BENCH[@]}" report
       if [ "$name" = sweep ]; then cp "$OUT/$name/throughput_vs_bandwidth.png" "$OUT/$name/accuracy_vs_time.png" docs/img/; fi ;;
