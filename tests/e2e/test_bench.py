@@ -126,7 +126,8 @@ def test_overhead_benchmark_reports_each_wrapper_against_the_plain_optimizer(tmp
 def test_gpt_workload_compares_modes_on_validation_loss_and_runs_the_ablation(tmp_path):
     out = tmp_path / "gpt"
     proc = subprocess.run([PYTHON, "-m", "ssd_allreduce.bench", "--workload", "gpt", "--max-steps", "10",
-                           "--budget-factor", "2", "--lr-schedule", "cosine", "--eval-every", "5", "--warmup-steps", "2", "--ssd-configs", "2:2", "--shards", "by-package",
+                           "--budget-factor", "2", "--lr-schedule", "cosine", "--eval-every", "5",
+                           "--warmup-steps", "2", "--ssd-configs", "2:2", "--shards", "by-package",
                            "--ablation-config", "2:2", "--sim-steps", "6", "--sim-seeds", "1", "--sim-ranks", "2",
                            "--gpt-width", "32", "--gpt-layers", "1", "--context", "16", "--corpus-bytes", "200000",
                            "--eval-samples", "64", "--bandwidths", "none", "--out", str(out),

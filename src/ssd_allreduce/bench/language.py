@@ -42,6 +42,12 @@ ABLATION = (("overwrite", "overwrite", 0.0), ("glu beta=1", "glu", 1.0), ("glu b
             ("glu beta=0.25", "glu", 0.25))
 
 
+def budget_steps(max_steps: int, factor: float, eval_every: int) -> int:
+    """The steps of a mode other than Horovod: ``factor`` times Horovod's ``max_steps`` (a budget in
+    time: their steps are cheaper), down to a validation (``max_steps`` is a multiple of ``eval_every``)."""
+    return int(factor * max_steps) // eval_every * eval_every
+
+
 @dataclass(frozen=True)
 class Run:
     """One training run of the workload."""
@@ -64,11 +70,8 @@ class Run:
         return f"ssd k={self.sync_every} d={self.delay} {variant}"
 
     def steps(self, max_steps: int, factor: float, eval_every: int) -> int:
-        """Horovod's budget is ``max_steps``; the others' ``factor`` times it, to the validation
-        before (a budget in time: their steps are cheaper)."""
-        if self.mode == "horovod":
-            return max_steps
-        return max(eval_every, int(factor * max_steps) // eval_every * eval_every)
+        """Horovod's budget is ``max_steps``; the others' ``budget_steps``."""
+        return max_steps if self.mode == "horovod" else budget_steps(max_steps, factor, eval_every)
 
     def args(self) -> list[str]:
         return ["--mode", self.mode, "--optimizer", self.optimizer, "--shards", self.shards, "--sync-every",
@@ -238,7 +241,7 @@ def plot_curves(rows: list[dict[str, Any]], out: Path, prefix: str = "gpt") -> l
 def budget(c: dict[str, Any]) -> str:
     """The runs' steps and schedule, as the section's heading says them."""
     factor = c.get("budget_factor", 1.0)
-    others = Run("", "", "ssd").steps(c["max_steps"], factor, c["eval_every"])
+    others = budget_steps(c["max_steps"], factor, c["eval_every"])
     steps = f"{c['max_steps']} steps" if factor == 1 else f"Horovod {c['max_steps']} steps and the others {others}"
     schedule = c.get("lr_schedule", "constant")
     return steps + ("" if schedule == "constant" else f" with a {schedule} learning-rate schedule over each run")
