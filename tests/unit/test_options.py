@@ -171,6 +171,8 @@ def test_the_old_ablation_flag_names_the_subcommand(capsys):
     (["--max-steps", "40", "--warmup-steps", "40", "--eval-every", "20"], "below --max-steps (40), got 40"),
     (["--gpt-width", "30"], "--gpt-width (30) must be a multiple of --gpt-heads (4)"),
     (["--ssd-configs", "4:5"], "need 0 <= d <= k"),
+    (["--ssd-configs", "4:soon"], "takes k:d pairs such as 5:5 or 5:auto, got '4:soon'"),
+    (["--ablation-config", "5:auto"], "the ablation's simulator needs a fixed delay, such as 5:5"),
     (["--steps", "10"], "unrecognized arguments: --steps"),
     (["--budget-factor", "0.5"], "--budget-factor must be >= 1 (Horovod trains --max-steps), got 0.5"),
     (["--bandwidths", "fast"], "expected a rate such as 100mbit"),
@@ -225,3 +227,15 @@ def test_an_unknown_or_absent_benchmark_says_which_there_are(capsys):
     missing: Optional[str] = next((n for n in ("collect", "quality") if not bench_cli.module_path(n).exists()), None)
     if missing:
         assert f"this installation has no {bench_cli.module_path(missing)}" in refusal(capsys, bench_cli.main, [missing])
+
+
+def test_a_window_may_leave_its_delay_to_the_run():
+    assert compare.parse_window("5:auto") == (5, "auto") and compare.parse_window("5:2") == (5, 2)
+    specs = compare.parse_modes(["5:auto"], 5, with_local_sgd=False)
+    assert specs[1].name == "ssd k=5 d=auto" and specs[1].args()[:6] == ["--mode", "ssd", "--sync-every", "5",
+                                                                            "--delay", "auto"]
+    assert specs[1].window_used({"sync_every_used": 5, "delay_used": 2}) == (5, 2)
+    a = language.build_parser().parse_args(["--ssd-configs", "5:auto", "--ablation-config", "none"])
+    language.check_args(a)
+    run = language.plan(a)[1]
+    assert run.name == "ssd k=5 d=auto beta=auto" and run.args()[8:10] == ["--delay", "auto"]

@@ -68,16 +68,20 @@ class ModeSpec:
         """(k, d) the run used: its own, or what "auto" chose (at the end of the run)."""
         if self.sync_every == "auto":
             return row["sync_every_used"], row["delay_used"]
+        if self.delay == "auto":
+            return int(self.sync_every), row["delay_used"]
         return int(self.sync_every), int(self.delay)
 
 
-def parse_window(cfg: str, flag: str = "--ssd-configs") -> tuple[int, int]:
-    """(k, d) of a ``k:d`` pair given to ``flag``."""
+def parse_window(cfg: str, flag: str = "--ssd-configs") -> tuple[int, Union[int, str]]:
+    """(k, d) of a ``k:d`` pair given to ``flag``; ``k:auto`` is a fixed window whose delay the run
+    chooses (``delay="auto"``)."""
     try:
-        k, d = (int(v) for v in cfg.split(":"))
+        k, d = cfg.split(":")
+        k, d = int(k), (d if d == "auto" else int(d))
     except ValueError:
-        raise SystemExit(f"{flag} takes k:d pairs such as 5:5, got {cfg!r}") from None
-    if not 0 <= d <= k:
+        raise SystemExit(f"{flag} takes k:d pairs such as 5:5 or 5:auto, got {cfg!r}") from None
+    if k < 1 or (d != "auto" and not 0 <= d <= k):
         raise SystemExit(f"{flag} {cfg}: need 0 <= d <= k")
     return k, d
 
@@ -459,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
     g = ap.add_argument_group("modes (Horovod and no-comm always run)")
     g.add_argument("--ssd-configs", nargs="+", default=["5:5", "10:10"], metavar="K:D[/WIRE]",
-                   help="SSD-SGD's windows, a column each: k:d pairs or auto, each optionally with a wire format "
+                   help="SSD-SGD's windows, a column each: k:d pairs, k:auto (the run chooses the delay) or auto (both), each optionally with a wire format "
                         "(5:5/int8; fp16, bf16, int8)")
     g.add_argument("--local-sgd-every", type=int, default=5, help="k of blocking local SGD (its d is 0)")
     g.add_argument("--no-local-sgd", action="store_true", help="leave out blocking local SGD")

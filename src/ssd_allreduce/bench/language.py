@@ -56,7 +56,7 @@ class Run:
     shards: str
     mode: str
     sync_every: int = 1
-    delay: int = 0
+    delay: Union[int, str] = 0    # "auto": chosen by the run (the row's ``delay_used``)
     compensation: str = "glu"
     glu_beta: Union[float, str] = "auto"
 
@@ -117,8 +117,10 @@ def run_one(run: Run, a: argparse.Namespace, net: Emulation, rate: str, out: Pat
                            f"batches per epoch; lower --max-steps, --budget-factor or --batch-size, or raise "
                            "--corpus-bytes")
     curve = [(r["step"], r["wall"], r["test_loss"]) for r in records if r["kind"] == "eval"]
-    return {"network": net.label, "optimizer": run.optimizer, "shards": run.shards, "name": run.name, "mode": run.mode,
-            "curve": curve, "val_loss": curve[-1][2], "steps": summary["steps"],
+    delay_used = (summary.get("ssd_stats") or {}).get("delay")
+    name = run.name.replace("d=auto", f"d=auto ({delay_used})") if run.delay == "auto" else run.name
+    return {"network": net.label, "optimizer": run.optimizer, "shards": run.shards, "name": name, "mode": run.mode,
+            "delay_used": delay_used, "curve": curve, "val_loss": curve[-1][2], "steps": summary["steps"],
             "wall_seconds": summary["wall_seconds"], "step_ms": summary["step_ms"],
             "bytes_per_step": summary["bytes_per_step"], "parameter_bytes": summary["parameter_bytes"]}
 
@@ -302,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the corpus is split over the ranks, a comparison each (by-package: each rank its "
                         "own packages of the library)")
     g.add_argument("--ssd-configs", nargs="+", default=["5:5", "10:10"], metavar="K:D",
-                   help="SSD-SGD's windows, k:d pairs")
+                   help="SSD-SGD's windows, k:d pairs; k:auto lets each run choose the smallest delay that hides "
+                        "its allreduce (delay='auto')")
     g.add_argument("--local-sgd-every", type=int, default=5, help="k of blocking local SGD (its d is 0)")
     g.add_argument("--glu-beta", type=float_or_auto, default=DEFAULT_GLU_BETA, metavar="BETA|auto", help=GLU_BETA_HELP)
     g.add_argument("--lr", nargs="*", default=[], metavar="OPTIMIZER=VALUE",
@@ -365,6 +368,8 @@ def check_args(a: argparse.Namespace) -> None:
         parse_window(cfg)
     if a.ablation_config == "none":
         a.ablation_config = ""
+    elif parse_window(a.ablation_config, "--ablation-config")[1] == "auto":
+        raise SystemExit(f"--ablation-config {a.ablation_config}: the ablation's simulator needs a fixed delay, such as 5:5")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
