@@ -103,7 +103,8 @@ def DistributedOptimizer(
     - ``sync_every`` (k): a window of k local steps ends with a non-blocking allreduce of the
       model delta; ``delay`` (d, default k): local steps it overlaps before it lands; "auto"
       chooses them from the step and allreduce times measured in the warm-up (the smallest k,
-      at most ``max_sync_every``, whose d = k steps hide the allreduce) and re-checks them;
+      at most ``max_sync_every``, whose steps hide the allreduce and its own cost; d the fewest
+      steps that hide the allreduce) and re-checks them;
     - ``warmup_steps``: steps of exact synchronous SGD first;
     - ``glu_beta``: how a landing keeps this rank's own progress (1) versus the global estimate
       (0); ``compensation="overwrite"`` replaces the local weights by the global ones (ablation);

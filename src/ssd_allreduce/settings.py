@@ -72,7 +72,8 @@ class SSDSettings:
             if isinstance(value, str) and value != AUTO:
                 raise ValueError(f"{name} must be an integer or 'auto', got {value!r}")
         if self.sync_every == AUTO and self.delay not in (None, AUTO):
-            raise ValueError(f"with sync_every='auto' the delay is chosen with it (d = k): leave delay out, got "
+            raise ValueError(f"with sync_every='auto' the delay is chosen with it (the fewest steps that hide the "
+                             f"allreduce, at most k): leave delay out, got "
                              f"delay={self.delay!r}")
         if self.delay is None:
             object.__setattr__(self, "delay", self.sync_every)
