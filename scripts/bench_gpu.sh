@@ -2,7 +2,8 @@
 # The checks for one GPU, in one command: the overhead micro-benchmark on CUDA,
 # Horovod's own pytorch_synthetic_benchmark.py run unchanged and with its optimizer line switched to
 # ssd_allreduce.DistributedOptimizer (default warm-up, and warmup_steps=5, sync_every=5), the three
-# interleaved for several rounds so that drifts hit them alike; then the GPU tests.
+# interleaved for several rounds so that drifts hit them alike; then the GPU tests. The first two
+# write docs/results/overhead-cuda.json and gpu-synthetic.json, and their docs/BENCHMARKS.md sections.
 #
 #   scripts/bench_gpu.sh path/to/pytorch_synthetic_benchmark.py [out-dir] [rounds]
 #
@@ -32,7 +33,7 @@ switch " warmup_steps=5, sync_every=5," "$OUT/synthetic_ssd_k5.py"
 cp "$EXAMPLE" "$OUT/synthetic_horovod.py"
 
 echo "== overhead micro-benchmark on CUDA"
-"$VPY" -m ssd_allreduce.bench overhead --device cuda --rounds 7
+"$VPY" -m ssd_allreduce.bench overhead --device cuda --rounds 7 --record "$REPO/docs/results/overhead-cuda.json"
 
 echo "== Horovod's pytorch_synthetic_benchmark.py, ResNet-50, batch 64, world size 1"
 for round in $(seq "$ROUNDS"); do
@@ -43,21 +44,10 @@ for round in $(seq "$ROUNDS"); do
     [ -n "$rate" ] || tail -15 "$OUT/synthetic-$variant-$round.log"
   done
 done
-"$VPY" - "$OUT/synthetic.txt" <<'PY'
-import statistics, sys
-rates = {}
-for line in open(sys.argv[1]):
-    _, rnd, variant, rate = line.split()
-    if rate != "FAILED":
-        rates.setdefault(variant, []).append(float(rate))
-base = statistics.median(rates.get("horovod", [float("nan")]))
-print("| optimizer line | img/s per round | median | x Horovod |\n| --- | --- | --- | --- |")
-for variant, name in (("horovod", "hvd.DistributedOptimizer"), ("ssd", "ssd_allreduce (default warm-up)"),
-                      ("ssd_k5", "ssd_allreduce (warmup_steps=5, sync_every=5)")):
-    r = rates.get(variant, [])
-    med = statistics.median(r) if r else float("nan")
-    print(f"| {name} | {', '.join(f'{x:.1f}' for x in r)} | {med:.1f} | {med / base:.3f} |")
-PY
+"$VPY" -m ssd_allreduce.bench.synthetic_rounds "$OUT/synthetic.txt" --record "$REPO/docs/results/gpu-synthetic.json" \
+  --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+
+"$VPY" -m ssd_allreduce.bench report   # docs/BENCHMARKS.md's GPU sections from the two records
 
 echo "== GPU tests"
 "$VPY" -m pytest -q -p no:cacheprovider "$REPO/tests/gpu" 2>&1 | tail -25

@@ -41,14 +41,14 @@ def test_report_rewrites_a_stale_section_and_check_says_so(tmp_path, capsys):
 
 def _comparison(auto_repeats: list[float]) -> dict:
     """A comparison's results at one network: Horovod, two fixed windows, auto, no-comm."""
-    def row(name, mode, ips, k=None, repeats=None):
+    def row(name, mode, ips, k=None, repeats=None, d=None):
         return {"name": name, "mode": mode, "images_per_sec": ips, "images_per_sec_repeats": repeats or [ips, ips],
                 "x_horovod": ips / 1000, "x_no_comm": ips / 10_000, "test_accuracy": 0.98, "bytes_per_step": 100,
-                "time_to_target_s": None, "sync_every_used": k, "curve": [[0, 1]]}
+                "time_to_target_s": None, "sync_every_used": k, "delay_used": k if d is None else d, "curve": [[0, 1]]}
     auto_median = sorted(auto_repeats)[len(auto_repeats) // 2]
     rows = [row("horovod", "horovod", 1000), row("ssd k=2 d=2", "ssd", 6000, 2),
-            row("ssd k=5 d=5", "ssd", 8000, 5), row("ssd k=auto d=auto", "ssd", auto_median, 7, auto_repeats),
-            row("no-comm", "no-comm", 10_000)]
+            row("ssd k=5 d=5", "ssd", 8000, 5), row("ssd k=5 d=auto", "ssd", 7900, 5, d=2),
+            row("ssd k=auto d=auto", "ssd", auto_median, 7, auto_repeats, d=3), row("no-comm", "no-comm", 10_000)]
     return {"command": "python -m ssd_allreduce.bench compare --ssd-configs 2:2 5:5 auto", "bandwidths": [
         {"rate": "100mbit", "measured_mbps": 96.4, "rows": rows, "targets": ["a target: met"], "cost_model": []}],
         "config": {"ranks": 2, "model": "cnn", "data": "digits", "batch_size": 32, "repeats": 3, "nodes": 1}}
@@ -64,8 +64,8 @@ def test_a_comparisons_record_writes_its_tables_with_the_spread_over_repeats():
     assert all("curve" not in r for r in record["bandwidths"][0]["rows"])
     auto = sections.render_auto_window(record)
     # the best fixed window is k=5 (8000): auto's median 7600 is 0.950 of it, its repeats 0.88-1.05
-    assert "| 100mbit (measured 96 Mbit/s) | 6,000 | **8,000** | 7,600 (k=7) | 0.950 | 0.88–1.05 |" in auto
-    assert "| network | k=2 d=2 | k=5 d=5 | auto (chose) | auto / best fixed | over repeats |" in auto
+    assert "| 100mbit (measured 96 Mbit/s) | 6,000 | **8,000** | 7,900 (d=2) | 7,600 (k=7, d=3) | 0.950 | 0.88–1.05 |" in auto
+    assert "| network | k=2 d=2 | k=5 d=5 | k=5 d=auto | auto (chose) | auto / best fixed | over repeats |" in auto
     table = sections.render_comparison(record)
     assert "| ssd k=auto d=auto | 7,600 | 7,000–8,400 | 7.60 | 0.76 | 0.9800 | 100 | - |" in table
     assert "- a target: met" in table and "3 repeat(s)" in table
@@ -130,3 +130,28 @@ def test_a_results_file_without_its_section_is_refused_saying_where_the_markers_
     (tmp_path / "PAGE.md").write_text("# Page without markers\n")
     assert report.main(["--docs", str(tmp_path), "--check"]) == 1
     assert "quality.json has no section: put the lines <!-- results:quality --> and" in capsys.readouterr().err
+
+
+def test_the_gpu_scripts_rounds_become_a_record_and_its_table(tmp_path, capsys, monkeypatch):
+    """scripts/bench_gpu.sh's switched example: the rounds' rates, a failed run kept as such, the
+    medians over Horovod's; the record writes its section of the documents."""
+    from ssd_allreduce.bench import synthetic_rounds
+    monkeypatch.setattr(report, "provenance", lambda command: {   # not git: tests/unit starts no process
+        "command": command, "commit": "abc1234", "date": "2026-12-06", "machine": "x86_64, 16 cores, Linux",
+        "python": "3.12.3", "torch": "2.11.0+cu130", "horovod": "0.28.1"})
+    rounds = tmp_path / "synthetic.txt"
+    rounds.write_text("round 1 horovod 2000.0\nround 1 ssd 2010.0\nround 1 ssd_k5 1950.0\n"
+                      "round 2 horovod 1990.0\nround 2 ssd FAILED\nround 2 ssd_k5 1930.0\n"
+                      "round 3 horovod 2010.0\nround 3 ssd 2030.0\nround 3 ssd_k5 1940.0\n")
+    docs = tmp_path / "docs"
+    synthetic_rounds.main([str(rounds), "--device", "NVIDIA H200", "--record", str(docs / "results" / "gpu-synthetic.json")])
+    rows = {r["variant"]: r for r in json.loads((docs / "results" / "gpu-synthetic.json").read_text())["rows"]}
+    assert rows["ssd"]["rounds"] == [2010.0, None, 2030.0] and rows["ssd"]["median"] == 2020.0
+    assert rows["ssd_k5"]["x_horovod"] == pytest.approx(1940 / 2000)
+    page = docs / "PAGE.md"
+    page.write_text("<!-- results:gpu-synthetic -->\nby hand\n<!-- /results:gpu-synthetic -->\n")
+    assert report.main(["--docs", str(docs)]) == 0
+    text = page.read_text()
+    assert "by hand" not in text and "NVIDIA H200, ResNet-50, batch 64, 3 rounds" in text
+    assert "| `ssd_allreduce.DistributedOptimizer(...)` (default warm-up) | 2010.0, failed, 2030.0 | 2020.0 | 1.010 |" in text
+    assert "| `hvd.DistributedOptimizer(...)` | 2000.0, 1990.0, 2010.0 | 2000.0 | 1.000 |" in capsys.readouterr().out

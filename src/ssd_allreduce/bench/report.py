@@ -75,6 +75,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     **{name: _lazy("sections", "render_detailed") for name in ("sweep", "nodes")},
     "auto": _lazy("sections", "render_auto_window"), "warmup": _lazy("sections", "render_warmup"),
     **{name: _lazy(name, "render_record") for name in ("costmodel", "nodecost", "ablation", "overhead")},
+    "overhead-cuda": _lazy("overhead", "render_record"), "gpu-synthetic": _lazy("synthetic_rounds", "render_record"),
     **{name: _lazy("language", "render") for name in ("gpt", "gpt-delay", "gpt-schedule")}, "faults": render_faults}
 """Each section with committed results: its name (``docs/results/NAME.json``) and what writes its markdown."""
 

@@ -100,26 +100,27 @@ def render_comparison(record: dict[str, Any]) -> str:
 
 
 def render_auto_window(record: dict[str, Any]) -> str:
-    """One row per network: the fixed windows' img/s, the self-tuned one's and the window it
-    chose, and its ratio to the best fixed window (the range over repeats, against that median)."""
+    """One row per network: the fixed windows' img/s (a fixed k with ``d=auto``: and the delay
+    it chose), the self-tuned one's and the window it chose, and its ratio to the best fixed
+    window (the range over repeats, against that median)."""
     first = record["bandwidths"][0]["rows"]
     fixed = [r["name"] for r in first if r["mode"] == "ssd" and r["sync_every_used"] is not None
-             and "auto" not in r["name"]]
+             and "k=auto" not in r["name"]]
     out = [provenance_line(record), "",
            "| network | " + " | ".join(name.replace("ssd ", "") for name in fixed)
            + " | auto (chose) | auto / best fixed | over repeats |",
            "|---|" + "---|" * (len(fixed) + 3)]
     for s in record["bandwidths"]:
         rows = {r["name"]: r for r in s["rows"]}
-        auto = next(r for r in s["rows"] if "auto" in r["name"])
+        auto = next(r for r in s["rows"] if "k=auto" in r["name"])
         best = max(fixed, key=lambda n: rows[n]["images_per_sec"])
-        cells = [f"**{rows[n]['images_per_sec']:,.0f}**" if n == best else f"{rows[n]['images_per_sec']:,.0f}"
-                 for n in fixed]
+        cells = [(f"**{rows[n]['images_per_sec']:,.0f}**" if n == best else f"{rows[n]['images_per_sec']:,.0f}")
+                 + (f" (d={rows[n]['delay_used']})" if "d=auto" in n else "") for n in fixed]
         base = rows[best]["images_per_sec"]
         repeats = auto.get("images_per_sec_repeats") or [auto["images_per_sec"]]
         spread = (f"{min(repeats) / base:.2f}–{max(repeats) / base:.2f}" if len(repeats) > 1 else "-")
         out.append(f"| {_network(s)} | " + " | ".join(cells) + f" | {auto['images_per_sec']:,.0f} "
-                   f"(k={auto['sync_every_used']}) | {auto['images_per_sec'] / base:.3f} | {spread} |")
+                   f"(k={auto['sync_every_used']}, d={auto['delay_used']}) | {auto['images_per_sec'] / base:.3f} | {spread} |")
     return "\n".join(out) + "\n"
 
 
