@@ -9,7 +9,7 @@ Example::
     opt = torch.optim.SGD(model.parameters(), lr=0.1 * hvd.size(), momentum=0.9, weight_decay=1e-4)
     opt = ssd_allreduce.DistributedOptimizer(
         opt, named_parameters=model.named_parameters(), named_buffers=model.named_buffers(),
-        sync_every=5, delay=5, warmup_steps=500)
+        sync_every=5, warmup_steps=500)   # delay="auto": the fewest steps that hide the allreduce
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     for x, y in loader:
         opt.zero_grad()
@@ -101,10 +101,11 @@ def DistributedOptimizer(
     must be Average: SSD-SGD averages (Sum and Adasum raise, naming the alternative). SSD-SGD's own knobs:
 
     - ``sync_every`` (k): a window of k local steps ends with a non-blocking allreduce of the
-      model delta; ``delay`` (d, default k): local steps it overlaps before it lands; "auto"
+      model delta; ``delay`` (d): local steps it overlaps before it lands, by default "auto" (the
+      fewest that hide the allreduce; k where the warm-up is under 5 steps, too short to time); "auto"
       chooses them from the step and allreduce times measured in the warm-up (the smallest k,
-      at most ``max_sync_every``, whose steps hide the allreduce and its own cost; d the fewest
-      steps that hide the allreduce) and re-checks them;
+      at most ``max_sync_every``, whose d = k steps hide the allreduce and its own cost; with a
+      fixed k, the fewest steps d that hide it) and re-checks them;
     - ``warmup_steps``: steps of exact synchronous SGD first;
     - ``glu_beta``: how a landing keeps this rank's own progress (1) versus the global estimate
       (0); ``compensation="overwrite"`` replaces the local weights by the global ones (ablation);

@@ -35,8 +35,10 @@ LOSSY_FOR_MOMENTS = ("fp16", "int8")
 class SSDSettings:
     """What every rank and every resume must agree on.
 
-    ``delay`` defaults to ``sync_every``; either may be ``"auto"`` (chosen from measured times,
-    ``sync_every`` at most ``max_sync_every``; see ``delay.tuner``); ``compression`` is the name of
+    ``delay`` defaults to ``"auto"``: the fewest steps that hide the window's allreduce, timed in
+    the warm-up (the quality study: the gap to synchronous training grows with the delay), or to
+    ``sync_every`` where the warm-up is too short to time (under ``MIN_WARMUP_STEPS``);
+    ``sync_every`` may be ``"auto"`` too (at most ``max_sync_every``; see ``delay.tuner``); ``compression`` is the name of
     the wire format; ``max_skipped_windows``: with ``nonfinite="skip"``, how many windows in a
     row may be skipped before training stops; ``local_sync``: hierarchical SSD-SGD (gradients
     averaged inside each node every step, the windows between nodes), as resolved for this job;
@@ -72,11 +74,11 @@ class SSDSettings:
             if isinstance(value, str) and value != AUTO:
                 raise ValueError(f"{name} must be an integer or 'auto', got {value!r}")
         if self.sync_every == AUTO and self.delay not in (None, AUTO):
-            raise ValueError(f"with sync_every='auto' the delay is chosen with it (the fewest steps that hide the "
-                             f"allreduce, at most k): leave delay out, got "
+            raise ValueError(f"with sync_every='auto' the delay is chosen with it (d = k): leave delay out, got "
                              f"delay={self.delay!r}")
         if self.delay is None:
-            object.__setattr__(self, "delay", self.sync_every)
+            timed = _is_int(self.warmup_steps) and self.warmup_steps >= MIN_WARMUP_STEPS
+            object.__setattr__(self, "delay", AUTO if timed else self.sync_every)
         if not _is_int(self.max_sync_every) or self.max_sync_every < 1:
             raise ValueError(f"max_sync_every must be an integer >= 1, got {self.max_sync_every!r}")
         widest = self.max_sync_every if self.sync_every == AUTO else self.sync_every

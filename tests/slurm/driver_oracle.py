@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ssd_allreduce.settings import SSDSettings
 from ssd_allreduce.simulator import Simulator
 from ssd_allreduce.train.driver import load_data, seed_everything
 from ssd_allreduce.train.options import build_parser
@@ -50,8 +51,10 @@ def simulate_driver(train_args: Sequence[str], ranks: int, ranks_per_node: int) 
     def make_sgd(params):
         return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
-    sim = Simulator(model, make_sgd, ranks, sync_every=args.sync_every,
-                    delay=args.sync_every if args.delay is None else args.delay, warmup_steps=args.warmup_steps,
+    # the library's default delay: a number where the warm-up is too short to time, else "auto",
+    # which the simulator cannot follow (it measures no time) and refuses
+    delay = SSDSettings(sync_every=args.sync_every, delay=args.delay, warmup_steps=args.warmup_steps).delay
+    sim = Simulator(model, make_sgd, ranks, sync_every=args.sync_every, delay=delay, warmup_steps=args.warmup_steps,
                     glu_beta=args.glu_beta, compensation=args.compensation, ranks_per_node=ranks_per_node)
     cross_entropy = nn.CrossEntropyLoss()
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ssd_allreduce.algorithm import apply_global_update_, compensate_local_, launch_window
 from ssd_allreduce.delay.clock import WindowClock
-from ssd_allreduce.settings import SSDSettings
+from ssd_allreduce.settings import MIN_WARMUP_STEPS, SSDSettings
 from ssd_allreduce.simulator import Simulator
 from ssd_allreduce.tensors import FlatSpace, model_tensors
 
@@ -285,3 +285,16 @@ def test_an_outer_step_larger_than_measured_safe_with_a_delay_warns_saying_what_
         warnings.simplefilter("error")
         SSDSettings(sync_every=5, outer_lr=0.5, outer_momentum=0.5)
         SSDSettings(sync_every=5, delay=0, outer_lr=0.7, outer_momentum=0.9)   # DiLoCo's own, blocking
+
+
+def test_the_delay_defaults_to_the_fewest_steps_that_hide_the_allreduce_where_the_warmup_can_time_them():
+    """The quality study's gap grows with d at a fixed k: by default the window lands as soon as
+    its allreduce is done ("auto", timed in the warm-up), or after k where the warm-up is too short
+    to time; the simulator, which measures no time, asks for the delay."""
+    assert SSDSettings(sync_every=5).delay == "auto"
+    assert SSDSettings(sync_every=5, warmup_steps=MIN_WARMUP_STEPS).delay == "auto"
+    assert SSDSettings(sync_every=5, warmup_steps=MIN_WARMUP_STEPS - 1).delay == 5
+    assert SSDSettings(sync_every=5, delay=2).delay == 2 and SSDSettings(sync_every="auto").delay == "auto"
+    with pytest.raises(ValueError, match="the simulator runs a fixed window"):
+        Simulator(_mlp(), lambda p: torch.optim.SGD(p, lr=0.1), 2, sync_every=5, delay=None, warmup_steps=10,
+                  glu_beta="auto")

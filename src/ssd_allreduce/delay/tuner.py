@@ -4,10 +4,10 @@ landing), agree on them across ranks, and choose the window (SPEC, "Self-tuning 
 
 A window must hide its collective behind d local steps (with ``MARGIN`` to spare), and its own
 cost, paid once per window, must not slow the steps by more than ``TOLERANCE`` compared with the
-widest window allowed: the smallest k meeting both is taken, landing after the fewest steps that
-hide its collective (d <= k: the delay is what costs quality). The first choice is made at the end
-of the warm-up, from its steps, its gradients' collectives (scaled to the delta's bytes: nothing
-is sent to measure) and a timed dry launch; it is re-checked every ``RETUNE_EVERY`` windows from
+widest window allowed: the smallest k meeting both is taken (with d = k; with a fixed k,
+``delay="auto"``, the default, takes the fewest steps d <= k that hide the collective). The
+first choice is made at the end of the warm-up, from its steps, its gradients' collectives
+(scaled to the delta's bytes: nothing is sent to measure) and a timed dry launch; it is re-checked every ``RETUNE_EVERY`` windows from
 what the windows took. Changes take effect at a launch, on every rank at the same step; when the
 next re-check is due is the clock's (``WindowClock.next_check``), so every rank, a joining or
 resumed one too, makes the same collective at the same launch.
@@ -50,14 +50,14 @@ def choose_window(compute_s: float, collective_s: float, window_s: float, *, syn
                   max_sync_every: int, auto_delay: bool) -> tuple[int, int]:
     """``(k, d)`` for steps of ``compute_s``, a collective of ``collective_s`` and a per-window
     host cost of ``window_s``. With ``sync_every`` None: the smallest ``k <= max_sync_every``
-    whose steps hide the collective with ``MARGIN`` to spare and whose predicted step time is
-    within ``TOLERANCE`` of the widest window's; then (and with a fixed ``k`` and ``auto_delay``)
-    the smallest ``d <= k`` that hides the collective. The delay is what costs quality (the
-    quality study: the gap grows with d at a fixed k), the window's width only what it costs the
-    host, so the two are chosen apart."""
-    hide = hiding_steps(compute_s, collective_s, max_sync_every)
+    (with ``d = k``) whose steps hide the collective with ``MARGIN`` to spare and whose predicted
+    step time is within ``TOLERANCE`` of the widest window's; with a fixed ``k`` and
+    ``auto_delay``, the smallest ``d <= k`` that hides the collective (the delay is what costs
+    quality: the gap to synchronous training grows with d at a fixed k)."""
+    hide = math.ceil(MARGIN * collective_s / compute_s) if compute_s > 0 else max_sync_every
     if sync_every is not None:
-        return sync_every, hiding_delay(hide, sync_every) if auto_delay else sync_every
+        # d >= 1: where no collective time was measured the window still overlaps a step
+        return sync_every, max(1, min(hide, sync_every)) if auto_delay else sync_every
 
     def step_time(k: int) -> float:
         return compute_s + (window_s + max(0.0, MARGIN * collective_s - k * compute_s)) / k
@@ -65,19 +65,7 @@ def choose_window(compute_s: float, collective_s: float, window_s: float, *, syn
     best = step_time(max_sync_every)
     k = next((k for k in range(max(hide, 1), max_sync_every) if step_time(k) <= (1 + TOLERANCE) * best),
              max_sync_every)
-    return k, hiding_delay(hide, k)
-
-
-def hiding_steps(compute_s: float, collective_s: float, unknown: int) -> int:
-    """The steps of ``compute_s`` that hide a collective of ``collective_s`` with ``MARGIN`` to
-    spare; ``unknown`` where no compute time was measured."""
-    return math.ceil(MARGIN * collective_s / compute_s) if compute_s > 0 else unknown
-
-
-def hiding_delay(hide: int, sync_every: int) -> int:
-    """The delay of a window of ``sync_every`` steps whose collective ``hide`` steps hide: at
-    least 1 (where no collective time was measured the window still overlaps a step)."""
-    return max(1, min(hide, sync_every))
+    return k, k
 
 
 def measuring_windows() -> int:
@@ -219,8 +207,7 @@ class WindowTuner:
                              max_sync_every=self.max_sync_every, auto_delay=self.auto_delay)
         if self.sync_every is None and running is not None and list(self.measured) == [running] \
                 and running <= k < PROBE * running and running < self.max_sync_every:
-            k = min(PROBE * running, self.max_sync_every)   # a second window, far enough to fit from
-            d = hiding_delay(hiding_steps(compute_s, collective_s, k), k)
+            k = d = min(PROBE * running, self.max_sync_every)   # a second window, far enough to fit from
         entry = {"step": step, "compute_ms": 1e3 * compute_s, "collective_ms": 1e3 * collective_s,
                  "window_ms": 1e3 * window_s, "sync_every": k, "delay": d}
         if running is not None:

@@ -38,10 +38,10 @@ WARMUP_HELP = (f"steps of synchronous SGD (gradients averaged every step) before
                f"DistributedOptimizer(warmup_steps={DEFAULT_WARMUP_STEPS}): the paper warmed up "
                f"{DEFAULT_WARMUP_STEPS} iterations, about one epoch)")
 SYNC_EVERY_HELP = ("k: local steps per window, each window's model delta averaged by one allreduce; auto: "
-                   "the smallest k whose steps hide the allreduce and its own cost, landing after the fewest steps that "
-                   "hide the allreduce (times measured in the warm-up)")
-DELAY_HELP = ("d: local steps a window's allreduce overlaps before it lands (0 <= d <= k; default k; "
-              "auto: the fewest steps that hide the allreduce)")
+                   "the smallest k whose d = k steps hide the allreduce and its own cost, from times measured in the "
+                   "warm-up")
+DELAY_HELP = ("d: local steps a window's allreduce overlaps before it lands (0 <= d <= k); auto (the default): "
+              "the fewest steps that hide the allreduce, timed in the warm-up (k where it is under 5 steps)")
 GLU_BETA_HELP = ("GLU's beta: how much of its own progress a rank keeps when a window lands (1) versus the "
                  "global estimate (0); auto: by the delay, 0.75 for d <= 2 down to 0.5 from d = 4 (measured "
                  "in docs/BENCHMARKS.md, Quality)")
