@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks for one GPU, in one command: the overhead micro-benchmark on CUDA,
 # Horovod's own pytorch_synthetic_benchmark.py run unchanged and with its optimizer line switched to
-# ssd_allreduce.DistributedOptimizer (default warm-up, and warmup_steps=5, sync_every=5), the three
+# ssd_allreduce.DistributedOptimizer (default warm-up, and warmup_steps=5, sync_every=5, delay=5), the three
 # interleaved for several rounds so that drifts hit them alike; then the GPU tests. The first two
 # write docs/results/overhead-cuda.json and gpu-synthetic.json, and their docs/BENCHMARKS.md sections.
 #
@@ -29,7 +29,7 @@ switch() {  # switch <extra keyword arguments> <file>
       -e "s/^$LINE/optimizer = ssd_allreduce.DistributedOptimizer(optimizer,$1/" "$EXAMPLE" > "$2"
 }
 switch "" "$OUT/synthetic_ssd.py"
-switch " warmup_steps=5, sync_every=5," "$OUT/synthetic_ssd_k5.py"
+switch " warmup_steps=5, sync_every=5, delay=5," "$OUT/synthetic_ssd_k5.py"
 cp "$EXAMPLE" "$OUT/synthetic_horovod.py"
 
 echo "== overhead micro-benchmark on CUDA"

@@ -102,10 +102,10 @@ def DistributedOptimizer(
 
     - ``sync_every`` (k): a window of k local steps ends with a non-blocking allreduce of the
       model delta; ``delay`` (d): local steps it overlaps before it lands, by default "auto" (the
-      fewest that hide the allreduce; k where the warm-up is under 5 steps, too short to time); "auto"
-      chooses them from the step and allreduce times measured in the warm-up (the smallest k,
-      at most ``max_sync_every``, whose d = k steps hide the allreduce and its own cost; with a
-      fixed k, the fewest steps d that hide it) and re-checks them;
+      fewest that hide the allreduce; k where the warm-up is too short to time, or k = 1);
+      ``sync_every="auto"`` chooses both from the step and allreduce times measured in the
+      warm-up (the smallest k, at most ``max_sync_every``, whose d = k steps hide the allreduce
+      and its own cost); "auto" re-checks its choice every 20 windows;
     - ``warmup_steps``: steps of exact synchronous SGD first;
     - ``glu_beta``: how a landing keeps this rank's own progress (1) versus the global estimate
       (0); ``compensation="overwrite"`` replaces the local weights by the global ones (ablation);

@@ -85,7 +85,8 @@ class SavedState:
         if diff:
             raise ValueError(f"the checkpoint was written with other SSD-SGD settings (checkpoint vs this "
                              f"optimizer: {'; '.join(diff)}): build the optimizer with the checkpoint's "
-                             "settings to resume")
+                             "settings to resume (a checkpoint of a release whose delay defaulted to k: pass "
+                             "delay=k, --delay K)")
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("an SSD-SGD optimizer is saved with optimizer.state_dict(), which carries "

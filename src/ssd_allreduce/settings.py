@@ -37,7 +37,7 @@ class SSDSettings:
 
     ``delay`` defaults to ``"auto"``: the fewest steps that hide the window's allreduce, timed in
     the warm-up (the quality study: the gap to synchronous training grows with the delay), or to
-    ``sync_every`` where the warm-up is too short to time (under ``MIN_WARMUP_STEPS``);
+    ``sync_every`` where the warm-up is too short to time (under ``MIN_WARMUP_STEPS``) or k = 1;
     ``sync_every`` may be ``"auto"`` too (at most ``max_sync_every``; see ``delay.tuner``); ``compression`` is the name of
     the wire format; ``max_skipped_windows``: with ``nonfinite="skip"``, how many windows in a
     row may be skipped before training stops; ``local_sync``: hierarchical SSD-SGD (gradients
@@ -77,8 +77,9 @@ class SSDSettings:
             raise ValueError(f"with sync_every='auto' the delay is chosen with it (d = k): leave delay out, got "
                              f"delay={self.delay!r}")
         if self.delay is None:
+            # k = 1 leaves "auto" no choice but d = 1; a warm-up under MIN_WARMUP_STEPS, nothing to time
             timed = _is_int(self.warmup_steps) and self.warmup_steps >= MIN_WARMUP_STEPS
-            object.__setattr__(self, "delay", AUTO if timed else self.sync_every)
+            object.__setattr__(self, "delay", AUTO if timed and self.sync_every != 1 else self.sync_every)
         if not _is_int(self.max_sync_every) or self.max_sync_every < 1:
             raise ValueError(f"max_sync_every must be an integer >= 1, got {self.max_sync_every!r}")
         widest = self.max_sync_every if self.sync_every == AUTO else self.sync_every

@@ -21,7 +21,7 @@ from launchers import REPO, WORKERS, horovodrun, launcher_env, mpirun, run_ranks
 BOUND = 6            # --fault-timeout of these runs, seconds
 SLACK = 5            # from the bound to the survivor's exit
 TRAIN = ["-m", "ssd_allreduce.train", "--no-progress", "--data", "digits", "--model", "cnn", "--epochs", "3",
-         "--warmup-steps", "10", "--sync-every", "4", "--fault-timeout", str(BOUND)]
+         "--warmup-steps", "10", "--sync-every", "4", "--delay", "4", "--fault-timeout", str(BOUND)]
 # 2 ranks: 22 steps per epoch; epoch 0 ends with its evaluation, then its checkpoint, at step 22
 LAUNCHERS = {
     "horovod-gloo": lambda *a: horovodrun(2, *a),

@@ -153,7 +153,8 @@ def test_preempted_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path):
 
 def test_a_real_sigusr1_checkpoints_and_resume_matches(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    args = ["--mode", "ssd", "--epochs", "25", "--warmup-steps", "10", "--sync-every", "4",
+    # a fixed delay: "auto" would choose from each run's own timings, and the two runs compared differ
+    args = ["--mode", "ssd", "--epochs", "25", "--warmup-steps", "10", "--sync-every", "4", "--delay", "4",
             "--signal-check-every", "1", "--checkpoint-every", "0"]
     run_ranks(horovodrun(2, *TRAIN, *args, "--out", str(full)))
     proc = subprocess.Popen(horovodrun(2, *TRAIN, *args, "--out", str(cut)), env=launcher_env(), cwd=REPO,

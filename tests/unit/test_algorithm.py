@@ -295,6 +295,7 @@ def test_the_delay_defaults_to_the_fewest_steps_that_hide_the_allreduce_where_th
     assert SSDSettings(sync_every=5, warmup_steps=MIN_WARMUP_STEPS).delay == "auto"
     assert SSDSettings(sync_every=5, warmup_steps=MIN_WARMUP_STEPS - 1).delay == 5
     assert SSDSettings(sync_every=5, delay=2).delay == 2 and SSDSettings(sync_every="auto").delay == "auto"
+    assert SSDSettings(sync_every=1).delay == 1   # "auto" would have no other choice
     with pytest.raises(ValueError, match="the simulator runs a fixed window"):
         Simulator(_mlp(), lambda p: torch.optim.SGD(p, lr=0.1), 2, sync_every=5, delay=None, warmup_steps=10,
                   glu_beta="auto")

@@ -81,7 +81,9 @@ def parse_window(cfg: str, flag: str = "--ssd-configs") -> tuple[int, Union[int,
         k, d = int(k), (d if d == "auto" else int(d))
     except ValueError:
         raise SystemExit(f"{flag} takes k:d pairs such as 5:5 or 5:auto, got {cfg!r}") from None
-    if k < 1 or (d != "auto" and not 0 <= d <= k):
+    if k < 1:
+        raise SystemExit(f"{flag} {cfg}: k must be >= 1")
+    if d != "auto" and not 0 <= d <= k:
         raise SystemExit(f"{flag} {cfg}: need 0 <= d <= k")
     return k, d
 
@@ -267,7 +269,7 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
 def auto_verdict(auto: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """How the self-tuned window compares with the best fixed window of the same wire format."""
     wire = auto["name"].split("d=auto")[1]
-    fixed = [r for r in rows if r["mode"] == "ssd" and "k=auto" not in r["name"] and r["name"].endswith(wire)
+    fixed = [r for r in rows if r["mode"] == "ssd" and "=auto" not in r["name"] and r["name"].endswith(wire)
              and (wire or r["name"].split()[-1].startswith("d="))]
     chose = f"chose k={auto['sync_every_used']}, d={auto['delay_used']}"
     if not fixed:

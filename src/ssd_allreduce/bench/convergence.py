@@ -17,7 +17,7 @@ from ..settings import DEFAULT_GLU_BETA
 from ..simulator import Simulator
 from ..train.data import load_digits_split, shard_indices
 from ..train.models import build_model
-from ..train.options import (BATCH_SIZE_HELP, DELAY_HELP, GLU_BETA_HELP, WARMUP_EPOCH, WARMUP_HELP, float_or_auto,
+from ..train.options import (BATCH_SIZE_HELP, GLU_BETA_HELP, WARMUP_EPOCH, WARMUP_HELP, float_or_auto,
                              int_or_epoch, warmup_steps_for)
 from .flags import PROG, check_at_least
 
@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"{PROG} convergence", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--ranks", type=int, default=8, help="simulated ranks")
     ap.add_argument("--sync-every", type=int, default=8, help="k: local steps per window")
-    ap.add_argument("--delay", type=int, default=None, help=DELAY_HELP.replace("; auto: chosen with k", ""))
+    ap.add_argument("--delay", type=int, default=None,
+                    help="d: local steps a window's allreduce overlaps before it lands (0 <= d <= k; default k: "
+                         "the simulator measures no time)")
     ap.add_argument("--warmup-steps", type=int_or_epoch, default=WARMUP_EPOCH, metavar="N|epoch", help=WARMUP_HELP)
     ap.add_argument("--glu-beta", type=float_or_auto, default=DEFAULT_GLU_BETA, metavar="BETA|auto", help=GLU_BETA_HELP)
     ap.add_argument("--compensation", choices=("glu", "overwrite"), default="glu",

@@ -48,7 +48,7 @@ def wrap(kind: str, model: nn.Module) -> torch.optim.Optimizer:
         return hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
     if kind.startswith("ssd"):
         return DistributedOptimizer(opt, named_parameters=model.named_parameters(),
-                                    named_buffers=model.named_buffers(), sync_every=5,
+                                    named_buffers=model.named_buffers(), sync_every=5, delay=5,
                                     warmup_steps=10**9 if kind == "ssd warm-up" else 0)
     return opt
 

@@ -19,7 +19,7 @@ from .flags import PROG, add_record
 COMMAND = "scripts/bench_gpu.sh path/to/pytorch_synthetic_benchmark.py"
 VARIANTS = (("horovod", "`hvd.DistributedOptimizer(...)`"),
             ("ssd", "`ssd_allreduce.DistributedOptimizer(...)` (default warm-up)"),
-            ("ssd_k5", "`ssd_allreduce.DistributedOptimizer(..., warmup_steps=5, sync_every=5)`"))
+            ("ssd_k5", "`ssd_allreduce.DistributedOptimizer(..., warmup_steps=5, sync_every=5, delay=5)`"))
 
 
 def read_rounds(path: Path) -> dict[str, list[Optional[float]]]:

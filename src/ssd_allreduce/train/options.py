@@ -13,7 +13,7 @@ import re
 from typing import Callable, Union
 
 from ..cli import HelpFormatter, add_version
-from ..settings import DEFAULT_GLU_BETA, DEFAULT_LOCAL_LR_SCALE, DEFAULT_WARMUP_STEPS, SSDSettings
+from ..settings import DEFAULT_GLU_BETA, DEFAULT_LOCAL_LR_SCALE, DEFAULT_WARMUP_STEPS, MIN_WARMUP_STEPS, SSDSettings
 from .data import DATASET_NAMES, SHARD_MODES
 from .modes import MODES
 
@@ -41,7 +41,8 @@ SYNC_EVERY_HELP = ("k: local steps per window, each window's model delta average
                    "the smallest k whose d = k steps hide the allreduce and its own cost, from times measured in the "
                    "warm-up")
 DELAY_HELP = ("d: local steps a window's allreduce overlaps before it lands (0 <= d <= k); auto (the default): "
-              "the fewest steps that hide the allreduce, timed in the warm-up (k where it is under 5 steps)")
+              f"the fewest steps that hide the allreduce, timed in the warm-up (k where it is under "
+              f"{MIN_WARMUP_STEPS} steps, or k = 1)")
 GLU_BETA_HELP = ("GLU's beta: how much of its own progress a rank keeps when a window lands (1) versus the "
                  "global estimate (0); auto: by the delay, 0.75 for d <= 2 down to 0.5 from d = 4 (measured "
                  "in docs/BENCHMARKS.md, Quality)")
