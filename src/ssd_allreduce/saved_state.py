@@ -81,12 +81,14 @@ class SavedState:
             raise ValueError(f"the checkpoint's model differs from this one at tensor #{first} "
                              f"({ssd['names'][first] if first < len(ssd['names']) else None!r} vs "
                              f"{names[first] if first < len(names) else None!r}): load it into the same model")
-        diff = SSDSettings.from_dict(ssd["settings"]).differences(self._ssd_settings)
+        saved = SSDSettings.from_dict(ssd["settings"])
+        diff = saved.differences(self._ssd_settings)
         if diff:
+            older = (" (the delay defaulted to k in earlier releases: pass delay=k, --delay K)"
+                     if saved.delay == saved.sync_every and self._ssd_settings.delay == "auto" else "")
             raise ValueError(f"the checkpoint was written with other SSD-SGD settings (checkpoint vs this "
                              f"optimizer: {'; '.join(diff)}): build the optimizer with the checkpoint's "
-                             "settings to resume (a checkpoint of a release whose delay defaulted to k: pass "
-                             "delay=k, --delay K)")
+                             f"settings to resume{older}")
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("an SSD-SGD optimizer is saved with optimizer.state_dict(), which carries "

@@ -178,7 +178,17 @@ def test_loading_a_checkpoint_of_another_schedule_is_an_error():
     opt = _wrap(model, sync_every=2)
     _train(model, opt, 3)
     opt2 = _wrap(_model(), sync_every=4)
-    with pytest.raises(ValueError, match="build the optimizer with the checkpoint's settings"):
+    with pytest.raises(ValueError, match="build the optimizer with the checkpoint's settings to resume$"):
+        opt2.load_state_dict(opt.state_dict())
+
+
+def test_a_checkpoint_whose_delay_was_k_names_the_flag_that_resumes_it():
+    """A run of a release whose delay defaulted to k, resumed with the same arguments: delay 'auto' now."""
+    model = _model()
+    opt = _wrap(model, sync_every=2, delay=2, warmup_steps=5)
+    _train(model, opt, 6)
+    opt2 = _wrap(_model(), sync_every=2, warmup_steps=5)
+    with pytest.raises(ValueError, match=r"delay: 2 vs 'auto'.*pass delay=k, --delay K\)"):
         opt2.load_state_dict(opt.state_dict())
 
 

@@ -465,8 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
     g = ap.add_argument_group("modes (Horovod and no-comm always run)")
     g.add_argument("--ssd-configs", nargs="+", default=["5:5", "10:10"], metavar="K:D[/WIRE]",
-                   help="SSD-SGD's windows, a column each: k:d pairs, k:auto (the run chooses the delay) or auto (both), each optionally with a wire format "
-                        "(5:5/int8; fp16, bf16, int8)")
+                   help="SSD-SGD's windows, a column each: k:d pairs, k:auto (the run chooses the delay) or auto "
+                        "(both), each optionally with a wire format (5:5/int8; fp16, bf16, int8)")
     g.add_argument("--local-sgd-every", type=int, default=5, help="k of blocking local SGD (its d is 0)")
     g.add_argument("--no-local-sgd", action="store_true", help="leave out blocking local SGD")
     g = ap.add_argument_group("training (every mode alike; python -m ssd_allreduce.train's flags)")
