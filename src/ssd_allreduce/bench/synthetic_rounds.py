@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..cli import HelpFormatter
+from ..train.runlog import markdown_table
 from .flags import PROG, add_record
 
 COMMAND = "scripts/bench_gpu.sh path/to/pytorch_synthetic_benchmark.py"
@@ -48,15 +49,12 @@ def rows_of(rates: dict[str, list[Optional[float]]]) -> list[dict[str, Any]]:
 def render_record(record: dict[str, Any]) -> str:
     """docs/BENCHMARKS.md's table of the switched example, from its record."""
     from .sections import stamp_line
-    lines = [f"{stamp_line(record)} {record['config']['device']}, ResNet-50, batch 64, "
-             f"{len(record['rows'][0]['rounds'])} rounds, the three scripts interleaved, each run a fresh process:",
-             "", "| optimizer line | img/s per round | median | x Horovod |", "| --- | --- | --- | --- |"]
-    for r in record["rows"]:
-        rounds = ", ".join("failed" if v is None else f"{v:.1f}" for v in r["rounds"])
-        median = "-" if r["median"] is None else f"{r['median']:.1f}"
-        ratio = "-" if r["x_horovod"] is None else f"{r['x_horovod']:.3f}"
-        lines.append(f"| {r['line']} | {rounds} | {median} | {ratio} |")
-    return "\n".join(lines) + "\n"
+    rows = [{**r, "per_round": ", ".join("failed" if v is None else f"{v:.1f}" for v in r["rounds"])}
+            for r in record["rows"]]
+    table = markdown_table(rows, (("optimizer line", "line", "{}"), ("img/s per round", "per_round", "{}"),
+                                  ("median", "median", "{:.1f}"), ("x Horovod", "x_horovod", "{:.3f}")))
+    return (f"{stamp_line(record)} {record['config']['device']}, ResNet-50, batch 64, {len(rows[0]['rounds'])} "
+            f"rounds, the three scripts interleaved, each run a fresh process:\n\n{table}\n")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -7,8 +7,8 @@ cost, paid once per window, must not slow the steps by more than ``TOLERANCE`` c
 widest window allowed: the smallest k meeting both is taken (with d = k; with a fixed k,
 ``delay="auto"``, the default, takes the fewest steps d <= k that hide the collective). The
 first choice is made at the end of the warm-up, from its steps, its gradients' collectives
-(scaled to the delta's bytes: nothing is sent to measure) and a timed dry launch; it is re-checked every ``RETUNE_EVERY`` windows from
-what the windows took. Changes take effect at a launch, on every rank at the same step; when the
+(scaled to the delta's bytes: nothing is sent to measure) and a timed dry launch; it is
+re-checked every ``RETUNE_EVERY`` windows from what the windows took. Changes take effect at a launch, on every rank at the same step; when the
 next re-check is due is the clock's (``WindowClock.next_check``), so every rank, a joining or
 resumed one too, makes the same collective at the same launch.
 
