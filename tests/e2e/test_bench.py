@@ -42,7 +42,7 @@ def test_short_comparison_writes_side_by_side_results(tmp_path):
         assert "NOTE: no emulated network" in proc.stdout
     assert any("ssd k=4 d=4" in t and "bytes/step = 0.25" in t for t in section["targets"])
     auto = rows["ssd k=auto d=auto int8"]     # a window of its own choosing, a quarter of the bytes
-    assert 1 <= auto["sync_every_used"] <= 16 and auto["delay_used"] == auto["sync_every_used"]
+    assert 1 <= auto["sync_every_used"] <= 16 and 1 <= auto["delay_used"] <= auto["sync_every_used"]
     # int8: a quarter of float32's bytes plus a scale per chunk, whatever windows the re-checks chose
     assert ssd["bytes_per_window"] == pytest.approx(base["bytes_per_step"], rel=0.01)
     assert 0.25 <= auto["bytes_per_window"] / base["bytes_per_step"] < 0.25 * 1.05

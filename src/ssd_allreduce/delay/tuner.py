@@ -54,10 +54,9 @@ def choose_window(compute_s: float, collective_s: float, window_s: float, *, syn
     step time is within ``TOLERANCE`` of the widest window's; with a fixed ``k`` and
     ``auto_delay``, the smallest ``d <= k`` that hides the collective (the delay is what costs
     quality: the gap to synchronous training grows with d at a fixed k)."""
-    hide = math.ceil(MARGIN * collective_s / compute_s) if compute_s > 0 else max_sync_every
+    hide = hiding_steps(compute_s, collective_s, max_sync_every)
     if sync_every is not None:
-        # d >= 1: where no collective time was measured the window still overlaps a step
-        return sync_every, max(1, min(hide, sync_every)) if auto_delay else sync_every
+        return sync_every, hiding_delay(hide, sync_every) if auto_delay else sync_every
 
     def step_time(k: int) -> float:
         return compute_s + (window_s + max(0.0, MARGIN * collective_s - k * compute_s)) / k
@@ -65,7 +64,19 @@ def choose_window(compute_s: float, collective_s: float, window_s: float, *, syn
     best = step_time(max_sync_every)
     k = next((k for k in range(max(hide, 1), max_sync_every) if step_time(k) <= (1 + TOLERANCE) * best),
              max_sync_every)
-    return k, k
+    return k, hiding_delay(hide, k)
+
+
+def hiding_steps(compute_s: float, collective_s: float, unknown: int) -> int:
+    """The steps of ``compute_s`` that hide a collective of ``collective_s`` with ``MARGIN`` to
+    spare; ``unknown`` where no compute time was measured."""
+    return math.ceil(MARGIN * collective_s / compute_s) if compute_s > 0 else unknown
+
+
+def hiding_delay(hide: int, sync_every: int) -> int:
+    """The delay of a window of ``sync_every`` steps whose collective ``hide`` steps hide: at
+    least 1 (where no collective time was measured the window still overlaps a step)."""
+    return max(1, min(hide, sync_every))
 
 
 def measuring_windows() -> int:
@@ -207,7 +218,8 @@ class WindowTuner:
                              max_sync_every=self.max_sync_every, auto_delay=self.auto_delay)
         if self.sync_every is None and running is not None and list(self.measured) == [running] \
                 and running <= k < PROBE * running and running < self.max_sync_every:
-            k = d = min(PROBE * running, self.max_sync_every)   # a second window, far enough to fit from
+            k = min(PROBE * running, self.max_sync_every)   # a second window, far enough to fit from
+            d = hiding_delay(hiding_steps(compute_s, collective_s, k), k)
         entry = {"step": step, "compute_ms": 1e3 * compute_s, "collective_ms": 1e3 * collective_s,
                  "window_ms": 1e3 * window_s, "sync_every": k, "delay": d}
         if running is not None:
