@@ -104,8 +104,9 @@ def DistributedOptimizer(
       model delta; ``delay`` (d): local steps it overlaps before it lands, by default "auto" (the
       fewest that hide the allreduce; k where the warm-up is too short to time, or k = 1);
       ``sync_every="auto"`` chooses both from the step and allreduce times measured in the
-      warm-up (the smallest k, at most ``max_sync_every``, whose d = k steps hide the allreduce
-      and its own cost); "auto" re-checks its choice every 20 windows;
+      warm-up (the smallest k, at most ``max_sync_every``, whose steps hide the allreduce and its
+      own cost, and d the fewest steps that hide the allreduce); "auto" re-checks its choice every
+      20 windows;
     - ``warmup_steps``: steps of exact synchronous SGD first;
     - ``glu_beta``: how a landing keeps this rank's own progress (1) versus the global estimate
       (0); ``compensation="overwrite"`` replaces the local weights by the global ones (ablation);

@@ -74,8 +74,8 @@ class SSDSettings:
             if isinstance(value, str) and value != AUTO:
                 raise ValueError(f"{name} must be an integer or 'auto', got {value!r}")
         if self.sync_every == AUTO and self.delay not in (None, AUTO):
-            raise ValueError(f"with sync_every='auto' the delay is chosen with it (d = k): leave delay out, got "
-                             f"delay={self.delay!r}")
+            raise ValueError(f"with sync_every='auto' the delay is chosen with it (the fewest steps that hide the "
+                             f"allreduce): leave delay out, got delay={self.delay!r}")
         if self.delay is None:
             # k = 1 leaves "auto" no choice but d = 1; a warm-up under MIN_WARMUP_STEPS, nothing to time
             timed = _is_int(self.warmup_steps) and self.warmup_steps >= MIN_WARMUP_STEPS

@@ -4,8 +4,8 @@ landing), agree on them across ranks, and choose the window (SPEC, "Self-tuning 
 
 A window must hide its collective behind d local steps (with ``MARGIN`` to spare), and its own
 cost, paid once per window, must not slow the steps by more than ``TOLERANCE`` compared with the
-widest window allowed: the smallest k meeting both is taken (with d = k; with a fixed k,
-``delay="auto"``, the default, takes the fewest steps d <= k that hide the collective). The
+widest window allowed: the smallest k meeting both is taken, and (with a fixed k too, where
+``delay="auto"``, the default) the fewest steps d <= k that hide the collective. The
 first choice is made at the end of the warm-up, from its steps, its gradients' collectives
 (scaled to the delta's bytes: nothing is sent to measure) and a timed dry launch; it is
 re-checked every ``RETUNE_EVERY`` windows from what the windows took. Changes take effect at a launch, on every rank at the same step; when the
@@ -50,10 +50,11 @@ def choose_window(compute_s: float, collective_s: float, window_s: float, *, syn
                   max_sync_every: int, auto_delay: bool) -> tuple[int, int]:
     """``(k, d)`` for steps of ``compute_s``, a collective of ``collective_s`` and a per-window
     host cost of ``window_s``. With ``sync_every`` None: the smallest ``k <= max_sync_every``
-    (with ``d = k``) whose steps hide the collective with ``MARGIN`` to spare and whose predicted
-    step time is within ``TOLERANCE`` of the widest window's; with a fixed ``k`` and
-    ``auto_delay``, the smallest ``d <= k`` that hides the collective (the delay is what costs
-    quality: the gap to synchronous training grows with d at a fixed k)."""
+    whose steps hide the collective with ``MARGIN`` to spare and whose predicted step time is
+    within ``TOLERANCE`` of the widest window's; then (and with a fixed ``k`` and ``auto_delay``)
+    the smallest ``d <= k`` that hides the collective. The delay is what costs quality (the gap to
+    synchronous training grows with d at a fixed k), the width only host time, so the two are
+    chosen apart."""
     hide = hiding_steps(compute_s, collective_s, max_sync_every)
     if sync_every is not None:
         return sync_every, hiding_delay(hide, sync_every) if auto_delay else sync_every

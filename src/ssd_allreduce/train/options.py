@@ -38,8 +38,8 @@ WARMUP_HELP = (f"steps of synchronous SGD (gradients averaged every step) before
                f"DistributedOptimizer(warmup_steps={DEFAULT_WARMUP_STEPS}): the paper warmed up "
                f"{DEFAULT_WARMUP_STEPS} iterations, about one epoch)")
 SYNC_EVERY_HELP = ("k: local steps per window, each window's model delta averaged by one allreduce; auto: "
-                   "the smallest k whose d = k steps hide the allreduce and its own cost, from times measured in the "
-                   "warm-up")
+                   "the smallest k whose steps hide the allreduce and its own cost, landing after the fewest steps "
+                   "that hide the allreduce, from times measured in the warm-up")
 DELAY_HELP = ("d: local steps a window's allreduce overlaps before it lands (0 <= d <= k); auto (the default): "
               f"the fewest steps that hide the allreduce, timed in the warm-up (k where it is under "
               f"{MIN_WARMUP_STEPS} steps, or k = 1)")
