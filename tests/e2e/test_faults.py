@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers import REPO, WORKERS, horovodrun, launcher_env, mpirun, run_ranks, torchrun
+from launchers import REPO, WORKERS, horovodrun, launcher_env, mpirun, run_bounded, run_ranks, torchrun
 
 BOUND = 6            # --fault-timeout of these runs, seconds
 SLACK = 5            # from the bound to the survivor's exit
@@ -131,9 +131,8 @@ def test_after_a_lost_rank_the_newest_complete_checkpoint_resumes(tmp_path):
 def test_the_roll_call_names_a_frozen_third_rank_and_nobody_when_every_rank_leaves():
     """3 real ranks: an error on every rank (each says it is leaving) names nobody; a frozen rank 2
     is named by both survivors with its pid, host and where it last beat."""
-    proc = subprocess.run(horovodrun(3, str(WORKERS / "rollcall_ranks.py")), env=launcher_env(),
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
-                          start_new_session=True)
+    proc = run_bounded(horovodrun(3, str(WORKERS / "rollcall_ranks.py")), env=launcher_env(),
+                       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
     verdicts = dict(((scene, int(rank)), said) for scene, rank, said in
                     re.findall(r"VERDICT (\w+) (\d) (.*)$", proc.stdout, re.M))
     assert [verdicts.get(("leaving", r)) for r in range(3)] == ["''"] * 3, proc.stdout

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 
-from launchers import PYTHON, REPO, horovodrun, launcher_env, mpirun, run_ranks, torchrun
+from launchers import PYTHON, REPO, horovodrun, launcher_env, mpirun, run_bounded, run_ranks, torchrun
 from ssd_allreduce.train.data import write_cifar10_fixture
 
 TRAIN = ["-m", "ssd_allreduce.train", "--no-progress", "--data", "digits", "--model", "cnn"]
@@ -103,8 +103,8 @@ def test_ranks_with_different_corpora_all_stop_saying_why(tmp_path):
     """Each rank builds the corpus from its own Python: here rank 1's is another size."""
     cmd = " ".join([PYTHON, *GPT, "--max-steps", "2", "--out", str(tmp_path),
                     "--corpus-bytes", "$((300000 + 1000 * HOROVOD_RANK))"])
-    proc = subprocess.run(horovodrun(2)[:-1] + ["bash", "-c", f"exec {cmd}"], env=launcher_env(),
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    proc = run_bounded(horovodrun(2)[:-1] + ["bash", "-c", f"exec {cmd}"], env=launcher_env(),
+                       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
     for rank in (0, 1):
         assert f"rank {rank}: the standard-library corpus of rank(s) [1] differs from rank 0's" in proc.stdout, proc.stdout
     assert proc.returncode != 0
@@ -189,8 +189,8 @@ def test_cifar10_directory_trains_resnet20(tmp_path):
 
 
 def _single(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, *TRAIN, "--epochs", "2", *args], env=launcher_env(), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    return run_bounded([PYTHON, *TRAIN, "--epochs", "2", *args], env=launcher_env(), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -278,8 +278,8 @@ torch.save({{"model": Payload()}}, "{directory / 'rank-0.pt'}")
 def test_an_unwritable_checkpoint_directory_stops_every_rank_before_the_first_step(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    proc = subprocess.run(horovodrun(2, *TRAIN, "--out", str(blocker / "run")), env=launcher_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    proc = run_bounded(horovodrun(2, *TRAIN, "--out", str(blocker / "run")), env=launcher_env(),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
     assert proc.returncode != 0
     for rank in (0, 1):
         assert re.search(rf"\[{rank}\]<stderr>:.*cannot write checkpoints to {blocker}/run/checkpoints "
@@ -291,8 +291,8 @@ def test_checkpoint_of_another_model_or_world_size_is_refused(tmp_path, run_copy
     run = run_copy
     r = _single(tmp_path, "--out", str(run), "--resume", "--epochs", "4", "--model", "mlp")
     assert r.returncode != 0 and "its model is 'cnn', this run's is 'mlp'" in r.stderr
-    out = subprocess.run(horovodrun(2, *TRAIN, "--epochs", "4", "--out", str(run), "--resume"), env=launcher_env(),
-                         capture_output=True, text=True, timeout=120)
+    out = run_bounded(horovodrun(2, *TRAIN, "--epochs", "4", "--out", str(run), "--resume"), env=launcher_env(),
+                      capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "written by 1 ranks and this job has 2" in out.stdout + out.stderr
 
 

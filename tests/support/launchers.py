@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import pytest
 
@@ -30,16 +31,47 @@ def launcher_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     return env
 
 
+def run_bounded(cmd: Sequence[str], timeout: float, capture_output: bool = False,
+                **popen: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in a session of its own whose whole process group is killed at the
+    timeout (or when the test stops, e.g. at pytest-timeout's bound), not only its first process:
+    a hung launcher's ranks must not outlive the test and take the cores from the next one. A
+    timeout fails the test with what the command printed by then."""
+    if capture_output:
+        popen.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(list(cmd), start_new_session=True, **popen)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_session(proc)
+        try:
+            printed = "".join(_text(part) for part in proc.communicate(timeout=30))
+        except subprocess.TimeoutExpired:   # a descendant in a session of its own still holds the pipe
+            printed = "(its output pipe stayed open)"
+        pytest.fail(f"timed out after {timeout:.0f} s: {' '.join(map(str, cmd))}\n--- its output ---\n{printed}")
+    except BaseException:
+        _kill_session(proc)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:   # it ended on its own meanwhile
+        pass
+    proc.wait()
+
+
+def _text(part: Any) -> str:
+    return part.decode(errors="replace") if isinstance(part, bytes) else (part or "")
+
+
 def run_ranks(cmd: Sequence[str], timeout: float = 240, env: Optional[dict[str, str]] = None,
               cwd: Optional[Path] = None) -> str:
     """Run a multi-rank command; on failure or timeout, fail showing every rank's output."""
-    try:
-        proc = subprocess.run(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=timeout, env=launcher_env(env), cwd=cwd or REPO,
-                              start_new_session=True)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        pytest.fail(f"timed out after {timeout:.0f} s: {' '.join(cmd)}\n--- ranks' output ---\n{out}")
+    proc = run_bounded(cmd, timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       env=launcher_env(env), cwd=cwd or REPO)
     if proc.returncode != 0:
         pytest.fail(f"exit code {proc.returncode}: {' '.join(cmd)}\n--- ranks' output ---\n{proc.stdout}")
     return proc.stdout

@@ -13,8 +13,7 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from ..algorithm import (apply_global_update_, carry_moments_, compensate_local_, correct_drift_, estimate_drift_,
-                         launch_window, outer_step_)
+from ..algorithm import correct_drift_, launch_window
 from ..comm import Communicator
 from ..moments import OptimizerMoments
 from ..settings import AUTO, SSDSettings
@@ -22,6 +21,7 @@ from ..stats import SSDStats
 from ..topology import Hierarchy
 from . import tuner as tuning
 from .clock import WindowClock
+from .landing import land_window_
 from .layout import TensorLayout
 from .link import WindowLink
 from .rehearsal import rehearse
@@ -169,7 +169,7 @@ class DelayStage:
         """``W += G`` (``G`` the outer step on the average ``D``, ``D`` itself by default) and the
         GLU compensation of the local tensors, unless the verdict skips the window: then a rank
         whose own weights are not finite goes back to ``W`` and True is returned."""
-        window, state, settings = self.state.window, self.state, self.settings
+        window, state = self.state.window, self.state
         if window is None:
             return False
         self.wait()
@@ -181,22 +181,7 @@ class DelayStage:
                 state.keep_drift()
                 return self._back_to_global_if_nonfinite()
             self.link.update_residual()
-            n = len(self.params)
-            if state.correction is not None and state.drift_known:
-                estimate_drift_(state.correction.leading(n), state.correction_before.leading(n), state.delta.leading(n),
-                                state.snapshot.leading(n), state.global_.leading(n), window.sync_every, state.clock.delay)
-            elif state.correction is not None:
-                state.keep_drift()
-            outer_step_(state.delta.leading(n), None if state.momentum is None else state.momentum.leading(n),
-                        lr=settings.outer_lr, mu=settings.outer_momentum, nesterov=settings.outer_nesterov)
-            apply_global_update_(state.global_, state.delta)
-            if self.moments is not None:
-                m = n + len(self.buffers)
-                carry_moments_(self.moments.tensors(), self.moments.floors(elapsed), state.global_.views[m:],
-                               state.snapshot.views[m:])
-            compensate_local_(self.params, self.buffers, state.global_, state.snapshot, state.delta,
-                              glu_beta=settings.beta_for(elapsed), elapsed=elapsed, sync_every=window.sync_every,
-                              compensation=settings.compensation)
+            land_window_(state, self.settings, self.params, self.buffers, self.moments, window, elapsed)
             self.stats.windows_landed += 1
             return False
 

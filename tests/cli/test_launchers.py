@@ -1,0 +1,41 @@
+"""The suite's own bound on the commands it starts (support/launchers.py): a command past its
+timeout fails its test with what it printed, and nothing it started lives on."""
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from launchers import run_bounded
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE   # killed, not yet reaped by init
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_command_past_its_timeout_fails_with_its_output_and_its_children_are_killed(tmp_path: Path):
+    child = tmp_path / "child.pid"
+    # a launcher whose rank hangs: the rank is a child of the command, not the command itself
+    script = f"sleep 300 & echo $! > {child}; echo the rank started; wait"
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)timed out after 1 s: bash -c .*the rank started"):
+        run_bounded(["bash", "-c", script], timeout=1, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert time.monotonic() - started < 30
+    pid = int(child.read_text())
+    deadline = time.monotonic() + 5
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(pid), f"the command's child {pid} outlived the timeout"
+
+
+def test_a_command_within_its_timeout_returns_like_subprocess_run(tmp_path: Path):
+    proc = run_bounded(["bash", "-c", "echo out; echo err >&2; exit 3"], timeout=30, capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out\n", "err\n")
