@@ -2,6 +2,7 @@
 timeout fails its test with what it printed, and nothing it started lives on."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -26,16 +27,39 @@ def test_a_command_past_its_timeout_fails_with_its_output_and_its_children_are_k
     # a launcher whose rank hangs: the rank is a child of the command, not the command itself
     script = f"sleep 300 & echo $! > {child}; echo the rank started; wait"
     started = time.monotonic()
-    with pytest.raises(pytest.fail.Exception, match=r"(?s)timed out after 1 s: bash -c .*the rank started"):
-        run_bounded(["bash", "-c", script], timeout=1, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)timed out after 3 s: bash -c .*the rank started"):
+        run_bounded(["bash", "-c", script], timeout=3, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert time.monotonic() - started < 30
-    pid = int(child.read_text())
+    _assert_gone(int(child.read_text()))
+
+
+def test_a_test_stopped_while_its_command_runs_takes_the_command_with_it(tmp_path: Path):
+    """pytest-timeout's signal (here SIGALRM raising in the test) stops the test mid-wait."""
+    child = tmp_path / "child.pid"
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_bounded(["bash", "-c", f"sleep 300 & echo $! > {child}; wait"], timeout=60)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    _assert_gone(int(child.read_text()))
+
+
+def _assert_gone(pid: int) -> None:
     deadline = time.monotonic() + 5
     while not _gone(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _gone(pid), f"the command's child {pid} outlived the timeout"
+    assert _gone(pid), f"the command's child {pid} outlived it"
 
 
 def test_a_command_within_its_timeout_returns_like_subprocess_run(tmp_path: Path):
     proc = run_bounded(["bash", "-c", "echo out; echo err >&2; exit 3"], timeout=30, capture_output=True, text=True)
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out\n", "err\n")
+    with pytest.raises(ValueError, match="capture_output"):
+        run_bounded(["true"], timeout=30, capture_output=True, stdout=subprocess.PIPE)

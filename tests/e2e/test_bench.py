@@ -20,8 +20,8 @@ COMPACT_HEADER = "| mode | img/s | x horovod | x no-comm | test acc | B/step | t
 def test_short_comparison_writes_side_by_side_results(tmp_path):
     out = tmp_path / "bench"
     proc = run_bounded([PYTHON, "-m", "ssd_allreduce.bench", "--bandwidths", "100mbit", "--epochs", "2",
-                           "--ssd-configs", "4:4", "auto/int8", "--warmup-steps", "8", "--out", str(out),
-                           "--record", str(tmp_path / "docs" / "results" / "auto.json")],
+                        "--ssd-configs", "4:4", "auto/int8", "--warmup-steps", "8", "--out", str(out),
+                        "--record", str(tmp_path / "docs" / "results" / "auto.json")],
                        env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=270)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
@@ -68,9 +68,9 @@ def test_short_comparison_writes_side_by_side_results(tmp_path):
 
 def test_ablation_table_holds_what_the_simulator_computes(tmp_path):
     proc = run_bounded([PYTHON, "-m", "ssd_allreduce.bench", "ablation", "--ranks", "2", "--epochs", "1",
-                           "--seeds", "1", "--sync-every", "2", "--warmup-steps", "20", "--out", str(tmp_path),
-                           "--record", str(tmp_path / "ablation.json")],
-                       env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+                        "--seeds", "1", "--sync-every", "2", "--warmup-steps", "20", "--out", str(tmp_path),
+                        "--record", str(tmp_path / "ablation.json")],
+                       env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=270)
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "ablation.md").read_text()
     record = json.loads((tmp_path / "ablation.json").read_text())
@@ -104,8 +104,8 @@ def test_synthetic_mode_runs_ssd_windows_and_prints_horovod_style_img_per_sec():
 
 def test_overhead_benchmark_reports_each_wrapper_against_the_plain_optimizer(tmp_path):
     proc = run_bounded([PYTHON, "-m", "ssd_allreduce.bench", "overhead", "--steps-per-round", "3", "--rounds", "2",
-                           "--record", str(tmp_path / "overhead.json")],
-                       env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+                        "--record", str(tmp_path / "overhead.json")],
+                       env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=270)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = json.loads((tmp_path / "overhead.json").read_text())
     rendered = overhead.render_record(record)
@@ -126,12 +126,12 @@ def test_overhead_benchmark_reports_each_wrapper_against_the_plain_optimizer(tmp
 def test_gpt_workload_compares_modes_on_validation_loss_and_runs_the_ablation(tmp_path):
     out = tmp_path / "gpt"
     proc = run_bounded([PYTHON, "-m", "ssd_allreduce.bench", "--workload", "gpt", "--max-steps", "10",
-                           "--budget-factor", "2", "--lr-schedule", "cosine", "--eval-every", "5",
-                           "--warmup-steps", "2", "--ssd-configs", "2:2", "--shards", "by-package",
-                           "--ablation-config", "2:2", "--sim-steps", "6", "--sim-seeds", "1", "--sim-ranks", "2",
-                           "--gpt-width", "32", "--gpt-layers", "1", "--context", "16", "--corpus-bytes", "200000",
-                           "--eval-samples", "64", "--bandwidths", "none", "--out", str(out),
-                           "--record", str(tmp_path / "docs" / "results" / "gpt.json")],
+                        "--budget-factor", "2", "--lr-schedule", "cosine", "--eval-every", "5",
+                        "--warmup-steps", "2", "--ssd-configs", "2:2", "--shards", "by-package",
+                        "--ablation-config", "2:2", "--sim-steps", "6", "--sim-seeds", "1", "--sim-ranks", "2",
+                        "--gpt-width", "32", "--gpt-layers", "1", "--context", "16", "--corpus-bytes", "200000",
+                        "--eval-samples", "64", "--bandwidths", "none", "--out", str(out),
+                        "--record", str(tmp_path / "docs" / "results" / "gpt.json")],
                        env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=270)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
@@ -182,7 +182,7 @@ def test_comparison_on_emulated_nodes_runs_every_window_flat_and_hierarchical(tm
     """4 ranks as 2 emulated nodes: the rows, the bytes that crossed the nodes' links, the cost model."""
     out = tmp_path / "nodes"
     proc = run_bounded([PYTHON, "-m", "ssd_allreduce.bench", "--ranks", "4", "--nodes", "2", "--bandwidths",
-                           "200mbit", "--epochs", "2", "--ssd-configs", "5:5", "--warmup-steps", "4", "--out", str(out)],
+                        "200mbit", "--epochs", "2", "--ssd-configs", "5:5", "--warmup-steps", "4", "--out", str(out)],
                        env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=270)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())

@@ -51,13 +51,14 @@ def test_each_mode_learns_the_digits_under_horovodrun(tmp_path, mode, min_accura
 
 
 def test_an_auto_window_and_int8_deltas_learn_the_digits(tmp_path):
-    """The window the ranks agreed on is in the summary and was used: 10 x 22 steps, 20 of warm-up."""
+    """The window the ranks agreed on is in the summary and was used: 10 x 22 steps, 20 of warm-up;
+    it lands after the fewest steps that hide its allreduce (at most k)."""
     run = tmp_path / "auto"
     run_ranks(horovodrun(2, *TRAIN, "--mode", "ssd", "--sync-every", "auto", "--compression", "int8", "--epochs", "10",
                          "--warmup-steps", "20", "--out", str(run)))
     s = summary(run)
     k = s["ssd_stats"]["sync_every"]
-    assert 1 <= k <= 16 and s["ssd_stats"]["delay"] == k and s["test_accuracy"] >= 0.85, s
+    assert 1 <= k <= 16 and 1 <= s["ssd_stats"]["delay"] <= k and s["test_accuracy"] >= 0.85, s
     assert s["ssd_stats"]["windows_launched"] >= (10 * 22 - 20) // 16
 
 
@@ -158,7 +159,7 @@ def test_a_real_sigusr1_checkpoints_and_resume_matches(tmp_path):
             "--signal-check-every", "1", "--checkpoint-every", "0"]
     run_ranks(horovodrun(2, *TRAIN, *args, "--out", str(full)))
     proc = subprocess.Popen(horovodrun(2, *TRAIN, *args, "--out", str(cut)), env=launcher_env(), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         metrics = cut / "metrics.jsonl"
         deadline = time.time() + 120
@@ -171,7 +172,9 @@ def test_a_real_sigusr1_checkpoints_and_resume_matches(tmp_path):
             os.kill(p.pid, signal.SIGUSR1)
         out, _ = proc.communicate(timeout=120)
     finally:
-        proc.kill()
+        if proc.poll() is None:   # the launcher and every rank in its session
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 0 and "preemption signal" in out, out
     preempted = [json.loads(line) for line in metrics.read_text().splitlines() if '"preempted"' in line]
     assert preempted and preempted[0]["step"] < 25 * 22
@@ -341,7 +344,7 @@ def test_training_driver_on_emulated_nodes(tmp_path):
     out = tmp_path / "run"
     train = (f"SSD_NODE=node$((HOROVOD_RANK / 2)) exec {sys.executable} -m ssd_allreduce.train --no-progress "
              f"--mode ssd --epochs 3 --warmup-steps 10 --out {out}")
-    log = run_ranks(horovodrun(4)[:-1] + ["bash", "-c", train], timeout=300)
+    log = run_ranks(horovodrun(4)[:-1] + ["bash", "-c", train], timeout=270)
     assert log.count("hierarchical SSD-SGD on 2 node(s) x 2 rank(s)") == 1   # said once, by rank 0
     summary = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert summary["local_sync_nodes"] == "2 node(s) x 2 rank(s)", summary

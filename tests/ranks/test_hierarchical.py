@@ -24,7 +24,7 @@ def run_nodes(tmp_path, backend: str, ranks_per_node: int, local_sync: str, *ext
               specs: str = SPECS, ranks: int = 4) -> list[dict]:
     run_ranks(LAUNCHERS[backend](ranks, WORKER, "--backend", backend, "--out", str(tmp_path),
                                  "--configs", specs, "--ranks-per-node", str(ranks_per_node),
-                                 "--local-sync", local_sync, *extra), timeout=300)
+                                 "--local-sync", local_sync, *extra), timeout=270)
     return load(tmp_path, ranks)
 
 

@@ -244,6 +244,9 @@ def test_a_window_cost_the_steps_do_not_show_is_fitted_from_periods_at_two_windo
     # are the compute now, so the smallest window within 3 % of the widest is 11
     assert engine.tuner.measured == {1: pytest.approx(0.008), 2: pytest.approx(0.006), 10: pytest.approx(0.0044)}
     assert chosen[3] == (11, pytest.approx(4.0)) and engine.clock.sync_every == 11, chosen
+    # the delay apart from the window: the collective, seen arrived by the next step's poll, is timed
+    # at about a step, and 1.5 of it hides in 2 steps, at the probe's window and the wider ones alike
+    assert [entry["delay"] for entry in engine.tuner.log] == [1, 2, 2, 2] and engine.clock.delay == 2
     assert fitted_window_cost({4: 0.005}) is None
     assert fitted_window_cost({1: 0.008, 2: 0.006, 4: 0.005}) == pytest.approx(0.004)
     assert fitted_window_cost({1: 0.005, 2: 0.006}) == 0.0   # slower at the wider window: no cost found

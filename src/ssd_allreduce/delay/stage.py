@@ -1,8 +1,9 @@
 """The steps-delay stage on one rank: launch, poll, land and finish windows in the clock's order
 (SPEC: land the window due at a step before launching the one ending there).
 
-The math is ``algorithm``'s, the state ``state``'s, how a delta crosses the ranks ``transport``'s,
-what a landing decides ``verdict``'s; this module owns the order of operations.
+The math is ``algorithm``'s (what a landing computes, ``landing``'s), the state ``state``'s, how a
+delta crosses the ranks ``transport``'s, what a landing decides ``verdict``'s; this module owns the
+order of operations.
 """
 from __future__ import annotations
 
