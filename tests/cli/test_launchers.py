@@ -27,27 +27,35 @@ def test_a_command_past_its_timeout_fails_with_its_output_and_its_children_are_k
     # a launcher whose rank hangs: the rank is a child of the command, not the command itself
     script = f"sleep 300 & echo $! > {child}; echo the rank started; wait"
     started = time.monotonic()
-    with pytest.raises(pytest.fail.Exception, match=r"(?s)timed out after 3 s: bash -c .*the rank started"):
-        run_bounded(["bash", "-c", script], timeout=3, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)timed out after 5 s: bash -c .*the rank started"):
+        run_bounded(["bash", "-c", script], timeout=5, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert time.monotonic() - started < 30
     _assert_gone(int(child.read_text()))
 
 
 def test_a_test_stopped_while_its_command_runs_takes_the_command_with_it(tmp_path: Path):
-    """pytest-timeout's signal (here SIGALRM raising in the test) stops the test mid-wait."""
+    """A test stopped mid-wait (here ^C, raised by a timer once the command's child is running)
+    takes the command's whole session with it."""
     child = tmp_path / "child.pid"
 
     def stop(signum, frame):
+        if not child.exists() or not child.read_text().strip():
+            signal.setitimer(signal.ITIMER_REAL, 0.5)   # the child is not started yet: look again
+            return
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGALRM, stop)
-    signal.alarm(3)
+    # pytest-timeout's bound uses the same timer: it is put back, less the time spent here
+    previous, (left, _) = signal.signal(signal.SIGALRM, stop), signal.getitimer(signal.ITIMER_REAL)
+    started = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, 1)
     try:
         with pytest.raises(KeyboardInterrupt):
-            run_bounded(["bash", "-c", f"sleep 300 & echo $! > {child}; wait"], timeout=60)
+            run_bounded(["bash", "-c", f"sleep 300 & echo $! > {child}; wait"], timeout=50)
     finally:
-        signal.alarm(0)
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if left:
+            signal.setitimer(signal.ITIMER_REAL, max(left - (time.monotonic() - started), 1))
     _assert_gone(int(child.read_text()))
 
 

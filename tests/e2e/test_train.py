@@ -172,7 +172,7 @@ def test_a_real_sigusr1_checkpoints_and_resume_matches(tmp_path):
             os.kill(p.pid, signal.SIGUSR1)
         out, _ = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:   # the launcher and every rank in its session
+        if proc.poll() is None:   # the launcher's session (Horovod's middleman then ends the ranks)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0 and "preemption signal" in out, out
