@@ -39,9 +39,10 @@ class SSDSettings:
     the warm-up (the quality study: the gap to synchronous training grows with the delay), or to
     ``sync_every`` where the warm-up is too short to time (under ``MIN_WARMUP_STEPS``) or k = 1;
     ``sync_every`` may be ``"auto"`` too (at most ``max_sync_every``; see ``delay.tuner``);
-    ``compression`` is the name of the wire format; ``max_skipped_windows``: with ``nonfinite="skip"``, how many windows in a
-    row may be skipped before training stops; ``local_sync``: hierarchical SSD-SGD (gradients
-    averaged inside each node every step, the windows between nodes), as resolved for this job;
+    ``compression`` is the name of the wire format; ``max_skipped_windows``: with
+    ``nonfinite="skip"``, how many windows in a row may be skipped before training stops;
+    ``local_sync``: hierarchical SSD-SGD (gradients averaged inside each node every step, the
+    windows between nodes), as resolved for this job;
     ``outer_lr``, ``outer_momentum``, ``outer_nesterov``: the outer optimizer on each window's
     average (1, 0: none, the core algorithm); ``glu_beta="auto"``: chosen by the window's delay
     (``algorithm.glu_beta_for``); ``local_lr_scale``: the local steps' learning rate in the

@@ -115,7 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             rows.append({"model": f"{name} ({tensors})", "optimizer": kind, "ms": ms[kind],
                          "over_plain": ms[kind] - ms["plain"], "x_horovod": ms[kind] / ms["horovod"]})
     config = {"device": a.device, "batch_size": a.batch_size, "steps_per_round": a.steps_per_round,
-              "rounds": a.rounds, "processor": torch.cuda.get_device_name(device) if a.device == "cuda" else processor()}
+              "rounds": a.rounds,
+              "processor": torch.cuda.get_device_name(device) if a.device == "cuda" else processor()}
     print(heading(config))
     print(rows_table(rows))
     if a.record:

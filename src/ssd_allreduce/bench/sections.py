@@ -120,7 +120,8 @@ def render_auto_window(record: dict[str, Any]) -> str:
         repeats = auto.get("images_per_sec_repeats") or [auto["images_per_sec"]]
         spread = (f"{min(repeats) / base:.2f}–{max(repeats) / base:.2f}" if len(repeats) > 1 else "-")
         out.append(f"| {_network(s)} | " + " | ".join(cells) + f" | {auto['images_per_sec']:,.0f} "
-                   f"(k={auto['sync_every_used']}, d={auto['delay_used']}) | {auto['images_per_sec'] / base:.3f} | {spread} |")
+                   f"(k={auto['sync_every_used']}, d={auto['delay_used']}) | {auto['images_per_sec'] / base:.3f} "
+                   f"| {spread} |")
     return "\n".join(out) + "\n"
 
 

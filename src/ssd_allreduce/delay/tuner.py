@@ -5,12 +5,12 @@ landing), agree on them across ranks, and choose the window (SPEC, "Self-tuning 
 A window must hide its collective behind d local steps (with ``MARGIN`` to spare), and its own
 cost, paid once per window, must not slow the steps by more than ``TOLERANCE`` compared with the
 widest window allowed: the smallest k meeting both is taken, and (with a fixed k too, where
-``delay="auto"``, the default) the fewest steps d <= k that hide the collective. The
-first choice is made at the end of the warm-up, from its steps, its gradients' collectives
-(scaled to the delta's bytes: nothing is sent to measure) and a timed dry launch; it is
-re-checked every ``RETUNE_EVERY`` windows from what the windows took. Changes take effect at a launch, on every rank at the same step; when the
-next re-check is due is the clock's (``WindowClock.next_check``), so every rank, a joining or
-resumed one too, makes the same collective at the same launch.
+``delay="auto"``, the default) the fewest steps d <= k that hide the collective. The first choice
+is made at the end of the warm-up, from its steps, its gradients' collectives (scaled to the
+delta's bytes: nothing is sent to measure) and a timed dry launch; it is re-checked every
+``RETUNE_EVERY`` windows from what the windows took. Changes take effect at a launch, on every rank
+at the same step; when the next re-check is due is the clock's (``WindowClock.next_check``), so
+every rank, a joining or resumed one too, makes the same collective at the same launch.
 
 A window's cost to the host can be more than its launch and landing steps show: on shared cores
 the collective's own work slows every step around it. So each re-check also records the mean time
@@ -55,9 +55,14 @@ def choose_window(compute_s: float, collective_s: float, window_s: float, *, syn
     the smallest ``d <= k`` that hides the collective. The delay is what costs quality (the gap to
     synchronous training grows with d at a fixed k), the width only host time, so the two are
     chosen apart."""
-    hide = hiding_steps(compute_s, collective_s, max_sync_every)
+    hide = math.ceil(MARGIN * collective_s / compute_s) if compute_s > 0 else max_sync_every
+
+    def delay(k: int) -> int:
+        # d >= 1: where no collective time was measured the window still overlaps a step
+        return max(1, min(hide, k))
+
     if sync_every is not None:
-        return sync_every, hiding_delay(hide, sync_every) if auto_delay else sync_every
+        return sync_every, delay(sync_every) if auto_delay else sync_every
 
     def step_time(k: int) -> float:
         return compute_s + (window_s + max(0.0, MARGIN * collective_s - k * compute_s)) / k
@@ -65,19 +70,7 @@ def choose_window(compute_s: float, collective_s: float, window_s: float, *, syn
     best = step_time(max_sync_every)
     k = next((k for k in range(max(hide, 1), max_sync_every) if step_time(k) <= (1 + TOLERANCE) * best),
              max_sync_every)
-    return k, hiding_delay(hide, k)
-
-
-def hiding_steps(compute_s: float, collective_s: float, unknown: int) -> int:
-    """The steps of ``compute_s`` that hide a collective of ``collective_s`` with ``MARGIN`` to
-    spare; ``unknown`` where no compute time was measured."""
-    return math.ceil(MARGIN * collective_s / compute_s) if compute_s > 0 else unknown
-
-
-def hiding_delay(hide: int, sync_every: int) -> int:
-    """The delay of a window of ``sync_every`` steps whose collective ``hide`` steps hide: at
-    least 1 (where no collective time was measured the window still overlaps a step)."""
-    return max(1, min(hide, sync_every))
+    return k, delay(k)
 
 
 def measuring_windows() -> int:
@@ -219,8 +212,10 @@ class WindowTuner:
                              max_sync_every=self.max_sync_every, auto_delay=self.auto_delay)
         if self.sync_every is None and running is not None and list(self.measured) == [running] \
                 and running <= k < PROBE * running and running < self.max_sync_every:
-            k = min(PROBE * running, self.max_sync_every)   # a second window, far enough to fit from
-            d = hiding_delay(hiding_steps(compute_s, collective_s, k), k)
+            # a second window, far enough to fit from, landing as any window of its width would
+            probe = min(PROBE * running, self.max_sync_every)
+            k, d = choose_window(compute_s, collective_s, window_s, sync_every=probe,
+                                 max_sync_every=self.max_sync_every, auto_delay=True)
         entry = {"step": step, "compute_ms": 1e3 * compute_s, "collective_ms": 1e3 * collective_s,
                  "window_ms": 1e3 * window_s, "sync_every": k, "delay": d}
         if running is not None:
