@@ -27,8 +27,10 @@ def test_a_command_past_its_timeout_fails_with_its_output_and_its_children_are_k
     # a launcher whose rank hangs: the rank is a child of the command, not the command itself
     script = f"sleep 300 & echo $! > {child}; echo the rank started; wait"
     started = time.monotonic()
-    with pytest.raises(pytest.fail.Exception, match=r"(?s)timed out after 5 s: bash -c .*the rank started"):
-        run_bounded(["bash", "-c", script], timeout=5, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    failure = r"(?s)timed out after 5 s: bash -c .*the rank started.*the daemons' log"
+    with pytest.raises(pytest.fail.Exception, match=failure):
+        run_bounded(["bash", "-c", script], timeout=5, context=lambda: "the daemons' log",
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert time.monotonic() - started < 30
     _assert_gone(int(child.read_text()))
 

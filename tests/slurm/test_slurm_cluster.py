@@ -15,6 +15,9 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import pytest
 
+from launchers import run_bounded
+from requeue import RequeueRelease
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
 SLURM_DIR = Path(os.environ.get("SSD_SLURM_DIR", "/tmp/ssd-allreduce-slurm"))
@@ -54,12 +57,8 @@ def run(cmd: Sequence[str], env: dict[str, str], timeout: float = 180, check: bo
     """Run a command; on timeout or (with check) failure, fail with its output, the job's output
     files and the Slurm daemons' log tails."""
     assert timeout <= 180
-    try:
-        proc = subprocess.run(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=timeout, env=env, cwd=cwd or REPO, start_new_session=True)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        pytest.fail(f"timed out after {timeout:.0f} s: {' '.join(cmd)}\n{out}\n{_diagnostics(files)}")
+    proc = run_bounded(cmd, timeout, context=lambda: _diagnostics(files), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd or REPO)
     if check and proc.returncode != 0:
         pytest.fail(f"exit code {proc.returncode}: {' '.join(cmd)}\n{proc.stdout}\n{_diagnostics(files)}")
     return proc
@@ -80,18 +79,11 @@ def slurm_env() -> Iterator[dict[str, str]]:
         "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
         "PATH": f"{Path(PYTHON).parent}:{env.get('PATH', '')}",
     })
-    was_running = subprocess.run(["bash", str(SCRIPT), "status"], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, timeout=60, env=env).returncode == 0
-    try:
-        proc = subprocess.run(["bash", str(SCRIPT), "start"], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=120, env=env)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"slurm_local.sh start timed out after 120 s\n{exc.stdout}\n{_diagnostics()}")
-    if proc.returncode != 0:
-        pytest.fail(f"slurm_local.sh start failed ({proc.returncode}):\n{proc.stdout}\n{_diagnostics()}")
+    was_running = run(["bash", str(SCRIPT), "status"], env, timeout=60, check=False).returncode == 0
+    run(["bash", str(SCRIPT), "start"], env, timeout=120)
     yield env
     if not was_running:
-        subprocess.run(["bash", str(SCRIPT), "stop"], timeout=60, env=env, check=False)
+        run(["bash", str(SCRIPT), "stop"], env, timeout=60, check=False)
 
 
 def _check_hvd_lines(text: str) -> None:
@@ -159,7 +151,8 @@ def test_sbatch_horovod_job_completes(slurm_env: dict[str, str], tmp_path: Path)
 def test_templates_parse_and_are_accepted(slurm_env: dict[str, str], template: Path, tmp_path: Path) -> None:
     run(["bash", "-n", str(template)], slurm_env, timeout=30)
     text = template.read_text()
-    assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=4" in text and "source \"$PROJECT_DIR/slurm/launch.sh\"" in text
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=4" in text
+    assert 'source "$PROJECT_DIR/slurm/launch.sh"' in text
     assert re.search(r"^##SBATCH --account=", text, re.M) and re.search(r"^##SBATCH --partition=", text, re.M)
     # A CPU cluster overrides the GPU request on the command line, or with SBATCH_GPUS_PER_NODE=0.
     for extra_env, flags in (({}, LOCAL_OVERRIDES),
@@ -206,14 +199,14 @@ def test_train_template_requeues_and_resumes(slurm_env: dict[str, str], tmp_path
             if time.monotonic() > deadline:
                 pytest.fail(f"job {job_id} did not requeue itself\n{_diagnostics(outs)}")
             time.sleep(1)
-        # A requeued job is held back ~2 min (BeginTime); let it start now. An update sent while the
-        # job is still completing its first run does not stick, so repeat it while it pends.
-        deadline = time.monotonic() + 150
+        # A requeued job is held back ~2 min (BeginTime); let it start now, once its first run is surely
+        # over. An update sent while the job is still completing does not stick, so repeat it while it pends.
+        deadline, release = time.monotonic() + 150, RequeueRelease()
         while (state := _job_field(job_id, "JobState", env, outs)) not in (
                 "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             if time.monotonic() > deadline:
                 pytest.fail(f"job {job_id} stuck in {state}\n{_diagnostics(outs)}")
-            if state == "PENDING":
+            if release.due(state):
                 run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], env, timeout=30, files=outs,
                     check=False)
             time.sleep(1)
@@ -226,4 +219,4 @@ def test_train_template_requeues_and_resumes(slurm_env: dict[str, str], tmp_path
         assert re.search(rf"resumed from .*step-0*{step} at epoch \d+, step {step}", text), text
         assert "training exited with 0" in text, text
     finally:
-        subprocess.run(["scancel", job_id], env=env, timeout=30, check=False)
+        run(["scancel", job_id], env, timeout=30, check=False)

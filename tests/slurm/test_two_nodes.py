@@ -25,6 +25,8 @@ from typing import Iterator, Optional, Sequence
 import pytest
 
 from driver_oracle import FinalState, assert_matches, load_final_checkpoints, simulate_driver, summary
+from launchers import run_bounded
+from requeue import RequeueRelease
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "scripts" / "cluster_local.sh"
@@ -83,11 +85,8 @@ def diagnostics(*logs: Path) -> str:
 def sh(cmd: Sequence[str], env: dict[str, str], timeout: float = 60, check: bool = True,
        cwd: Optional[Path] = None, logs: Sequence[Path] = ()) -> subprocess.CompletedProcess:
     """Run a command with a bound; on a timeout or (with check) a failure, fail with its output and logs."""
-    try:
-        proc = subprocess.run(list(cmd), env=env, cwd=cwd or REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=timeout, start_new_session=True)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"timed out after {timeout:.0f} s: {' '.join(cmd)}\n{exc.stdout or ''}\n{diagnostics(*logs)}")
+    proc = run_bounded(cmd, timeout, context=lambda: diagnostics(*logs), env=env, cwd=cwd or REPO,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if check and proc.returncode != 0:
         pytest.fail(f"exit code {proc.returncode}: {' '.join(cmd)}\n{proc.stdout}\n{diagnostics(*logs)}")
     return proc
@@ -162,8 +161,7 @@ def cluster() -> Iterator[dict[str, str]]:
                 "PROJECT_DIR": str(REPO), "VENV": str(VENV),
                 # the emulated nodes run every rank as root: mpirun refuses that unless told
                 "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
-    was_up = subprocess.run(["bash", str(CLUSTER), "status"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, timeout=60).returncode == 0
+    was_up = sh(["bash", str(CLUSTER), "status"], env, timeout=60, check=False).returncode == 0
     up = sh(["bash", str(CLUSTER), "up"], env, timeout=300, check=False)
     if up.returncode != 0:
         missing = [t for t in ("slurmctld", "slurmd", "munged", "sshd")
@@ -174,7 +172,7 @@ def cluster() -> Iterator[dict[str, str]]:
         pytest.fail(f"scripts/cluster_local.sh up failed:\n{up.stdout}\n{diagnostics()}")
     yield {**env, "SSD_CLUSTER_WAS_UP": "1" if was_up else ""}
     if not was_up:
-        subprocess.run(["bash", str(CLUSTER), "down"], env=env, timeout=120, check=False)
+        sh(["bash", str(CLUSTER), "down"], env, timeout=120, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -327,11 +325,11 @@ def test_a_node_lost_in_a_window_stops_the_survivors_naming_it_then_the_job_requ
             f"rank {rank} named no rank of {NODES[1]}:\n{log}"
     # the node comes back (up mends the link, restarts slurmd); the requeued job is held back a while: start it now
     sh(["bash", str(CLUSTER), "up"], cluster, timeout=120, logs=[job.log])
-    deadline = time.monotonic() + JOB_SECONDS
+    deadline, release = time.monotonic() + JOB_SECONDS, RequeueRelease()
     while (state := job.field("JobState")) not in TERMINAL or job.field("Restarts") in ("", "0"):
         if time.monotonic() > deadline:
             pytest.fail(f"job {job.id} stuck in {state}\n{diagnostics(job.log)}")
-        if state == "PENDING":
+        if release.due(state):
             sh(["scontrol", "update", f"jobid={job.id}", "StartTime=now"], cluster, check=False)
         time.sleep(0.5)
     log = job.log.read_text()

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pytest
 
@@ -32,13 +32,13 @@ def launcher_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
 
 
 def run_bounded(cmd: Sequence[str], timeout: float, capture_output: bool = False,
-                **popen: Any) -> subprocess.CompletedProcess:
+                context: Optional[Callable[[], str]] = None, **popen: Any) -> subprocess.CompletedProcess:
     """``subprocess.run`` in a session of its own whose whole process group is killed at the
     timeout, or when the test is stopped (pytest-timeout's signal, ^C), not only its first
     process: a hung launcher's ranks must not outlive the test and take the cores from the next
     one. (Horovod starts each rank in a session of its own, under a middleman that ends it when
     the launcher dies, within the 30 s allowed here.) A timeout fails the test with what the
-    command printed by then."""
+    command printed by then, and what ``context()`` adds (daemons' logs)."""
     if capture_output:
         if "stdout" in popen or "stderr" in popen:
             raise ValueError("stdout and stderr may not be used with capture_output")
@@ -52,7 +52,8 @@ def run_bounded(cmd: Sequence[str], timeout: float, capture_output: bool = False
             printed = "".join(_text(part) for part in proc.communicate(timeout=30))
         except subprocess.TimeoutExpired as still:   # a descendant in a session of its own holds the pipe
             printed = _text(still.stdout) + _text(still.stderr) + "\n(its output pipe stayed open)"
-        pytest.fail(f"timed out after {timeout:.0f} s: {' '.join(map(str, cmd))}\n--- its output ---\n{printed}")
+        more = f"\n{context()}" if context else ""
+        pytest.fail(f"timed out after {timeout:.0f} s: {' '.join(map(str, cmd))}\n--- its output ---\n{printed}{more}")
     except BaseException:
         _kill_session(proc)
         raise
