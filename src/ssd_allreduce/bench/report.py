@@ -71,7 +71,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
                                                               "quality-drift-beta", "quality-moments",
                                                               "quality-moments-gpt", "quality-outer",
                                                               "quality-gpt-long", "quality-gpt-delay",
-                                                              "quality-gpt-ranks")},
+                                                              "quality-gpt-ranks", "quality-gpt-adamw")},
     **{name: _lazy("sections", "render_comparison") for name in ("compression", "compression-resnet", "straggler")},
     **{name: _lazy("sections", "render_detailed") for name in ("sweep", "nodes")},
     "auto": _lazy("sections", "render_auto_window"), "warmup": _lazy("sections", "render_warmup"),
