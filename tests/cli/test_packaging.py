@@ -49,6 +49,13 @@ def test_importing_the_library_loads_neither_the_driver_nor_the_benchmark():
     assert extras == [], f"the library imported the [train] extra's {extras} (torch alone does not)"
 
 
+def test_loading_the_digits_imports_no_scikit_learn():
+    """Every rank loads them: scikit-learn's import (about 2 s) would add to each rank's start."""
+    probe = ("import sys; from ssd_allreduce.train.data import load_dataset; load_dataset('digits'); "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))")
+    assert _run(PYTHON, "-c", probe).stdout.strip() == "[]"
+
+
 def _imports(path: Path) -> list[str]:
     """Absolute names of what a module of the package imports (relative imports resolved)."""
     package = ".".join(("ssd_allreduce",) + path.relative_to(PACKAGE).parent.parts)

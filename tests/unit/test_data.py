@@ -27,6 +27,7 @@ from ssd_allreduce.train.data import (
     shard_indices,
     write_cifar10_fixture,
 )
+from ssd_allreduce.train.digits import read_digits, stratified_split
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,22 @@ def test_digits_split_is_deterministic_and_stratified(digits: DataSplit) -> None
     full = torch.bincount(torch.cat([digits.train_y, digits.test_y]), minlength=10).double()
     test = torch.bincount(digits.test_y, minlength=10).double()
     assert torch.all((test - 0.2 * full).abs() <= 1.0)
+
+
+@pytest.mark.parametrize("test_fraction", [0.2, 0.1, 0.33])
+def test_digits_are_scikit_learns_split_as_its_train_test_split_splits_them(test_fraction: float) -> None:
+    """Read and split without importing scikit-learn, the data and the sets are its own, in its order."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    theirs = load_digits()
+    pixels, labels = read_digits()
+    assert np.array_equal(pixels, theirs.images) and np.array_equal(labels, theirs.target)
+    everyone = np.arange(len(labels))
+    for seed in range(8):
+        train, test = train_test_split(everyone, test_size=test_fraction, random_state=seed, stratify=labels)
+        ours = stratified_split(labels, test_fraction, seed)
+        assert np.array_equal(ours[0], train) and np.array_equal(ours[1], test), seed
 
 
 def test_digits_rejects_bad_test_fraction() -> None:

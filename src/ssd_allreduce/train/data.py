@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .digits import read_digits, stratified_split
+
 DATASET_NAMES: tuple[str, ...] = ("digits", "cifar10", "imagefolder", "synthetic", "stdlib")
 # non-IID modes hand each shard a contiguous run of the data sorted by a group: the label for
 # images, the source package for text
@@ -96,15 +98,10 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> DataSplit:
     """scikit-learn's bundled 8x8 digits with a seeded stratified split, normalised by train mean/std."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = digits.images.astype(np.float32) / 16.0
-    labels = digits.target.astype(np.int64)
-    train_x, test_x, train_y, test_y = train_test_split(
-        images, labels, test_size=test_fraction, random_state=seed, stratify=labels
-    )
+    pixels, labels = read_digits()
+    images = pixels.astype(np.float32) / 16.0
+    train, test = stratified_split(labels, test_fraction, seed)
+    train_x, test_x, train_y, test_y = images[train], images[test], labels[train], labels[test]
     mean, std = float(train_x.mean()), float(train_x.std())
     return DataSplit(
         train_x=torch.from_numpy((train_x - mean) / std).unsqueeze(1),
