@@ -187,9 +187,11 @@ fi
 # --- 5. check ------------------------------------------------------------------------------
 # (7 s: again only where Horovod was installed since the last check)
 CHECKED=$VENV/horovod-check-build.txt
-INSTALLED=$(compgen -G "$VENV/lib/python3*/site-packages/horovod" | head -n 1 || true)
+INSTALLED=$("$VPY" -c 'import importlib.util as u; print(u.find_spec("horovod").submodule_search_locations[0])' \
+  2>/dev/null || true)
 if [ ! -s "$CHECKED" ] || [ -z "$INSTALLED" ] || [ "$INSTALLED" -nt "$CHECKED" ]; then
-  "$VENV/bin/horovodrun" --check-build > "$CHECKED" 2>&1 || true
+  "$VENV/bin/horovodrun" --check-build > "$CHECKED.new" 2>&1 || true
+  mv "$CHECKED.new" "$CHECKED"
 fi
 wanted=("X\] PyTorch" "X\] Gloo")
 [ "${SSD_HOROVOD_WITHOUT_MPI:-0}" = 1 ] || wanted+=("X\] MPI")

@@ -38,7 +38,7 @@ def run_bounded(cmd: Sequence[str], timeout: float, capture_output: bool = False
     process: a hung launcher's ranks must not outlive the test and take the cores from the next
     one. (Horovod starts each rank in a session of its own, under a middleman that ends it when
     the launcher dies, within the 30 s allowed here.) A timeout fails the test with what the
-    command printed by then, and what ``context()`` adds (daemons' logs)."""
+    command printed by then, and what ``context()`` adds (e.g. daemons' logs)."""
     if capture_output:
         if "stdout" in popen or "stderr" in popen:
             raise ValueError("stdout and stderr may not be used with capture_output")
@@ -52,7 +52,10 @@ def run_bounded(cmd: Sequence[str], timeout: float, capture_output: bool = False
             printed = "".join(_text(part) for part in proc.communicate(timeout=30))
         except subprocess.TimeoutExpired as still:   # a descendant in a session of its own holds the pipe
             printed = _text(still.stdout) + _text(still.stderr) + "\n(its output pipe stayed open)"
-        more = f"\n{context()}" if context else ""
+        try:
+            more = f"\n{context()}" if context else ""
+        except Exception as exc:   # the timeout's own message matters more
+            more = f"\n(its context could not be read: {exc!r})"
         pytest.fail(f"timed out after {timeout:.0f} s: {' '.join(map(str, cmd))}\n--- its output ---\n{printed}{more}")
     except BaseException:
         _kill_session(proc)

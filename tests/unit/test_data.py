@@ -72,6 +72,8 @@ def test_digits_are_scikit_learns_split_as_its_train_test_split_splits_them(test
 def test_digits_rejects_bad_test_fraction() -> None:
     with pytest.raises(ValueError, match="test_fraction"):
         load_digits_split(test_fraction=1.5)
+    with pytest.raises(ValueError, match="test_fraction 0.001 leaves 1795 to train and 2 to test"):
+        load_digits_split(test_fraction=0.001)   # fewer test samples than classes, as scikit-learn refuses
 
 
 @pytest.mark.parametrize("mode", ["shuffle", "label-skew"])

@@ -13,11 +13,18 @@ DIGITS_CSV = Path("datasets", "data", "digits.csv.gz")
 
 
 def read_digits() -> tuple[np.ndarray, np.ndarray]:
-    """The 1,797 images (float64, 0-16, shape (n, 8, 8)) and their labels, as ``load_digits`` gives them."""
+    """The 1,797 images (float64, 0-16, shape (n, 8, 8)) and their labels, as ``load_digits`` gives them
+    (from ``load_digits`` itself where scikit-learn's files are not plain files, e.g. in a zip)."""
     spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the digits data set is scikit-learn's: pip install scikit-learn")
-    csv = Path(next(iter(spec.submodule_search_locations))) / DIGITS_CSV
+    if spec is None:
+        raise ModuleNotFoundError("the digits data set is scikit-learn's: pip install scikit-learn "
+                                  "(or the project's [train] extra)")
+    csv = next((Path(p) / DIGITS_CSV for p in spec.submodule_search_locations or ()
+                if (Path(p) / DIGITS_CSV).is_file()), None)
+    if csv is None:
+        from sklearn.datasets import load_digits
+        digits = load_digits()
+        return digits.images, digits.target.astype(np.int64)
     with gzip.open(csv, "rt") as f:
         table = np.loadtxt(f, delimiter=",")
     return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
@@ -29,6 +36,10 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     n_test = math.ceil(test_fraction * len(labels))
     n_train = len(labels) - n_test
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if counts.min() < 2 or min(n_train, n_test) < len(counts):
+        raise ValueError(f"a stratified split of {len(labels)} samples in {len(counts)} classes needs at least 2 "
+                         f"of each class and a class's worth in each set; test_fraction {test_fraction} leaves "
+                         f"{n_train} to train and {n_test} to test")
     by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
     rng = np.random.RandomState(seed)
     train_counts = _apportion(counts, n_train, rng)
@@ -36,7 +47,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     train: list[int] = []
     test: list[int] = []
     for members, n_tr, n_te in zip(by_class, train_counts, test_counts):
-        shuffled = members.take(rng.permutation(len(members)), mode="clip")
+        shuffled = members[rng.permutation(len(members))]
         train.extend(shuffled[:n_tr])
         test.extend(shuffled[n_tr:n_tr + n_te])
     return rng.permutation(train), rng.permutation(test)
