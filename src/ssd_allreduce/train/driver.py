@@ -408,6 +408,8 @@ def train(args: argparse.Namespace) -> int:
             lost = watchdog.rollcall.lost()
         print(f"{stop_label(ctx.rank)} stopped during {watchdog.phase}{lost}: {type(exc).__name__}: {exc}",
               file=sys.stderr, flush=True)
+        if watchdog.rollcall is not None:
+            watchdog.rollcall.said()   # the peers stopping too print theirs before this rank's exit ends them
         raise                  # the watchdog still bounds what exit hooks may wait for
     watchdog.stop()
     if watchdog.rollcall is not None:

@@ -37,6 +37,7 @@ class RollCall:
         self.store, self.address, self.rank, self.peers, self.phase = store, address, rank, peers, phase
         self.interval = max(BEAT_SECONDS, len(peers) / RANKS_PER_BEAT_SECOND)
         self.leaving: Optional[str] = None
+        self.has_said = False   # why it stops is printed (see ``said``)
         self._beats = 0
         self._beat()   # every rank's key exists before anyone reads it
         store.set_timeout(ANSWER_TIMEOUT)
@@ -78,10 +79,37 @@ class RollCall:
         beat.start()
         beat.join(ANSWER_TIMEOUT.total_seconds())
 
+    def said(self, within: float = ANSWER_TIMEOUT.total_seconds()) -> None:
+        """This rank (leaving) has printed why it stops: tell the peers, then wait, at most ``within``
+        seconds, until every peer that is leaving too has printed its own. A launcher ends every rank
+        once one exits (horovodrun, torchrun), so the first to exit would cut short a peer still
+        watching the roll call before its message. Peers not leaving (training on, or lost) are not
+        waited for."""
+        self.has_said = True
+        waiting = threading.Thread(target=self._wait_for_leaving_peers, args=(time.monotonic() + within,),
+                                   name="ssd-rollcall-said", daemon=True)
+        waiting.start()
+        waiting.join(within)
+
+    def _wait_for_leaving_peers(self, deadline: float) -> None:
+        import torch.distributed as dist
+
+        peers = [f"beat/{r}" for r in range(len(self.peers)) if r != self.rank]
+        try:
+            self._beat()
+            reader = dist.TCPStore(*self.address, is_master=False, timeout=ANSWER_TIMEOUT)
+            while time.monotonic() < deadline:
+                beats = [json.loads(v) for v in reader.multi_get(peers)]
+                if not any(b["leaving"] and not b.get("said") for b in beats):
+                    return
+                time.sleep(0.05)
+        except (RuntimeError, OSError):   # rank 0 (the store) is gone: nobody is left to wait for
+            return
+
     def _beat(self) -> None:
         self._beats += 1
         self.store.set(f"beat/{self.rank}", json.dumps({"n": self._beats, "phase": self.phase(),
-                                                        "leaving": self.leaving}))
+                                                        "leaving": self.leaving, "said": self.has_said}))
 
     def _beat_quietly(self) -> None:
         try:

@@ -1,0 +1,57 @@
+"""The roll call's goodbye (train/rollcall.py): a rank that printed why it stops waits, briefly, for
+the peers stopping too to print theirs, since the first rank to exit makes the launcher end the rest."""
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+from typing import Iterator
+
+import pytest
+import torch.distributed as dist
+
+from ssd_allreduce.train.rollcall import RollCall
+
+PEERS = [("node", 101), ("node", 102)]
+
+
+@pytest.fixture
+def ranks() -> Iterator[tuple[RollCall, RollCall]]:
+    """Rank 0 (serving the store) and rank 1, as two roll calls in this process."""
+    timeout = datetime.timedelta(seconds=5)
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timeout)
+    client = dist.TCPStore("127.0.0.1", master.port, is_master=False, timeout=timeout)
+    address = ("127.0.0.1", master.port)
+    pair = (RollCall(master, address, 0, PEERS, lambda: "step 7"),
+            RollCall(client, address, 1, PEERS, lambda: "step 7"))
+    yield pair
+    for rollcall in reversed(pair):
+        rollcall.close()
+
+
+def test_a_rank_that_said_why_waits_for_a_leaving_peer_to_say_its_own(ranks):
+    first, second = ranks[1], ranks[0]
+    first.leave("CheckpointError")
+    second.leave("CheckpointError")
+    returned: list[float] = []
+    waiter = threading.Thread(target=lambda: (first.said(), returned.append(time.monotonic())))
+    waiter.start()
+    time.sleep(0.5)                        # the peer still watching the roll call, its message not out
+    assert not returned, "exited before its leaving peer had said why"
+    second_said = time.monotonic()
+    second.said()
+    waiter.join(5)
+    assert returned and returned[0] >= second_said
+
+
+def test_a_peer_not_leaving_or_silent_is_not_waited_for_beyond_the_bound(ranks):
+    alone, other = ranks[1], ranks[0]
+    alone.leave("ValueError")              # a rank that raised alone: the peer trains on
+    started = time.monotonic()
+    alone.said()
+    assert time.monotonic() - started < 0.5
+    other.leave("ValueError")              # a leaving peer that never says: bounded by `within`
+    alone.has_said = False
+    started = time.monotonic()
+    alone.said(within=0.6)
+    assert 0.5 < time.monotonic() - started < 2
