@@ -38,7 +38,9 @@ class RollCall:
         self.interval = max(BEAT_SECONDS, len(peers) / RANKS_PER_BEAT_SECOND)
         self.leaving: Optional[str] = None
         self.has_said = False   # why it stops is printed (see ``said``)
+        self.store_answers = True   # False once ``lost()`` found rank 0's store silent
         self._beats = 0
+        self._beat_lock = threading.Lock()   # a beat from any thread carries the latest state
         self._beat()   # every rank's key exists before anyone reads it
         store.set_timeout(ANSWER_TIMEOUT)
         self._stopped = threading.Event()
@@ -86,6 +88,8 @@ class RollCall:
         watching the roll call before its message. Peers not leaving (training on, or lost) are not
         waited for."""
         self.has_said = True
+        if not self.store_answers:
+            return
         waiting = threading.Thread(target=self._wait_for_leaving_peers, args=(time.monotonic() + within,),
                                    name="ssd-rollcall-said", daemon=True)
         waiting.start()
@@ -94,22 +98,25 @@ class RollCall:
     def _wait_for_leaving_peers(self, deadline: float) -> None:
         import torch.distributed as dist
 
-        peers = [f"beat/{r}" for r in range(len(self.peers)) if r != self.rank]
+        pending = [f"beat/{r}" for r in range(len(self.peers)) if r != self.rank]
+        self._beat_quietly()
         try:
-            self._beat()
             reader = dist.TCPStore(*self.address, is_master=False, timeout=ANSWER_TIMEOUT)
-            while time.monotonic() < deadline:
-                beats = [json.loads(v) for v in reader.multi_get(peers)]
-                if not any(b["leaving"] and not b.get("said") for b in beats):
-                    return
-                time.sleep(0.05)
-        except (RuntimeError, OSError):   # rank 0 (the store) is gone: nobody is left to wait for
+            while pending and time.monotonic() < deadline:
+                beats = [json.loads(v) for v in reader.multi_get(pending)]
+                # a peer training on, lost, or finished ("finished" never says) is not waited for
+                pending = [key for key, b in zip(pending, beats)
+                           if b["leaving"] not in (None, "finished") and not b.get("said")]
+                if pending:
+                    time.sleep(max(0.05, len(pending) / RANKS_PER_BEAT_SECOND))
+        except Exception:   # rank 0 (the store) is gone, or busy past its timeout: stop waiting
             return
 
     def _beat(self) -> None:
-        self._beats += 1
-        self.store.set(f"beat/{self.rank}", json.dumps({"n": self._beats, "phase": self.phase(),
-                                                        "leaving": self.leaving, "said": self.has_said}))
+        with self._beat_lock:
+            self._beats += 1
+            self.store.set(f"beat/{self.rank}", json.dumps({"n": self._beats, "phase": self.phase(),
+                                                            "leaving": self.leaving, "said": self.has_said}))
 
     def _beat_quietly(self) -> None:
         try:
@@ -142,6 +149,7 @@ class RollCall:
         if answered.wait(min(ANSWER_TIMEOUT.total_seconds(), within / 2)):
             reader.join(max(0.0, t0 + within - time.monotonic()))
         if not answered.is_set() or (found and found[0] is None):
+            self.store_answers = False
             return "" if self.rank == 0 else f"; lost: {self._who(0)}, which keeps the roll call, does not answer"
         return found[0] if found else ""   # rank 0 answered, then no verdict in time: name nobody
 
