@@ -84,8 +84,8 @@ class RollCall:
     def said(self, within: float = ANSWER_TIMEOUT.total_seconds()) -> None:
         """This rank (leaving) has printed why it stops: tell the peers, then wait, at most ``within``
         seconds, until every peer that is leaving too has printed its own. A launcher ends every rank
-        once one exits (horovodrun, torchrun), so the first to exit would cut short a peer still
-        watching the roll call before its message. Peers not leaving (training on, or lost) are not
+        once one exits (horovodrun, torchrun, mpirun), so the first to exit would cut short a peer
+        still watching the roll call before its message. Peers training on, lost or finished are not
         waited for."""
         self.has_said = True
         if not self.store_answers:
@@ -96,16 +96,13 @@ class RollCall:
         waiting.join(within)
 
     def _wait_for_leaving_peers(self, deadline: float) -> None:
-        import torch.distributed as dist
-
-        pending = [f"beat/{r}" for r in range(len(self.peers)) if r != self.rank]
+        pending = [r for r in range(len(self.peers)) if r != self.rank]
         self._beat_quietly()
         try:
-            reader = dist.TCPStore(*self.address, is_master=False, timeout=ANSWER_TIMEOUT)
+            reader = self._reader()
             while pending and time.monotonic() < deadline:
-                beats = [json.loads(v) for v in reader.multi_get(pending)]
                 # a peer training on, lost, or finished ("finished" never says) is not waited for
-                pending = [key for key, b in zip(pending, beats)
+                pending = [r for r, b in _read_beats(reader, pending).items()
                            if b["leaving"] not in (None, "finished") and not b.get("said")]
                 if pending:
                     time.sleep(max(0.05, len(pending) / RANKS_PER_BEAT_SECOND))
@@ -156,15 +153,10 @@ class RollCall:
     def _watch(self, answered: threading.Event, found: list[Optional[str]], deadline: float) -> None:
         """Watch the peers' beats until each beat again or said it is leaving, or ``deadline``;
         rank 0 also waits for the peers watching it to finish (it serves their store)."""
-        import torch.distributed as dist
-
-        def read(ranks: list[int]) -> dict[int, dict]:
-            return dict(zip(ranks, (json.loads(v) for v in reader.multi_get([f"beat/{r}" for r in ranks]))))
-
         peers = [r for r in range(len(self.peers)) if r != self.rank]
         try:
-            reader = dist.TCPStore(*self.address, is_master=False, timeout=ANSWER_TIMEOUT)
-            first = read(peers)
+            reader = self._reader()
+            first = _read_beats(reader, peers)
         except (RuntimeError, OSError):
             found.append(None)   # rank 0's store does not answer
             answered.set()
@@ -180,7 +172,7 @@ class RollCall:
                 if ((not silent or seen_enough) and not watching) or time.monotonic() + self.interval / 2 > deadline:
                     break
                 time.sleep(self.interval / 2)
-                now.update(read(silent))
+                now.update(_read_beats(reader, silent))
             if self.rank != 0:
                 reader.add(READ_KEY, 1)
         except (RuntimeError, OSError):   # rank 0 left (after serving, or lost): name nobody
@@ -190,6 +182,17 @@ class RollCall:
         found.append("; lost: " + ", ".join(f"{self._who(r)}, last heard at {first[r]['phase']}" for r in silent)
                      if silent else "")
 
+    def _reader(self) -> Any:
+        """A client of rank 0's store of its own (for a thread that may block on it)."""
+        import torch.distributed as dist
+
+        return dist.TCPStore(*self.address, is_master=False, timeout=ANSWER_TIMEOUT)
+
     def _who(self, rank: int) -> str:
         host, pid = self.peers[rank]
         return f"rank {rank} (pid {pid} on {host})"
+
+
+def _read_beats(reader: Any, ranks: list[int]) -> dict[int, dict]:
+    """The last beat of each of ``ranks``."""
+    return dict(zip(ranks, (json.loads(v) for v in reader.multi_get([f"beat/{r}" for r in ranks]))))
