@@ -58,7 +58,8 @@ def torch_timeout(timeout: float) -> Optional[timedelta]:
 class Watchdog:
     """Call ``progress(phase)`` whenever training moves on; ``stop()`` at the end. It watches from
     the first ``progress``: set-up (data, model, resume) may take as long as it needs. With a
-    ``rollcall`` it names the lost rank, asked a little before the bound so it stops on time."""
+    ``rollcall`` it names the lost rank, asked min(its longest answer, 3/4 of the bound) before the
+    bound so it stops on time."""
 
     def __init__(self, timeout: float, rank: int) -> None:
         self.timeout, self.rank = timeout, rank
@@ -86,7 +87,9 @@ class Watchdog:
             if last is None:
                 continue
             if self.rollcall is not None and asked_at != last:
-                ask = min(self.rollcall.longest_answer, self.timeout / 2)   # seconds before the bound
+                # seconds before the bound: the watch needs beats' time after rank 0's answer, which a
+                # loaded machine delays
+                ask = min(self.rollcall.longest_answer, 0.75 * self.timeout)
                 if time.monotonic() - last > self.timeout - ask:
                     lost, asked_at = self._ask_rollcall(last + self.timeout - time.monotonic()), last
                     if self._done.wait(max(0.0, last + self.timeout - time.monotonic())):
