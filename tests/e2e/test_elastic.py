@@ -161,9 +161,12 @@ def test_a_crashed_rank_is_dropped_and_training_goes_on_from_the_last_commit(tmp
     assert changes == [(2, 1, 50)], (changes, out)               # back to the commit before step 54
     assert "rank 0: 1 ranks now (were 2): continuing from the commit at step 50" in out, out
     steps = [r["step"] for r in recs if r["kind"] == "step"]
-    after = steps[steps.index(51, steps.index(54)):]             # the steps after the restore
-    assert steps[:steps.index(54) + 1][:50] == list(range(1, 51)) and after[0] == 51, steps
-    assert after == list(range(51, 51 + len(after))), steps
+    # the survivor may be a step or two behind the killed rank when its collective fails (before
+    # step 54), so the restore is where step 51 comes again
+    assert 51 in steps, steps
+    restored = len(steps) - 1 - steps[::-1].index(51)
+    assert restored >= 50 and steps[:restored] == list(range(1, restored + 1)), steps
+    assert steps[restored:] == list(range(51, 51 + len(steps) - restored)), steps
     summary = [r for r in recs if r["kind"] == "summary"][-1]
     # 2 epochs and 6 of 22 steps by 2 ranks; alone, 12 of 44 are done, so 32 steps and 3 more epochs of 44
     assert summary["ranks"] == 1 and summary["steps"] == 50 + 32 + 3 * 44 and summary["test_accuracy"] > 0.9, summary
