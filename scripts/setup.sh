@@ -12,7 +12,8 @@
 #   SSD_WHEELS=dir              install Python packages only from the wheels in dir (no package index;
 #                               e.g. a cluster's compute nodes): `pip download -d dir cffi pycparser
 #                               numpy mpi4py scikit-learn matplotlib tqdm pytest pytest-timeout psutil
-#                               cloudpickle packaging pyyaml setuptools wheel` on a machine that has one
+#                               cloudpickle packaging pyyaml setuptools wheel pytest-xdist execnet` on a
+#                               machine that has one
 #   SSD_HOROVOD_WITHOUT_MPI=1   build Horovod with Gloo only (no MPI headers on the machine)
 set -euo pipefail
 trap 'echo "setup FAILED at line $LINENO: $BASH_COMMAND (see the output above)" >&2' ERR
@@ -83,6 +84,13 @@ if ! "$VPY" -c "import numpy, mpi4py, sklearn, matplotlib, tqdm, pytest, pytest_
   pip_install numpy mpi4py scikit-learn matplotlib tqdm pytest pytest-timeout psutil cloudpickle packaging \
     || fail "Python dependencies" "pip install failed (mpi4py needs libopenmpi-dev and a compiler)" \
        "check access to the package index and that mpicc works"
+fi
+# optional: scripts/test.sh runs the suite on 2 workers with it, serially without it; tried once
+NO_XDIST="$VENV/.ssd-no-xdist"
+if [ ! -e "$NO_XDIST" ] && ! "$VPY" -c "import xdist" 2>/dev/null; then
+  step "pytest-xdist"
+  pip_install --retries 0 --timeout 10 pytest-xdist || { touch "$NO_XDIST"
+    echo "setup: no pytest-xdist (no package index?): scripts/test.sh runs serially; rm $NO_XDIST to retry"; }
 fi
 
 # --- 3. Horovod 0.28.1 from source, wheel cached per (Horovod, torch, Python) -----------------

@@ -120,7 +120,8 @@ def test_the_scripts_use_the_environment_ssd_venv_names(tmp_path):
     link = tmp_path / "venv-elsewhere"
     link.symlink_to(venv)
     proc = subprocess.run([str(REPO / "scripts" / "test.sh"), "--fast", "-q", "-p", "no:cacheprovider",
-                           "tests/unit/test_algorithm.py::test_the_clock_launches_every_k_steps_after_the_warmup_and_lands_d_later"], env={**os.environ, "SSD_VENV": str(link)},
+                           "tests/unit/test_algorithm.py::test_the_clock_launches_every_k_steps_after_the_warmup_and_lands_d_later"],
+                          env={**os.environ, "SSD_VENV": str(link), "SSD_TEST_WORKERS": "0"},
                           capture_output=True, text=True, timeout=110, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"setup: ready ({link};" in proc.stdout + proc.stderr

@@ -17,6 +17,7 @@ from launchers import BIN, PYTHON, REPO, horovodrun, launcher_env, run_ranks
 TRAIN = ["-m", "ssd_allreduce.train", "--no-progress", "--data", "digits", "--model", "cnn", "--elastic",
          "--commit-every", "10", "--warmup-steps", "10", "--sync-every", "4", "--epochs", "400",
          "--checkpoint-every", "0", "--fault-timeout", "60"]
+STEPS = 900   # of the run whose rank is removed and added back
 
 
 def records(run: Path) -> list[dict]:
@@ -41,7 +42,9 @@ def wait_for(proc: subprocess.Popen, what: str, test, timeout: float, log: Path)
 
 def test_a_rank_removed_and_added_back_by_the_discovery_script(tmp_path):
     """Slots 2 -> 1 -> 2: each change happens at a commit, so no step is lost or repeated; the
-    learning rate and its schedule follow the size; the rank that joins takes rank 0's SSD-SGD state."""
+    learning rate and its schedule follow the size; the rank that joins takes rank 0's SSD-SGD state.
+    The changes come within about 100 steps of step 240 (the ranks wait in the rendezvous while the
+    joining one starts), so STEPS leaves several hundred to spare."""
     hosts = tmp_path / "hosts"
     hosts.write_text("localhost:2\n")
     discover = tmp_path / "discover.sh"
@@ -52,7 +55,7 @@ def test_a_rank_removed_and_added_back_by_the_discovery_script(tmp_path):
     # rate drops tenfold at epoch 10 (step 220 with 2 ranks, 22 steps per epoch)
     cmd = [str(BIN / "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2", "--host-discovery-script",
            str(discover), "--gloo", "--network-interface", "lo", PYTHON, *TRAIN, "--mode", "ssd",
-           "--max-steps", "2000", "--slow-rank", "0", "--slow-fraction", "3", "--lr-schedule", "step",
+           "--max-steps", str(STEPS), "--slow-rank", "0", "--slow-fraction", "3", "--lr-schedule", "step",
            "--lr-milestones", "10", "--out", str(run)]
     with open(log, "w") as sink:
         proc = subprocess.Popen(cmd, env=launcher_env(), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
@@ -81,7 +84,7 @@ def test_a_rank_removed_and_added_back_by_the_discovery_script(tmp_path):
     assert [c[:2] for c in changes] == [(2, 1), (1, 2)], (changes, output)
     assert all(step % 10 == 0 for *_, step in changes), changes          # at a commit (--commit-every 10)
     steps = [r["step"] for r in recs if r["kind"] == "step"]
-    assert steps == list(range(1, 2001)), output
+    assert steps == list(range(1, STEPS + 1)), output
     removed, added = changes[0][2], changes[1][2]
     lrs = {r["step"]: r["lr"] for r in recs if r["kind"] == "step"}
     # 2 x, then 1 x, then 2 x the one-rank rate, past the milestone: the schedule counts epochs, which
@@ -97,7 +100,9 @@ def test_a_rank_removed_and_added_back_by_the_discovery_script(tmp_path):
     assert len({w for r, n, step, at, w in after if n == "2"}) == 1, after
     summary = [r for r in recs if r["kind"] == "summary"][-1]
     assert summary["ranks"] == 2 and summary["test_accuracy"] > 0.9, summary
-    assert summary["ssd_stats"]["windows_landed"] > 300, summary
+    # the counts run on across the changes: k = 4 from step 11 lands about 220 windows, the last
+    # change (near step 300) leaves about 150 after it
+    assert summary["ssd_stats"]["windows_landed"] > 180, summary
 
 
 def test_a_rank_joining_a_self_tuned_run_makes_the_same_collectives_and_takes_w(tmp_path):
@@ -113,7 +118,7 @@ def test_a_rank_joining_a_self_tuned_run_makes_the_same_collectives_and_takes_w(
     train = [a for a in TRAIN if a not in ("--sync-every", "4")]
     cmd = [str(BIN / "horovodrun"), "-np", "1", "--min-np", "1", "--max-np", "2", "--host-discovery-script",
            str(discover), "--gloo", "--network-interface", "lo", PYTHON, *train, "--mode", "ssd", "--sync-every", "auto",
-           "--max-steps", "700", "--slow-rank", "0", "--slow-fraction", "3", "--out", str(run)]
+           "--max-steps", "450", "--slow-rank", "0", "--slow-fraction", "3", "--out", str(run)]
     with open(log, "w") as sink:
         proc = subprocess.Popen(cmd, env=launcher_env(), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -134,7 +139,7 @@ def test_a_rank_joining_a_self_tuned_run_makes_the_same_collectives_and_takes_w(
     assert sorted(r for r, *_ in after) == ["0", "1"] and all(at == "True" for *_, at, _ in after), output
     assert len({w for *_, w in after}) == 1, after
     summary = [r for r in records(run) if r["kind"] == "summary"][-1]
-    assert summary["ranks"] == 2 and summary["steps"] == 700, summary
+    assert summary["ranks"] == 2 and summary["steps"] == 450, summary
 
 
 def test_a_crashed_rank_is_dropped_and_training_goes_on_from_the_last_commit(tmp_path):
