@@ -1,5 +1,6 @@
 """The roll call's goodbye (train/rollcall.py): a rank that printed why it stops waits, briefly, for
-the peers stopping too to print theirs, since the first rank to exit makes the launcher end the rest."""
+the peers stopping too to print theirs, since the first rank to exit makes the launcher end the rest;
+and when the watchdog asks it who is lost."""
 from __future__ import annotations
 
 import datetime
@@ -90,7 +91,10 @@ def test_the_watchdog_asks_the_roll_call_three_quarters_of_a_short_bound_before_
             watchdog.stop()
             return ""
 
-    monkeypatch.setattr("ssd_allreduce.train.watchdog.os._exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    def exit_raises(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr("ssd_allreduce.train.watchdog.os._exit", exit_raises)
     watchdog = Watchdog(bound, rank=0)
     watchdog.rollcall = RecordingRollCall()
     watchdog.progress("step 30")
