@@ -174,10 +174,14 @@ def render_record(record: dict[str, Any]) -> str:
     return head + "\n" + render(record["rows"])
 
 
-def plotted(label: str) -> bool:
-    """Synchronous training and the variants of the windows k = d = 1 and 5, with any options: the
-    curves a plot shows."""
-    return label == "sync" or label.split("+")[0].split(":")[:2] in (["1", "1"], ["5", "5"])
+MAX_CURVES = 5
+
+
+def plotted(label: str, labels: list[str]) -> bool:
+    """The curves a plot shows: every variant when there are at most ``MAX_CURVES``, otherwise
+    synchronous training and the windows k = d = 1 and 5, with any options."""
+    window = label.split("+")[0].split(":")[:2]
+    return len(labels) <= MAX_CURVES or label == "sync" or window in (["1", "1"], ["5", "5"])
 
 
 def plot_record(record: dict[str, Any], path: Path) -> None:
@@ -195,7 +199,8 @@ def plot_record(record: dict[str, Any], path: Path) -> None:
     for ax, (task, opt, shards) in zip(axes[0], panels):
         mine = [r for r in sim if (r["task"], r["optimizer"], r["shards"]) == (task, opt, shards)]
         ranks = max(r["workers"] for r in mine)
-        for label in [v for v in dict.fromkeys(r["variant"] for r in mine) if plotted(v)]:
+        labels = list(dict.fromkeys(r["variant"] for r in mine))
+        for label in [v for v in labels if plotted(v, labels)]:
             curves = [r["val_loss"] for r in mine if r["workers"] == ranks and r["variant"] == label]
             if curves:
                 steps = [step for step, _ in curves[0]]
