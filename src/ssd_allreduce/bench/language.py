@@ -87,7 +87,8 @@ def plan(a: argparse.Namespace) -> list[Run]:
             runs.append(Run(opt, shards, "horovod"))
             for cfg in a.ssd_configs:
                 runs.append(Run(opt, shards, "ssd", *parse_window(cfg), "glu", a.glu_beta))
-            runs.append(Run(opt, shards, "local-sgd", a.local_sgd_every, 0))
+            if not a.no_local_sgd:
+                runs.append(Run(opt, shards, "local-sgd", a.local_sgd_every, 0))
     if a.ablation_config:
         k, d = parse_window(a.ablation_config, "--ablation-config")
         for _, compensation, beta in ABLATION:
@@ -307,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SSD-SGD's windows, k:d pairs; k:auto lets each run choose the smallest delay that hides "
                         "its allreduce (delay='auto')")
     g.add_argument("--local-sgd-every", type=int, default=5, help="k of blocking local SGD (its d is 0)")
+    g.add_argument("--no-local-sgd", action="store_true", help="leave out blocking local SGD")
     g.add_argument("--glu-beta", type=float_or_auto, default=DEFAULT_GLU_BETA, metavar="BETA|auto", help=GLU_BETA_HELP)
     g.add_argument("--lr", nargs="*", default=[], metavar="OPTIMIZER=VALUE",
                    help="learning rates (not scaled by the ranks), overriding adamw=0.001 sgd=0.1")
