@@ -7,6 +7,7 @@ node list when torchrun did not set it). A rank's GPU is chosen from those it se
 """
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 import os
 import subprocess
@@ -131,6 +132,10 @@ def init_distributed(backend: str = "auto", device: str = "auto", fault_timeout:
         rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
         local_rank = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
     dev = torch.device("cuda", cuda_index(local_rank)) if use_cuda else torch.device("cpu")
+    if not faulthandler.is_enabled():
+        # Installed after the backend's own handler (MPI's, for SIGSEGV and SIGBUS), which it then
+        # calls: a rank that crashes in native code first prints where each of its threads was.
+        faulthandler.enable(all_threads=True)
     return DistContext(backend, rank, size, local_rank, dev, make_communicator(backend))
 
 
