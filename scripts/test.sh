@@ -3,7 +3,8 @@
 # arguments go to pytest, e.g. scripts/test.sh -k optimizer -x
 #
 #   scripts/test.sh            # everything: the tiers but slurm on 2 pytest-xdist workers, then the
-#                              # slurm tier alone: about 15 minutes on 2 cores once set up
+#                              # slurm tier and the timed tests alone: about 13 minutes on 2 cores
+#                              # once set up
 #   SSD_TEST_WORKERS=0 scripts/test.sh   # all serially: about 21 minutes (unit 0.5, cli 1, ranks 3.5,
 #                              # e2e 13, slurm with the two emulated nodes 3)
 #   scripts/test.sh -m "unit or cli or ranks"   # the tiers that need no network namespace or Slurm
@@ -11,7 +12,7 @@
 #
 # With arguments the selection runs serially (SSD_TEST_WORKERS=2 puts it on workers, Slurm tests
 # too). In the whole run the slurm tier does not share the cores with a second worker: its jobs'
-# fault bounds and its daemons' heartbeats are timed.
+# fault bounds and its daemons' heartbeats are timed; nor do the tests marked timed (a rank's pace).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${SSD_VENV:-$REPO/.venv}
@@ -34,9 +35,9 @@ elif [ $# -gt 0 ]; then
   pytest -n "$WORKERS" "$@"
 else
   status=0
-  pytest -n "$WORKERS" -m "not slurm" || status=$?
+  pytest -n "$WORKERS" -m "not slurm and not timed" || status=$?
   case $status in 2|3|4) exit "$status" ;; esac   # interrupted, or pytest itself failed
-  echo "test.sh: the slurm tier, alone"
-  pytest -m slurm || status=$((status ? status : $?))
+  echo "test.sh: the slurm tier and the timed tests, alone"
+  pytest -m "slurm or timed" || status=$((status ? status : $?))
   exit "$status"
 fi

@@ -302,6 +302,7 @@ def test_checkpoint_of_another_model_or_world_size_is_refused(tmp_path, run_copy
 # the flags' checks (check_args, the SSD-SGD settings, the shards) run in this process: tests/unit/test_options.py
 
 
+@pytest.mark.timed   # beside another test's ranks, the sleeping rank was given the cores and ran ahead
 def test_a_straggler_rank_computes_slower_by_the_fraction_asked(tmp_path):
     """--slow-rank/--slow-fraction (the benchmark's too): alone (no-comm), rank 1 runs at
     about 1 / (1 + fraction) of rank 0's pace; sleeps of a millisecond overshoot on a busy 2-core

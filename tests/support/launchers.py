@@ -27,7 +27,7 @@ def launcher_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
         "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
         "PATH": f"{BIN}:{env.get('PATH', '')}",
     })
-    # Ranks here share 2 cores with the other pytest worker: a waiting rank yields its core
+    # Ranks here share 2 cores with the other pytest worker: a waiting mpirun rank yields its core
     # (OpenMPI busy-polls otherwise) and Horovod's background loop wakes every 5 ms, not every 1 ms.
     env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     env.setdefault("HOROVOD_CYCLE_TIME", "5")

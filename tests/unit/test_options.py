@@ -239,3 +239,11 @@ def test_a_window_may_leave_its_delay_to_the_run():
     language.check_args(a)
     run = language.plan(a)[1]
     assert run.name == "ssd k=5 d=auto beta=auto" and run.args()[8:10] == ["--delay", "auto"]
+
+
+def test_the_gpt_comparison_runs_blocking_local_sgd_unless_left_out():
+    for flags, local in (([], ["local-sgd k=3"]), (["--no-local-sgd"], [])):
+        a = language.build_parser().parse_args(["--ssd-configs", "5:5", "--local-sgd-every", "3",
+                                                "--shards", "shuffle", "--ablation-config", "none", *flags])
+        language.check_args(a)
+        assert [run.name for run in language.plan(a)] == ["horovod", "ssd k=5 d=5 beta=auto", *local]

@@ -41,6 +41,7 @@ DEFAULT_VARIANTS = ("sync", "1:1", "2:1", "2:2", "3:3", "5:1", "5:5", "10:10", "
 FRACTIONS = (0.5, 0.8, 1.0)
 DIVERGED_RATIO = 10.0
 """A run whose final validation loss is not finite or this many times synchronous training's diverged."""
+MAX_CURVES = 5   # a plot with more variants shows synchronous training and k = d = 1 and 5
 
 
 def parse_variant(text: str) -> Variant:
@@ -174,14 +175,11 @@ def render_record(record: dict[str, Any]) -> str:
     return head + "\n" + render(record["rows"])
 
 
-MAX_CURVES = 5
-
-
-def plotted(label: str, labels: list[str]) -> bool:
-    """The curves a plot shows: every variant when there are at most ``MAX_CURVES``, otherwise
+def plotted(label: str, variants: int) -> bool:
+    """The curves a plot of ``variants`` variants shows: all of them up to ``MAX_CURVES``, otherwise
     synchronous training and the windows k = d = 1 and 5, with any options."""
     window = label.split("+")[0].split(":")[:2]
-    return len(labels) <= MAX_CURVES or label == "sync" or window in (["1", "1"], ["5", "5"])
+    return variants <= MAX_CURVES or label == "sync" or window in (["1", "1"], ["5", "5"])
 
 
 def plot_record(record: dict[str, Any], path: Path) -> None:
@@ -200,7 +198,7 @@ def plot_record(record: dict[str, Any], path: Path) -> None:
         mine = [r for r in sim if (r["task"], r["optimizer"], r["shards"]) == (task, opt, shards)]
         ranks = max(r["workers"] for r in mine)
         labels = list(dict.fromkeys(r["variant"] for r in mine))
-        for label in [v for v in labels if plotted(v, labels)]:
+        for label in [v for v in labels if plotted(v, len(labels))]:
             curves = [r["val_loss"] for r in mine if r["workers"] == ranks and r["variant"] == label]
             if curves:
                 steps = [step for step, _ in curves[0]]

@@ -133,9 +133,12 @@ def init_distributed(backend: str = "auto", device: str = "auto", fault_timeout:
         local_rank = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
     dev = torch.device("cuda", cuda_index(local_rank)) if use_cuda else torch.device("cpu")
     if not faulthandler.is_enabled():
-        # Installed after the backend's own handler (MPI's, for SIGSEGV and SIGBUS), which it then
-        # calls: a rank that crashes in native code first prints where each of its threads was.
-        faulthandler.enable(all_threads=True)
+        # Installed after the backend's own handler (MPI's, for SIGSEGV, SIGBUS, SIGFPE and SIGABRT),
+        # which it then calls: a rank that crashes in native code first prints where each thread was.
+        try:
+            faulthandler.enable(all_threads=True)
+        except (AttributeError, OSError, RuntimeError, ValueError):   # no usable stderr to write to
+            pass
     return DistContext(backend, rank, size, local_rank, dev, make_communicator(backend))
 
 
