@@ -34,7 +34,7 @@ from ..train.runlog import markdown_table
 from . import costmodel, nodecost
 from .emulation import Emulation, emulate, emulation_available
 from .sections import write_record
-from .flags import PROG, RATE_HELP, UNSHAPED, add_record, check_at_least, link_rate
+from .flags import PROG, RATE_HELP, UNSHAPED, add_local_sgd, add_record, check_at_least, link_rate
 
 DEFAULT_BANDWIDTHS = ("10gbit", "1gbit", "100mbit")
 WORKLOADS = ("images", "gpt")
@@ -467,8 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ssd-configs", nargs="+", default=["5:5", "10:10"], metavar="K:D[/WIRE]",
                    help="SSD-SGD's windows, a column each: k:d pairs, k:auto (the run chooses the delay) or auto "
                         "(both), each optionally with a wire format (5:5/int8; fp16, bf16, int8)")
-    g.add_argument("--local-sgd-every", type=int, default=5, help="k of blocking local SGD (its d is 0)")
-    g.add_argument("--no-local-sgd", action="store_true", help="leave out blocking local SGD")
+    add_local_sgd(g)
     g = ap.add_argument_group("training (every mode alike; python -m ssd_allreduce.train's flags)")
     g.add_argument("--model", default="cnn", help="mlp, cnn, resnet20..resnet110 or a torchvision name")
     g.add_argument("--data", choices=[d for d in DATASET_NAMES if d != "stdlib"], default="digits",

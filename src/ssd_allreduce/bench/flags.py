@@ -52,3 +52,9 @@ def add_record(ap: "argparse.ArgumentParser | argparse._ArgumentGroup") -> None:
     ap.add_argument("--record", default=None, metavar="FILE",
                     help="also write the results with their provenance to FILE (docs/results/NAME.json: "
                          f"the section NAME of the documents that `{PROG} report` writes)")
+
+
+def add_local_sgd(ap: "argparse.ArgumentParser | argparse._ArgumentGroup") -> None:
+    """Blocking local SGD's row of a comparison: ``--local-sgd-every K``, or ``--no-local-sgd``."""
+    ap.add_argument("--local-sgd-every", type=int, default=5, help="k of blocking local SGD (its d is 0)")
+    ap.add_argument("--no-local-sgd", action="store_true", help="leave out blocking local SGD")

@@ -33,7 +33,7 @@ from ..train.runlog import markdown_table
 from .collect import write_atomically
 from .compare import launch_training, parse_window, run_dirname, save_figure
 from .emulation import Emulation, emulate, emulation_available
-from .flags import PROG, RATE_HELP, UNSHAPED, check_at_least, link_rate
+from .flags import PROG, RATE_HELP, UNSHAPED, add_local_sgd, check_at_least, link_rate
 from .report import provenance
 
 SIMULATOR_DEFAULT_CONFIG = "10:10"
@@ -307,8 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ssd-configs", nargs="+", default=["5:5", "10:10"], metavar="K:D",
                    help="SSD-SGD's windows, k:d pairs; k:auto lets each run choose the smallest delay that hides "
                         "its allreduce (delay='auto')")
-    g.add_argument("--local-sgd-every", type=int, default=5, help="k of blocking local SGD (its d is 0)")
-    g.add_argument("--no-local-sgd", action="store_true", help="leave out blocking local SGD")
+    add_local_sgd(g)
     g.add_argument("--glu-beta", type=float_or_auto, default=DEFAULT_GLU_BETA, metavar="BETA|auto", help=GLU_BETA_HELP)
     g.add_argument("--lr", nargs="*", default=[], metavar="OPTIMIZER=VALUE",
                    help="learning rates (not scaled by the ranks), overriding adamw=0.001 sgd=0.1")
