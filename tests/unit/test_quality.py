@@ -58,12 +58,13 @@ def test_a_run_without_its_synchronous_seed_is_left_out():
     ("5:5:0.5:1", Variant("5:5:0.5:1", 5, 5, 0.5, 1.0, 0.0, 1.0)),
     ("2:1:auto:auto", Variant("2:1:auto:auto", 2, 1, "auto", 1.0, 0.0, "auto")),
     ("4:4:0.75:2:0.7/0.9", Variant("4:4:0.75:2:0.7/0.9", 4, 4, 0.75, 0.7, 0.9, 2.0)),
+    ("5:1@90+am", Variant("5:1@90+am", 5, 1, "auto", 1.0, 0.0, "auto", average_moments=True, warmup_steps=90)),
 ])
 def test_variants(text, expected):
     assert quality.parse_variant(text) == expected
 
 
-@pytest.mark.parametrize("text", ["5", "a:b", "5:5:beta", "5:5:0.5:1:2"])
+@pytest.mark.parametrize("text", ["5", "a:b", "5:5:beta", "5:5:0.5:1:2", "5:5@x", "5:5@1@2", "5:5@-1"])
 def test_a_malformed_variant_says_the_syntax(text):
     with pytest.raises(SystemExit, match="k:d\\[:beta"):
         quality.parse_variant(text)
@@ -85,6 +86,15 @@ def test_k1_d0_with_sgd_is_synchronous_training():
                                                                           rel=1e-5)
 
 
+def test_a_variant_s_own_warm_up_replaces_the_study_s():
+    """A warm-up as long as the budget is synchronous training; the study's 5 steps are not."""
+    def final(variant: str) -> float:
+        return simulate(RunSpec("regression", 3, "sgd", "shuffle", 0, 30, 5, quality.parse_variant(variant))).final[
+            "val_loss"]
+    assert final("5:5@30") == pytest.approx(final("sync"), rel=1e-6)
+    assert final("5:5") != pytest.approx(final("sync"), rel=1e-3)
+
+
 @pytest.mark.parametrize("task", ["digits", "gpt"])
 def test_every_task_trains(task):
     spec = RunSpec(task, 2, "adamw", "non-iid", 0, 12, 4, quality.parse_variant("2:2:auto:auto"), evals=3)
@@ -92,3 +102,20 @@ def test_every_task_trains(task):
     assert [step for step, _ in result.curve] == [4, 8, 12]
     first, last = result.curve[0][1]["val_loss"], result.final["val_loss"]
     assert math.isfinite(last) and last < first
+
+
+def test_a_classifier_reports_its_accuracy_against_synchronous_training_in_points():
+    def classified(variant: str, seed: int, loss: float, accuracy: float) -> dict:
+        r = run(variant, seed, [loss])
+        r["final"] = r["curve"][-1][1] = {"val_loss": loss, "val_accuracy": accuracy}
+        return r
+    results = [classified("sync", 0, 0.1, 0.97), classified("sync", 1, 0.1, 0.95),
+               classified("5:5", 0, 0.11, 0.96), classified("5:5", 1, 0.1, 0.958)]
+    rows = {r["variant"]: r for r in quality.summarise(results)}
+    assert rows["5:5"]["accuracy_pts"] == pytest.approx((-1.0 + 0.8) / 2)
+    assert (rows["5:5"]["accuracy_min"], rows["5:5"]["accuracy_max"]) == pytest.approx((-1.0, 0.8))
+    table = quality.render(list(rows.values()))
+    assert "| sync | loss 0.1000, accuracy 96.0 % |" in table
+    assert "| 5:5 | +5.0 % (+0.0..+10.0); -/-/-; -0.1 pt (-1.0..+0.8) |" in table
+    assert "in points" in table
+    assert "val_accuracy" not in quality.summarise([run("sync", 0, [0.1])])[0]

@@ -5,9 +5,9 @@ number of workers) and on real ranks (horovodrun, which must follow the simulato
     python -m ssd_allreduce.bench quality --tasks regression --ranks 4 8 16 --seeds 3
     python -m ssd_allreduce.bench quality --tasks gpt --optimizers adamw --max-steps 1000 --real-ranks 2 4
 
-A variant is ``k:d[:beta[:local_lr_scale[:outer_lr/outer_momentum]]][+dc][+am]``: beta and the
-scale are the library's defaults (``auto``) where left out, ``+dc`` turns the drift correction on,
-``+am`` the averaged moments;
+A variant is ``k:d[:beta[:local_lr_scale[:outer_lr/outer_momentum]]][@warmup][+dc][+am]``: beta
+and the scale are the library's defaults (``auto``) where left out, ``@warmup`` gives the variant
+its own synchronous steps first, ``+dc`` turns the drift correction on, ``+am`` the averaged moments;
 ``sync`` is synchronous training. For each
 (task, workers, optimizer, shards) it reports the final validation loss, its gap to synchronous
 training in % (mean and range over the seeds), and the steps each variant took to reach the
@@ -45,12 +45,16 @@ MAX_CURVES = 5   # a plot with more variants shows synchronous training and k = 
 
 
 def parse_variant(text: str) -> Variant:
-    """``sync`` or ``k:d[:beta[:scale[:outer_lr/outer_momentum]]][+dc][+am]``."""
+    """``sync`` or ``k:d[:beta[:scale[:outer_lr/outer_momentum]]][@warmup][+dc][+am]``."""
     if text == "sync":
         return Variant("sync", sync=True)
     window, *extras = text.split("+")
+    window, *warmup = window.split("@")
     parts = window.split(":")
     try:
+        warmup_steps = int(warmup[0]) if warmup else None
+        if len(warmup) > 1 or (warmup_steps is not None and warmup_steps < 0):
+            raise ValueError(warmup)
         k, d = int(parts[0]), int(parts[1])
         beta: Any = parts[2] if len(parts) > 2 else AUTO
         scale: Any = parts[3] if len(parts) > 3 else AUTO
@@ -60,10 +64,10 @@ def parse_variant(text: str) -> Variant:
         if not set(extras) <= {"dc", "am"} or len(set(extras)) < len(extras):
             raise ValueError(extras)
     except (ValueError, IndexError):
-        raise SystemExit(f"--variants takes sync or k:d[:beta[:scale[:outer_lr/outer_momentum]]][+dc][+am] such as "
-                         f"5:5:auto:auto, 5:5+dc or 5:5+am, got {text!r}") from None
+        raise SystemExit(f"--variants takes sync or k:d[:beta[:scale[:outer_lr/outer_momentum]]][@warmup][+dc][+am] "
+                         f"such as 5:5:auto:auto, 5:5@90, 5:5+dc or 5:5+am, got {text!r}") from None
     return Variant(text, k, d, beta, outer_lr, outer_momentum, scale, drift_correction="dc" in extras,
-                   average_moments="am" in extras)
+                   average_moments="am" in extras, warmup_steps=warmup_steps)
 
 
 def plan(a: argparse.Namespace) -> list[RunSpec]:
@@ -129,10 +133,37 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for f in FRACTIONS:
             hit = [s for s in reached[f] if s is not None]
             row[f"steps_to_{int(100 * f)}"] = statistics.median(hit) if len(hit) == len(reached[f]) else None
+        if all("val_accuracy" in r["final"] for r in by_seed.values()):   # a classifier
+            row.update(_accuracy_gap(by_seed, sync))
         per_step = [statistics.median(r["seconds_per_step"]) for r in by_seed.values() if r.get("seconds_per_step")]
         row["ms_per_step"] = 1e3 * statistics.mean(per_step) if per_step else None
         rows.append(row)
     return rows
+
+
+def _accuracy_gap(by_seed: dict[int, dict], sync: dict[int, dict]) -> dict[str, float]:
+    """A classifier's final validation accuracy (mean over seeds) and its difference to
+    synchronous training of the same seed, in points (mean, range)."""
+    diffs = [100 * (r["final"]["val_accuracy"] - sync[seed]["final"]["val_accuracy"])
+             for seed, r in by_seed.items() if seed in sync]
+    return dict(val_accuracy=statistics.mean(r["final"]["val_accuracy"] for r in by_seed.values()),
+                accuracy_pts=statistics.mean(diffs), accuracy_min=min(diffs), accuracy_max=max(diffs))
+
+
+def _cell(r: dict[str, Any]) -> str:
+    """A variant's cell: the gap of its loss, the steps to synchronous training's losses, and a
+    classifier's accuracy against synchronous training's in points."""
+    accuracy = "val_accuracy" in r
+    if r["variant"] == "sync":
+        return f"loss {r['val_loss']:.4f}" + (f", accuracy {100 * r['val_accuracy']:.1f} %" if accuracy else "")
+    if r.get("diverged"):
+        return f"diverged ({r['diverged']} of {r['seeds']} seeds)"
+    reach = "/".join("-" if r[f"steps_to_{int(100 * f)}"] is None else f"{r[f'steps_to_{int(100 * f)}']:g}"
+                     for f in FRACTIONS)
+    cell = f"{r['gap_pct']:+.1f} % ({r['gap_min']:+.1f}..{r['gap_max']:+.1f}); {reach}"
+    if accuracy:
+        cell += f"; {r['accuracy_pts']:+.1f} pt ({r['accuracy_min']:+.1f}..{r['accuracy_max']:+.1f})"
+    return cell
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -144,25 +175,18 @@ def render(rows: list[dict[str, Any]]) -> str:
         mine = [r for r in rows if (r["task"], r["optimizer"], r["shards"], r["where"]) == (task, opt, shards, where)]
         workers = sorted({r["workers"] for r in mine})
         variants = list(dict.fromkeys(r["variant"] for r in mine))
+        accuracy = ("; the final validation accuracy's difference to synchronous training's, in points"
+                    if any("val_accuracy" in r for r in mine) else "")
         out.append(f"**{task}, {opt}, {shards} shards, {where}** — gap of the final validation loss to synchronous "
                    f"training (mean, range over seeds); steps to the synchronous run's loss at 50/80/100 % of "
-                   f"its budget\n")
+                   f"its budget{accuracy}\n")
         out.append("| variant | " + " | ".join(f"{n} ranks" for n in workers) + " |")
         out.append("|---|" + "---|" * len(workers))
         for v in variants:
             cells = []
             for n in workers:
                 r = next((r for r in mine if r["workers"] == n and r["variant"] == v), None)
-                if r is None:
-                    cells.append("")
-                elif v == "sync":
-                    cells.append(f"loss {r['val_loss']:.4f}")
-                elif r.get("diverged"):
-                    cells.append(f"diverged ({r['diverged']} of {r['seeds']} seeds)")
-                else:
-                    reach = "/".join("-" if r[f"steps_to_{int(100 * f)}"] is None else f"{r[f'steps_to_{int(100 * f)}']:g}"
-                                     for f in FRACTIONS)
-                    cells.append(f"{r['gap_pct']:+.1f} % ({r['gap_min']:+.1f}..{r['gap_max']:+.1f}); {reach}")
+                cells.append("" if r is None else _cell(r))
             out.append(f"| {v} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -228,6 +252,8 @@ def compact(result: dict[str, Any]) -> dict[str, Any]:
     out = {key: spec[key] for key in RUN_KEYS}
     out.update(variant=spec["variant"]["label"], where=result["where"],
                val_loss=[[step, float(f"{m['val_loss']:.5g}")] for step, m in result["curve"]])
+    if "val_accuracy" in result["final"]:
+        out["val_accuracy"] = float(f"{result['final']['val_accuracy']:.5g}")
     if result["seconds_per_step"]:
         out["ms_per_step"] = float(f"{1e3 * statistics.median(result['seconds_per_step']):.4g}")
     return out
@@ -253,8 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how the data is split: shuffle, or non-iid (each rank a contiguous run of the samples "
                          "sorted by label, target or package)")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
-                    help="sync, or k:d[:glu_beta[:local_lr_scale[:outer_lr/outer_momentum]]][+dc][+am] (auto for "
-                         "the library's choice; +dc: the drift correction; +am: the averaged moments)")
+                    help="sync, or k:d[:glu_beta[:local_lr_scale[:outer_lr/outer_momentum]]][@warmup][+dc][+am] "
+                         "(auto for the library's choice; @warmup: this variant's own --warmup-steps; +dc: the drift "
+                         "correction; +am: the averaged moments)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each variant beside sync of the same seed")
     ap.add_argument("--max-steps", type=int, default=600, help="the budget of every run, in steps")
     ap.add_argument("--warmup-steps", type=int, default=50, help="SSD-SGD's synchronous steps first")

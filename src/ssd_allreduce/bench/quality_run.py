@@ -41,6 +41,7 @@ class Variant:
     sync: bool = False
     drift_correction: bool = False
     average_moments: bool = False
+    warmup_steps: Optional[int] = None   # the run's own warm-up in place of the study's
 
     def options(self) -> dict[str, Any]:
         return dict(sync_every=self.sync_every, delay=self.delay, glu_beta=self.glu_beta, outer_lr=self.outer_lr,
@@ -60,6 +61,13 @@ class RunSpec:
     variant: Variant
     lr: float = 0.0          # 0: the task's default
     evals: int = 20          # evaluations over the budget
+
+    @property
+    def warmup(self) -> int:
+        """The synchronous steps first: all of them for ``sync``, the variant's own where it has them."""
+        if self.variant.sync:
+            return self.steps
+        return self.warmup_steps if self.variant.warmup_steps is None else self.variant.warmup_steps
 
     @property
     def eval_every(self) -> int:
@@ -91,9 +99,8 @@ def simulate(spec: RunSpec, task: Optional[Task] = None) -> RunResult:
     """The run with ``spec.workers`` simulated workers."""
     torch.set_num_threads(1)
     task = task or TASKS[spec.task](spec.seed)
-    warmup = spec.steps if spec.variant.sync else spec.warmup_steps
     sim = Simulator(task.make_model(spec.seed), lambda p: make_optimizer(spec, p), spec.workers,
-                    warmup_steps=warmup, **spec.variant.options())
+                    warmup_steps=spec.warmup, **spec.variant.options())
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule(spec.steps)) for o in sim.optimizers]
     shards = task.shards(spec.workers, spec.shards, spec.seed)
     result = RunResult(spec)
@@ -126,7 +133,7 @@ def train_rank(spec: RunSpec) -> RunResult:
     else:
         opt = ssd_allreduce.DistributedOptimizer(
             base, named_parameters=model.named_parameters(), named_buffers=model.named_buffers(),
-            warmup_steps=spec.warmup_steps, **spec.variant.options())
+            warmup_steps=spec.warmup, **spec.variant.options())
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule(spec.steps))
     shard = task.shards(hvd.size(), spec.shards, spec.seed)[rank]
     result = RunResult(spec)
