@@ -16,6 +16,7 @@ from .algorithm import (apply_global_update_, carry_moments_, compensate_local_,
                         launch_window, local_lr_scale_for, outer_step_, scaled_lr)
 from .delay.clock import WindowClock
 from .moments import OptimizerMoments, check_averageable
+from .noise import GradientNoise
 from .settings import SSDSettings
 from .tensors import FlatSpace, model_tensors
 
@@ -59,6 +60,8 @@ class Simulator:
         self.local_lr_scale = (local_lr_scale_for(self.optimizers[0], window_ranks)
                                if self.settings.local_lr_scale == "auto" else self.settings.local_lr_scale)
         self.step_index = 0
+        # the warm-up's gradient noise (an observation: nothing here depends on it)
+        self.noise: Optional[GradientNoise] = GradientNoise(num_workers) if num_workers > 1 else None
         self.clock: Optional[WindowClock] = None
         self.global_: Optional[FlatSpace] = None
         self.delta: Optional[FlatSpace] = None
@@ -94,7 +97,7 @@ class Simulator:
         if windows and self.global_ is None:
             self._enter_delay_stage(t)
         if warmup:
-            self._average_gradients([list(range(self.num_workers))])
+            self._average_gradients([list(range(self.num_workers))], self.noise)
         elif self.hierarchical:
             self._average_gradients(self.nodes)
         scale = self.local_lr_scale if windows else 1.0
@@ -120,19 +123,26 @@ class Simulator:
         if self.launched_at is not None:
             self._land(self.step_index - 1 - self.launched_at)
 
-    def _average_gradients(self, groups: list[list[int]]) -> None:
+    def _average_gradients(self, groups: list[list[int]], noise: Optional[GradientNoise] = None) -> None:
         """The mean gradient of every trainable parameter over each group of workers (zeros
-        where a worker has none)."""
+        where a worker has none); ``noise`` (one group of every worker) reads its norms."""
         grads = [[p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                  for params, _ in self.tensors]
+        local_sq = mean_sq = 0.0
         with torch.no_grad():
             for j in range(len(grads[0])):
                 if not self.tensors[0][0][j].requires_grad:
                     continue
                 for group in groups:
-                    mean = torch.stack([grads[i][j] for i in group]).sum(0) / len(group)
+                    stacked = torch.stack([grads[i][j] for i in group])
+                    mean = stacked.sum(0) / len(group)
+                    if noise is not None:
+                        local_sq += float(stacked.double().square().sum()) / len(group)
+                        mean_sq += float(mean.double().square().sum())
                     for i in group:
                         self.tensors[i][0][j].grad = mean.clone()
+        if noise is not None:
+            noise.update(local_sq, mean_sq)
 
     def _enter_delay_stage(self, step: int) -> None:
         for moments in self.moments:

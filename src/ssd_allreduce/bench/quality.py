@@ -7,7 +7,8 @@ number of workers) and on real ranks (horovodrun, which must follow the simulato
 
 A variant is ``k:d[:beta[:local_lr_scale[:outer_lr/outer_momentum]]][@warmup][+dc][+am]``: beta
 and the scale are the library's defaults (``auto``) where left out, ``@warmup`` gives the variant
-its own synchronous steps first, ``+dc`` turns the drift correction on, ``+am`` the averaged moments;
+its own synchronous steps first (``@auto``: until the ranks' gradient noise reaches their number,
+``noise``), ``+dc`` turns the drift correction on, ``+am`` the averaged moments;
 ``sync`` is synchronous training. For each
 (task, workers, optimizer, shards) it reports the final validation loss, its gap to synchronous
 training in % (mean and range over the seeds), and the steps each variant took to reach the
@@ -52,8 +53,8 @@ def parse_variant(text: str) -> Variant:
     window, *warmup = window.split("@")
     parts = window.split(":")
     try:
-        warmup_steps = int(warmup[0]) if warmup else None
-        if len(warmup) > 1 or (warmup_steps is not None and warmup_steps < 0):
+        warmup_steps: Any = None if not warmup else AUTO if warmup[0] == AUTO else int(warmup[0])
+        if len(warmup) > 1 or (isinstance(warmup_steps, int) and warmup_steps < 0):
             raise ValueError(warmup)
         k, d = int(parts[0]), int(parts[1])
         beta: Any = parts[2] if len(parts) > 2 else AUTO
@@ -72,6 +73,9 @@ def parse_variant(text: str) -> Variant:
 
 def plan(a: argparse.Namespace) -> list[RunSpec]:
     variants = [parse_variant(v) for v in a.variants]
+    if a.real_ranks and any(v.warmup_steps == AUTO for v in variants):
+        raise SystemExit("--variants ...@auto (the warm-up ended by the gradient noise) runs on the simulator only: "
+                         "leave out --real-ranks, or give those variants a number of warm-up steps")
     if not any(v.sync for v in variants):
         variants.insert(0, parse_variant("sync"))
     return [RunSpec(task, n, opt, shards, seed, a.max_steps, a.warmup_steps, v, a.lr)
@@ -135,6 +139,8 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"steps_to_{int(100 * f)}"] = statistics.median(hit) if len(hit) == len(reached[f]) else None
         if all("val_accuracy" in r["final"] for r in by_seed.values()):   # a classifier
             row.update(_accuracy_gap(by_seed, sync))
+        if all(r.get("warmup") is not None for r in by_seed.values()):   # an "auto" warm-up
+            row["warmup_steps"] = statistics.median(r["warmup"] for r in by_seed.values())
         per_step = [statistics.median(r["seconds_per_step"]) for r in by_seed.values() if r.get("seconds_per_step")]
         row["ms_per_step"] = 1e3 * statistics.mean(per_step) if per_step else None
         rows.append(row)
@@ -163,6 +169,8 @@ def _cell(r: dict[str, Any]) -> str:
     cell = f"{r['gap_pct']:+.1f} % ({r['gap_min']:+.1f}..{r['gap_max']:+.1f}); {reach}"
     if accuracy:
         cell += f"; {r['accuracy_pts']:+.1f} pt ({r['accuracy_min']:+.1f}..{r['accuracy_max']:+.1f})"
+    if r.get("warmup_steps") is not None:
+        cell += f"; warm-up {r['warmup_steps']:g} steps"
     return cell
 
 
@@ -252,6 +260,13 @@ def compact(result: dict[str, Any]) -> dict[str, Any]:
     out = {key: spec[key] for key in RUN_KEYS}
     out.update(variant=spec["variant"]["label"], where=result["where"],
                val_loss=[[step, float(f"{m['val_loss']:.5g}")] for step, m in result["curve"]])
+    # the gradient noise over its signal while synchronous (null: no signal left)
+    noise = [[step, float(f"{m['noise']:.4g}") if math.isfinite(m["noise"]) else None]
+             for step, m in result["curve"] if "noise" in m]
+    if noise:
+        out["noise"] = noise
+    if result.get("warmup") is not None:
+        out["warmup"] = result["warmup"]
     if "val_accuracy" in result["final"]:
         out["val_accuracy"] = float(f"{result['final']['val_accuracy']:.5g}")
     if result["seconds_per_step"]:
@@ -280,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "sorted by label, target or package)")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
                     help="sync, or k:d[:glu_beta[:local_lr_scale[:outer_lr/outer_momentum]]][@warmup][+dc][+am] "
-                         "(auto for the library's choice; @warmup: this variant's own --warmup-steps; +dc: the drift "
-                         "correction; +am: the averaged moments)")
+                         "(auto for the library's choice; @warmup: this variant's own --warmup-steps, @auto: until the "
+                         "ranks' gradient noise reaches their number, on the simulator; +dc: the drift correction; "
+                         "+am: the averaged moments)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each variant beside sync of the same seed")
     ap.add_argument("--max-steps", type=int, default=600, help="the budget of every run, in steps")
     ap.add_argument("--warmup-steps", type=int, default=50, help="SSD-SGD's synchronous steps first")

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
+from ..settings import AUTO
 from ..simulator import Simulator
 from ..tensors import model_tensors
 from .quality_tasks import TASKS, Task
@@ -41,7 +42,7 @@ class Variant:
     sync: bool = False
     drift_correction: bool = False
     average_moments: bool = False
-    warmup_steps: Optional[int] = None   # the run's own warm-up in place of the study's
+    warmup_steps: Optional[Union[int, str]] = None   # the run's own warm-up in place of the study's; "auto": noise
 
     def options(self) -> dict[str, Any]:
         return dict(sync_every=self.sync_every, delay=self.delay, glu_beta=self.glu_beta, outer_lr=self.outer_lr,
@@ -80,6 +81,7 @@ class RunResult:
     curve: list[tuple[int, dict[str, float]]] = field(default_factory=list)   # (step, metrics of W)
     final: dict[str, float] = field(default_factory=dict)
     seconds_per_step: list[float] = field(default_factory=list)               # real ranks: wall time
+    warmup: Optional[int] = None                                              # the steps an "auto" warm-up took
 
 
 def make_optimizer(spec: RunSpec, params: Any) -> torch.optim.Optimizer:
@@ -96,24 +98,52 @@ def schedule(steps: int) -> Callable[[int], float]:
 
 
 def simulate(spec: RunSpec, task: Optional[Task] = None) -> RunResult:
-    """The run with ``spec.workers`` simulated workers."""
+    """The run with ``spec.workers`` simulated workers. While it is synchronous, each evaluation
+    also records the ranks' gradient noise over its signal (``noise``)."""
     torch.set_num_threads(1)
     task = task or TASKS[spec.task](spec.seed)
-    sim = Simulator(task.make_model(spec.seed), lambda p: make_optimizer(spec, p), spec.workers,
-                    warmup_steps=spec.warmup, **spec.variant.options())
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule(spec.steps)) for o in sim.optimizers]
-    shards = task.shards(spec.workers, spec.shards, spec.seed)
-    result = RunResult(spec)
+    auto = spec.variant.warmup_steps == AUTO
+    warmup = noise_warmup(spec, task) if auto else spec.warmup
+    sim, step = _simulation(spec, task, warmup)
+    result = RunResult(spec, warmup=warmup if auto else None)
     for t in range(spec.steps):
-        sim.step([task.batch(shards[w], spec.seed, t, w) for w in range(spec.workers)], task.loss)
-        for s in schedulers:
-            s.step()
+        step(t)
         if (t + 1) % spec.eval_every == 0 and t + 1 < spec.steps:
-            result.curve.append((t + 1, task.evaluate(sim.global_model())))
+            metrics = task.evaluate(sim.global_model())
+            if sim.noise is not None and t < warmup:
+                metrics["noise"] = sim.noise.ratio
+            result.curve.append((t + 1, metrics))
     sim.finish()
     result.final = task.evaluate(sim.global_model())
     result.curve.append((spec.steps, result.final))
     return result
+
+
+def noise_warmup(spec: RunSpec, task: Task) -> int:
+    """The warm-up that ending at the gradient noise gives this run: its synchronous steps until
+    the ranks' gradient noise reaches their number (``noise.GradientNoise.saturated``), the whole
+    budget if it never does. Those steps are the run's own first steps, so this is the step a
+    rule read during the run would stop at."""
+    sim, step = _simulation(spec, task, spec.steps)
+    for t in range(spec.steps):
+        step(t)
+        if sim.noise is not None and sim.noise.saturated:
+            return t + 1
+    return spec.steps
+
+
+def _simulation(spec: RunSpec, task: Task, warmup: int) -> tuple[Simulator, Callable[[int], None]]:
+    """A simulator of ``spec`` with ``warmup`` synchronous steps first, and its training step."""
+    sim = Simulator(task.make_model(spec.seed), lambda p: make_optimizer(spec, p), spec.workers,
+                    warmup_steps=warmup, **spec.variant.options())
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule(spec.steps)) for o in sim.optimizers]
+    shards = task.shards(spec.workers, spec.shards, spec.seed)
+
+    def step(t: int) -> None:
+        sim.step([task.batch(shards[w], spec.seed, t, w) for w in range(spec.workers)], task.loss)
+        for s in schedulers:
+            s.step()
+    return sim, step
 
 
 def train_rank(spec: RunSpec) -> RunResult:
@@ -127,6 +157,8 @@ def train_rank(spec: RunSpec) -> RunResult:
     rank = hvd.rank()
     task = TASKS[spec.task](spec.seed)
     model = task.make_model(spec.seed)
+    if spec.variant.warmup_steps == AUTO:
+        raise ValueError("a warm-up ended by the gradient noise runs on the simulator only")
     base = make_optimizer(spec, model.parameters())
     if spec.variant.sync:
         opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters())

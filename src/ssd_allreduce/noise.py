@@ -1,0 +1,54 @@
+"""The gradient noise of a synchronous step, read from the ranks' own gradients and their average
+(the two-batch estimator of McCandlish et al., "An Empirical Model of Large-Batch Training",
+2018): with N ranks each on a batch of b samples, ``E|g_i|^2 = |G|^2 + tr(S)/b`` and
+``E|mean g|^2 = |G|^2 + tr(S)/(N b)``, so both the signal ``|G|^2`` and a rank's noise ``tr(S)/b``
+follow from the two norms, and their ratio is the gradient noise scale in units of a rank's batch.
+
+Where that ratio is below N, the averaged gradient is mostly signal and each averaged step is
+worth up to N local ones: the steps a local window takes alone then lose what averaging every step
+would have gained. Where it is above N, averaging every step gains little per step."""
+from __future__ import annotations
+
+import math
+
+SMOOTHING = 0.9   # the weight of the past in both running means (about 10 steps)
+MIN_STEPS = 10    # steps seen before the ratio is read: the running means' horizon
+
+
+def signal_and_noise(local_sq: float, mean_sq: float, ranks: int) -> tuple[float, float]:
+    """Unbiased estimates of ``|G|^2`` and of one rank's ``tr(S)/b`` from ``local_sq``, the ranks'
+    mean of their own gradients' squared norms, and ``mean_sq``, the squared norm of the ranks'
+    average gradient."""
+    if ranks < 2:
+        raise ValueError(f"the gradient noise needs at least 2 ranks, got {ranks}")
+    return (ranks * mean_sq - local_sq) / (ranks - 1), (local_sq - mean_sq) * ranks / (ranks - 1)
+
+
+class GradientNoise:
+    """Running means of the signal and the noise over the synchronous steps seen, and their
+    ratio: one rank's gradient noise over the signal."""
+
+    def __init__(self, ranks: int, smoothing: float = SMOOTHING) -> None:
+        self.ranks, self.smoothing = ranks, smoothing
+        self.signal = self.noise = 0.0
+        self.steps = 0
+
+    def update(self, local_sq: float, mean_sq: float) -> None:
+        signal, noise = signal_and_noise(local_sq, mean_sq, self.ranks)
+        keep = self.smoothing if self.steps else 0.0
+        self.signal = keep * self.signal + (1 - keep) * signal
+        self.noise = keep * self.noise + (1 - keep) * noise
+        self.steps += 1
+
+    @property
+    def ratio(self) -> float:
+        """``tr(S)/b`` over ``|G|^2`` (infinite where the signal is gone; 0 before any step)."""
+        if not self.steps:
+            return 0.0
+        return self.noise / self.signal if self.signal > 0 else math.inf
+
+    @property
+    def saturated(self) -> bool:
+        """The averaged gradient is as much noise as signal (the ratio has reached the ranks),
+        read once the running means have seen ``MIN_STEPS`` steps."""
+        return self.steps >= MIN_STEPS and self.ratio >= self.ranks
