@@ -44,7 +44,7 @@ declare -A SECTION=(
   [quality-gpt-delay]="quality --tasks gpt --ranks 4 --optimizers adamw sgd --shards shuffle --seeds 3 --max-steps 300 --warmup-steps 30 --variants sync 5:0 5:1 5:2 5:5 5:5:1 --jobs 2 --out docs/results/quality-gpt-delay.json"
   [quality-gpt]="quality --tasks gpt --ranks 4 --optimizers adamw sgd --shards shuffle --seeds 3 --max-steps 300 --warmup-steps 30 --variants sync 2:2 5:5 5:5:0.5:1 --jobs 2 --out docs/results/quality-gpt.json"
   [quality-gpt-adamw]="quality --tasks gpt --ranks 4 --optimizers adamw --shards shuffle --seeds 3 --max-steps 300 --warmup-steps 30 --variants sync 5:0 5:1 5:1:auto:1 5:1:auto:1.5 5:1:1 5:1+am 5:1:auto:auto:0.5/0.5 --jobs 2 --out docs/results/quality-gpt-adamw.json"
-  [quality-gpt-warmup]="quality --tasks gpt --ranks 4 --optimizers adamw sgd --shards shuffle --seeds 3 --max-steps 300 --warmup-steps 30 --variants sync 5:1 5:1@90 5:1@150 --jobs 2 --out docs/results/quality-gpt-warmup.json"
+  [quality-gpt-warmup]="quality --tasks gpt --ranks 4 --optimizers adamw sgd --shards shuffle --seeds 3 --max-steps 300 --warmup-steps 30 --variants sync 5:1 5:1@90 5:1@150 5:1@auto 5:5@auto --jobs 2 --out docs/results/quality-gpt-warmup.json"
   [quality-digits]="quality --tasks digits --ranks 4 8 --optimizers sgd adamw --shards shuffle non-iid --seeds 3 --variants sync 1:1 2:1 2:2 5:0 5:1 5:5 10:10 --jobs 2 --out docs/results/quality-digits.json"
   [quality-gpt-ranks]="quality --tasks gpt --ranks 8 16 --optimizers adamw sgd --shards shuffle --seeds 2 --max-steps 300 --warmup-steps 30 --variants sync 5:1 5:5 --jobs 2 --out docs/results/quality-gpt-ranks.json"
 )
