@@ -73,7 +73,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
                                                               "quality-gpt-long", "quality-gpt-long-delay",
                                                               "quality-gpt-delay", "quality-gpt-ranks",
                                                               "quality-gpt-adamw", "quality-gpt-warmup",
-                                                              "quality-digits")},
+                                                              "quality-gpt-long-warmup", "quality-digits")},
     **{name: _lazy("sections", "render_comparison") for name in ("compression", "compression-resnet", "straggler")},
     **{name: _lazy("sections", "render_detailed") for name in ("sweep", "nodes")},
     "auto": _lazy("sections", "render_auto_window"), "warmup": _lazy("sections", "render_warmup"),
