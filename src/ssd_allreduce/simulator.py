@@ -126,6 +126,7 @@ class Simulator:
     def _average_gradients(self, groups: list[list[int]], noise: Optional[GradientNoise] = None) -> None:
         """The mean gradient of every trainable parameter over each group of workers (zeros
         where a worker has none); ``noise`` (one group of every worker) reads its norms."""
+        assert noise is None or len(groups) == 1, "the noise is read over one group of every worker"
         grads = [[p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                  for params, _ in self.tensors]
         local_sq = mean_sq = 0.0

@@ -37,11 +37,13 @@ def test_the_ratio_is_read_from_running_means_once_they_have_seen_their_horizon(
     assert not noise.saturated                          # one step: under MIN_STEPS
     noise.update(local_sq=9.0, mean_sq=3.0)           # signal 1, noise 8: the means 1 and 6
     assert noise.ratio == pytest.approx(6.0)
+    quiet = GradientNoise(4, smoothing=0.5)
     for _ in range(MIN_STEPS):
         noise.update(local_sq=9.0, mean_sq=3.0)
-    assert noise.saturated
+        quiet.update(local_sq=4.0, mean_sq=1.75)      # signal 1, noise 3: under the 4 ranks
+    assert noise.saturated and quiet.ratio == pytest.approx(3.0) and not quiet.saturated
     gone = GradientNoise(2)
-    gone.update(local_sq=2.0, mean_sq=1.0)             # the two gradients cancel: no signal
+    gone.update(local_sq=2.0, mean_sq=1.0)             # two orthogonal gradients of one norm: no common part
     assert gone.ratio == math.inf
     with pytest.raises(ValueError, match="at least 2 ranks"):
         GradientNoise(1).update(1.0, 1.0)
@@ -78,4 +80,16 @@ def test_an_auto_warm_up_is_the_fixed_one_that_ends_where_the_noise_reaches_the_
     assert auto.warmup == steps and fixed.warmup is None
     assert auto.final["val_loss"] == fixed.final["val_loss"]
     sync = simulate(RunSpec("regression", 4, "sgd", "shuffle", 0, 40, 5, quality.parse_variant("sync"), evals=4), task)
-    assert all("noise" in m for _, m in sync.curve[:-1]) and "noise" not in auto.curve[-1][1]
+    assert all("noise" in m for _, m in sync.curve[:-1])
+    assert [("noise" in m) for _, m in auto.curve[:-1]] == [step <= steps for step, _ in auto.curve[:-1]]
+
+
+def test_an_auto_warm_up_is_refused_where_the_ranks_data_differ_or_on_real_ranks():
+    parser = quality.build_parser()
+    for extra in (["--shards", "non-iid"], ["--real-ranks", "2"]):
+        with pytest.raises(SystemExit, match="shuffled shards only"):
+            quality.plan(parser.parse_args(["--variants", "sync", "5:1@auto", *extra]))
+
+
+def test_a_plot_of_many_variants_keeps_the_windows_1_1_and_5_5_whatever_their_warm_up():
+    assert quality.plotted("5:5@auto", 7) and quality.plotted("1:1@90+am", 7) and not quality.plotted("5:1@auto", 7)

@@ -65,10 +65,13 @@ class RunSpec:
 
     @property
     def warmup(self) -> int:
-        """The synchronous steps first: all of them for ``sync``, the variant's own where it has them."""
+        """The synchronous steps first: all of them for ``sync``, the variant's own where it has a
+        number of them (an "auto" warm-up is ``noise_warmup``'s)."""
         if self.variant.sync:
             return self.steps
-        return self.warmup_steps if self.variant.warmup_steps is None else self.variant.warmup_steps
+        if self.variant.warmup_steps == AUTO:
+            raise ValueError("a warm-up ended by the gradient noise has no fixed length: see noise_warmup")
+        return self.warmup_steps if self.variant.warmup_steps is None else int(self.variant.warmup_steps)
 
     @property
     def eval_every(self) -> int:
@@ -120,10 +123,10 @@ def simulate(spec: RunSpec, task: Optional[Task] = None) -> RunResult:
 
 
 def noise_warmup(spec: RunSpec, task: Task) -> int:
-    """The warm-up that ending at the gradient noise gives this run: its synchronous steps until
-    the ranks' gradient noise reaches their number (``noise.GradientNoise.saturated``), the whole
-    budget if it never does. Those steps are the run's own first steps, so this is the step a
-    rule read during the run would stop at."""
+    """This run's warm-up ended by the gradient noise: its synchronous steps until the ranks'
+    gradient noise reaches their number (``noise.GradientNoise.saturated``), the whole budget if
+    it never does. Those steps are the run's own first steps (the synchronous run of the same seed
+    repeated that far), so this is where a rule read during the run would stop."""
     sim, step = _simulation(spec, task, spec.steps)
     for t in range(spec.steps):
         step(t)
@@ -152,13 +155,13 @@ def train_rank(spec: RunSpec) -> RunResult:
 
     import ssd_allreduce
 
+    if spec.variant.warmup_steps == AUTO:
+        raise ValueError("a warm-up ended by the gradient noise runs on the simulator only")
     torch.set_num_threads(1)
     hvd.init()
     rank = hvd.rank()
     task = TASKS[spec.task](spec.seed)
     model = task.make_model(spec.seed)
-    if spec.variant.warmup_steps == AUTO:
-        raise ValueError("a warm-up ended by the gradient noise runs on the simulator only")
     base = make_optimizer(spec, model.parameters())
     if spec.variant.sync:
         opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters())
