@@ -29,13 +29,14 @@ class Simulator:
     optimizer from ``make_optimizer``, trained with SSD-SGD's schedule and landing; ``options``
     are further ``SSDSettings`` (``outer_lr``, ``outer_momentum``, ...). With ``ranks_per_node``,
     hierarchical SSD-SGD: consecutive workers form nodes whose gradients are averaged every step,
-    and the windows average the nodes' deltas (one node: synchronous SGD)."""
+    and the windows average the nodes' deltas (one node: synchronous SGD). With ``read_noise``,
+    ``noise`` reads the gradient noise of the synchronous steps."""
 
     def __init__(self, model: nn.Module,
                  make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
                  num_workers: int, *, sync_every: int, delay: int, warmup_steps: int,
                  glu_beta: Union[float, str], compensation: str = "glu", ranks_per_node: Optional[int] = None,
-                 **options: Any) -> None:
+                 read_noise: bool = False, **options: Any) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if ranks_per_node is not None and (ranks_per_node < 1 or num_workers % ranks_per_node):
@@ -61,7 +62,7 @@ class Simulator:
                                if self.settings.local_lr_scale == "auto" else self.settings.local_lr_scale)
         self.step_index = 0
         # the warm-up's gradient noise (an observation: nothing here depends on it)
-        self.noise: Optional[GradientNoise] = GradientNoise(num_workers) if num_workers > 1 else None
+        self.noise: Optional[GradientNoise] = GradientNoise(num_workers) if read_noise and num_workers > 1 else None
         self.clock: Optional[WindowClock] = None
         self.global_: Optional[FlatSpace] = None
         self.delta: Optional[FlatSpace] = None

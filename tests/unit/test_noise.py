@@ -52,7 +52,7 @@ def test_the_ratio_is_read_from_running_means_once_they_have_seen_their_horizon(
 def test_the_simulator_reads_the_noise_of_its_synchronous_steps_and_nothing_else():
     task = regression()
     sim = Simulator(task.make_model(0), lambda p: torch.optim.SGD(p, lr=0.05), 3, sync_every=2, delay=1,
-                    warmup_steps=2, glu_beta=0.5)
+                    warmup_steps=2, glu_beta=0.5, read_noise=True)
     shards = task.shards(3, "shuffle", 0)
     batches = [task.batch(shards[w], 0, 0, w) for w in range(3)]
     grads = []   # the noise of step 0 by hand, from the same batches and weights
@@ -67,6 +67,8 @@ def test_the_simulator_reads_the_noise_of_its_synchronous_steps_and_nothing_else
     for t in (1, 2, 3):
         sim.step([task.batch(shards[w], 0, t, w) for w in range(3)], task.loss)
     assert sim.noise.steps == 2   # the warm-up's steps only
+    assert Simulator(task.make_model(0), lambda p: torch.optim.SGD(p, lr=0.05), 3, sync_every=2, delay=1,
+                     warmup_steps=2, glu_beta=0.5).noise is None   # read only where asked
 
 
 def test_an_auto_warm_up_is_the_fixed_one_that_ends_where_the_noise_reaches_the_ranks():

@@ -138,7 +138,7 @@ def noise_warmup(spec: RunSpec, task: Task) -> int:
 def _simulation(spec: RunSpec, task: Task, warmup: int) -> tuple[Simulator, Callable[[int], None]]:
     """A simulator of ``spec`` with ``warmup`` synchronous steps first, and its training step."""
     sim = Simulator(task.make_model(spec.seed), lambda p: make_optimizer(spec, p), spec.workers,
-                    warmup_steps=warmup, **spec.variant.options())
+                    warmup_steps=warmup, read_noise=True, **spec.variant.options())
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule(spec.steps)) for o in sim.optimizers]
     shards = task.shards(spec.workers, spec.shards, spec.seed)
 
