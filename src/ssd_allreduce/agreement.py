@@ -4,6 +4,7 @@ at the very start take rank 0's SSD-SGD state (Horovod's resume: load on rank 0,
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional
 
 from torch import Tensor
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from .settings import SSDSettings
     from .stats import SSDStats
     from .warmup import GradientAverager
+    from .warmup_end import WarmupEnd
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class RankAgreement:
     _ssd_comm: "Communicator"
     _ssd_name: str
     _ssd_settings: "SSDSettings"
+    _ssd_warmup: "WarmupEnd"
     _ssd_params: list[Tensor]
     _ssd_buffers: list[Tensor]
     _ssd_param_names: list[str]
@@ -84,7 +87,7 @@ class RankAgreement:
             moved = str(exc)
         tensors = self._ssd_params + self._ssd_buffers
         mine = {"moved": moved, "name": self._ssd_name, "settings": self._ssd_settings,
-                "position": self._ssd_engine.position(self._ssd_step),
+                "position": replace(self._ssd_engine.position(self._ssd_step), warmup=self._ssd_warmup.position()),
                 "tensors": [(n, tuple(t.shape), str(t.dtype)) for n, t in
                             zip(self._ssd_param_names + self._ssd_buffer_names, tensors)],
                 "buckets": [[tuple(p.shape) for p in bucket] for bucket in self._ssd_averager.buckets],
@@ -114,5 +117,6 @@ class RankAgreement:
             logger.warning("SSD-SGD state taken from rank 0 (step %d): this rank started afresh, as after "
                            "hvd.broadcast_optimizer_state of a checkpoint loaded on rank 0", root.step)
         self._ssd_engine.adopt_root_state(root)
+        self._ssd_warmup.adopt(root.warmup)
         self._ssd_step = root.step
         self.ssd_stats.steps = root.step

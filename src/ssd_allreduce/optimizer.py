@@ -44,6 +44,7 @@ from .settings import AUTO, DEFAULT_GLU_BETA, DEFAULT_LOCAL_LR_SCALE, SSDSetting
 from .stats import SSDStats
 from .topology import Hierarchy, resolve_hierarchy
 from .warmup import GradientAverager, Groups
+from .warmup_end import WarmupEnd
 from .agreement import RankAgreement
 from .amp import ScaledLocalStep
 from .protocol import HorovodProtocol
@@ -76,7 +77,7 @@ def DistributedOptimizer(
     *,
     sync_every: Union[int, str] = 5,
     delay: Optional[Union[int, str]] = None,
-    warmup_steps: int = SSDSettings.warmup_steps,   # settings.DEFAULT_WARMUP_STEPS
+    warmup_steps: Union[int, str] = SSDSettings.warmup_steps,   # settings.DEFAULT_WARMUP_STEPS
     glu_beta: Union[float, str] = DEFAULT_GLU_BETA,
     compensation: str = "glu",
     named_buffers: Optional[Iterable[tuple[str, Tensor]]] = None,
@@ -107,7 +108,9 @@ def DistributedOptimizer(
       warm-up (the smallest k, at most ``max_sync_every``, whose steps hide the allreduce and its
       own cost, and d the fewest steps that hide the allreduce); "auto" re-checks its choice every
       20 windows;
-    - ``warmup_steps``: steps of exact synchronous SGD first;
+    - ``warmup_steps``: steps of exact synchronous SGD first; "auto": until the ranks' gradient
+      noise reaches their number (``warmup_end``; one scalar allreduce more per warm-up step, at
+      most ``warmup_end.MAX_AUTO_WARMUP_STEPS``), read back as ``optimizer.warmup_end``;
     - ``glu_beta``: how a landing keeps this rank's own progress (1) versus the global estimate
       (0); ``compensation="overwrite"`` replaces the local weights by the global ones (ablation);
     - ``named_buffers``: floating-point buffers (BatchNorm statistics) averaged with the delta;
@@ -167,6 +170,7 @@ def DistributedOptimizer(
                                 compression=compression, sparse_as_dense=sparse_as_dense,
                                 stats=optimizer.ssd_stats, name=label, counts=counts)
     optimizer._ssd_averager = averager(comm, "warmup", name)
+    optimizer._ssd_averager.read_noise = optimizer._ssd_warmup.auto
     # hierarchical: inside the node every step after the warm-up (one node: everyone, no windows)
     optimizer._ssd_node_averager = None if hierarchy is None else averager(hierarchy.node, "node", f"{name}.node")
     optimizer.sparse_as_dense = sparse_as_dense
@@ -305,6 +309,7 @@ class _SSDSGDOptimizer(HorovodProtocol, ScaledLocalStep, RankAgreement, SavedSta
             comm, settings, self._ssd_params, self._ssd_buffers, compression, self.ssd_stats, name,
             [f"parameter {n!r}" for n in self._ssd_param_names] + [f"buffer {n!r}" for n in self._ssd_buffer_names],
             hierarchy, OptimizerMoments(self, self._ssd_params) if settings.average_moments else None)
+        self._ssd_warmup = WarmupEnd(settings.warmup_steps)
         self._ssd_step = 0
         self._ssd_erred = 0   # ranks that stepped without gradients, from this step's averaging
         self._ssd_checked = False
@@ -378,7 +383,7 @@ class _SSDSGDOptimizer(HorovodProtocol, ScaledLocalStep, RankAgreement, SavedSta
         if not self._ssd_checked:
             self._ssd_check_ranks()
         t = self._ssd_step
-        windows = self._ssd_windows and not self._ssd_settings.in_warmup(t)
+        windows = self._ssd_windows and not self._ssd_warmup.covers(t)
         if windows and not self._ssd_engine.started:
             self._ssd_engine.start(t)
         if self._ssd_averager_at(t) is not None:
@@ -450,6 +455,12 @@ class _SSDSGDOptimizer(HorovodProtocol, ScaledLocalStep, RankAgreement, SavedSta
     def node_layout(self) -> Optional[str]:
         """The nodes hierarchical SSD-SGD runs over ("2 node(s) x 4 rank(s)"); None when flat."""
         return None if self._ssd_hierarchy is None else self._ssd_hierarchy.layout.describe()
+
+    @property
+    def warmup_end(self) -> Optional[int]:
+        """The delay stage's first step: ``warmup_steps``, or where an "auto" warm-up ended (None
+        while it goes on)."""
+        return self._ssd_warmup.end
 
     @property
     def window_in_flight(self) -> bool:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .delay import DelayStage
     from .settings import SSDSettings
     from .topology import Hierarchy
+    from .warmup_end import WarmupEnd
     from .comm import Communicator
 
 
@@ -25,6 +26,7 @@ class HorovodProtocol:
     _ssd_node_averager: Optional[GradientAverager]
     _ssd_engine: "DelayStage"
     _ssd_settings: "SSDSettings"
+    _ssd_warmup: "WarmupEnd"
     _ssd_hierarchy: Optional["Hierarchy"]
     _ssd_comm: "Communicator"
     _ssd_params: list[Tensor]
@@ -60,7 +62,7 @@ class HorovodProtocol:
     def _ssd_averager_at(self, step: int) -> Optional[GradientAverager]:
         """Who averages the gradients of ``step``: everyone in the warm-up, the node after it
         (hierarchical), nobody after it (flat: the windows do)."""
-        return self._ssd_averager if self._ssd_settings.in_warmup(step) else self._ssd_node_averager
+        return self._ssd_averager if self._ssd_warmup.covers(step) else self._ssd_node_averager
 
     def set_backward_passes_per_step(self, passes: int) -> None:
         if not isinstance(passes, int) or passes < 1:
@@ -78,6 +80,8 @@ class HorovodProtocol:
         averager = self._ssd_averager_at(self._ssd_step) if self._ssd_comm.member else None
         if averager is not None:
             erred = averager.average_(without_gradients)
+            if averager is self._ssd_averager:
+                self._ssd_warmup.observe(self._ssd_step, averager.comm.size, averager.last_norms)
             if self._ssd_engine.tuner is not None and averager is self._ssd_averager:
                 self._ssd_engine.tuner.warmup_collective(averager.last_seconds, averager.last_bytes)
             self._ssd_erred = erred

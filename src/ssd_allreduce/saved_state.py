@@ -11,6 +11,7 @@ from .settings import SSDSettings
 if TYPE_CHECKING:
     from .delay import DelayStage
     from .stats import SSDStats
+    from .warmup_end import WarmupEnd
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ class SavedState:
     _ssd_base: type
     _ssd_engine: "DelayStage"
     _ssd_settings: SSDSettings
+    _ssd_warmup: "WarmupEnd"
     _ssd_param_names: list[str]
     _ssd_buffer_names: list[str]
     _ssd_step: int
@@ -44,6 +46,7 @@ class SavedState:
             "settings": self._ssd_settings.as_dict(),
             "names": self._ssd_param_names + self._ssd_buffer_names,
             "stats": self.ssd_stats.as_dict(),
+            "warmup": self._ssd_warmup.state_dict(),
             **self._ssd_engine.state_dict(),
         }
         return state
@@ -60,6 +63,7 @@ class SavedState:
                                  "or with local_sync=False")
         self.ssd_stats.load_state_dict(ssd["stats"] if ssd else {})   # the engine then shows its window
         self._ssd_engine.load_state_dict(ssd or {})
+        self._ssd_warmup.load_state_dict((ssd or {}).get("warmup"))
         self._ssd_base.load_state_dict(self, state_dict)
         self._synchronized = False
         self._ssd_backward_passes.clear()

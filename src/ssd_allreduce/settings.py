@@ -54,7 +54,7 @@ class SSDSettings:
 
     sync_every: Union[int, str] = 5
     delay: Optional[Union[int, str]] = None
-    warmup_steps: int = DEFAULT_WARMUP_STEPS
+    warmup_steps: Union[int, str] = DEFAULT_WARMUP_STEPS
     glu_beta: Union[float, str] = DEFAULT_GLU_BETA
     compensation: str = "glu"
     nonfinite: str = "raise"
@@ -79,7 +79,7 @@ class SSDSettings:
                              f"allreduce): leave delay out, got delay={self.delay!r}")
         if self.delay is None:
             # k = 1 leaves "auto" no choice but d = 1; a warm-up under MIN_WARMUP_STEPS, nothing to time
-            timed = _is_int(self.warmup_steps) and self.warmup_steps >= MIN_WARMUP_STEPS
+            timed = self.warmup_steps == AUTO or (_is_int(self.warmup_steps) and self.warmup_steps >= MIN_WARMUP_STEPS)
             object.__setattr__(self, "delay", AUTO if timed and self.sync_every != 1 else self.sync_every)
         if not _is_int(self.max_sync_every) or self.max_sync_every < 1:
             raise ValueError(f"max_sync_every must be an integer >= 1, got {self.max_sync_every!r}")
@@ -88,9 +88,11 @@ class SSDSettings:
             raise ValueError(f"sync_every must be an integer >= 1, got {self.sync_every!r}")
         if self.delay != AUTO and (not _is_int(self.delay) or not 0 <= self.delay <= widest):
             raise ValueError(f"delay must be an integer in [0, sync_every={widest}], got {self.delay!r}")
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if self.auto and self.warmup_steps < MIN_WARMUP_STEPS:
+        if self.warmup_steps != AUTO and (not _is_int(self.warmup_steps) or self.warmup_steps < 0):
+            raise ValueError(f"warmup_steps must be an integer >= 0 or 'auto' (until the gradient noise reaches "
+                             f"the ranks), got {self.warmup_steps!r}")
+        # an "auto" warm-up lasts noise.MIN_STEPS (10) steps at least
+        if self.auto and self.warmup_steps != AUTO and self.warmup_steps < MIN_WARMUP_STEPS:
             raise ValueError(f"sync_every='auto' and delay='auto' time the warm-up's steps: warmup_steps must "
                              f"be >= {MIN_WARMUP_STEPS}, got {self.warmup_steps}")
         beta = self.glu_beta
@@ -118,7 +120,7 @@ class SSDSettings:
         for name in ("outer_nesterov", "drift_correction", "average_moments"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.average_moments and self.warmup_steps < 1:
+        if self.average_moments and self.warmup_steps == 0:
             raise ValueError("average_moments carries the optimizer's moments, which exist after its first step: "
                              f"warmup_steps must be >= 1, got {self.warmup_steps}")
         wire = self.compression.removesuffix("Compressor").lower()   # "fp16" or the class's name
@@ -151,9 +153,6 @@ class SSDSettings:
     def beta_for(self, delay: int) -> float:
         """GLU's beta for a window that landed ``delay`` steps after its launch."""
         return glu_beta_for(delay) if self.glu_beta == AUTO else self.glu_beta
-
-    def in_warmup(self, step: int) -> bool:
-        return step < self.warmup_steps
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

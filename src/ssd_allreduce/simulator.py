@@ -18,6 +18,7 @@ from .delay.clock import WindowClock
 from .moments import OptimizerMoments, check_averageable
 from .noise import GradientNoise
 from .settings import SSDSettings
+from .warmup_end import WarmupEnd
 from .tensors import FlatSpace, model_tensors
 
 Batch = tuple[Tensor, Tensor]
@@ -29,12 +30,13 @@ class Simulator:
     optimizer from ``make_optimizer``, trained with SSD-SGD's schedule and landing; ``options``
     are further ``SSDSettings`` (``outer_lr``, ``outer_momentum``, ...). With ``ranks_per_node``,
     hierarchical SSD-SGD: consecutive workers form nodes whose gradients are averaged every step,
-    and the windows average the nodes' deltas (one node: synchronous SGD). With ``read_noise``,
-    ``noise`` reads the gradient noise of the synchronous steps."""
+    and the windows average the nodes' deltas (one node: synchronous SGD). ``warmup_steps="auto"``
+    ends the warm-up where the gradient noise reaches the workers (``warmup_end``); with it, or
+    with ``read_noise``, ``noise`` reads the gradient noise of the synchronous steps."""
 
     def __init__(self, model: nn.Module,
                  make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
-                 num_workers: int, *, sync_every: int, delay: int, warmup_steps: int,
+                 num_workers: int, *, sync_every: int, delay: int, warmup_steps: Union[int, str],
                  glu_beta: Union[float, str], compensation: str = "glu", ranks_per_node: Optional[int] = None,
                  read_noise: bool = False, **options: Any) -> None:
         if num_workers < 1:
@@ -61,8 +63,10 @@ class Simulator:
         self.local_lr_scale = (local_lr_scale_for(self.optimizers[0], window_ranks)
                                if self.settings.local_lr_scale == "auto" else self.settings.local_lr_scale)
         self.step_index = 0
-        # the warm-up's gradient noise (an observation: nothing here depends on it)
-        self.noise: Optional[GradientNoise] = GradientNoise(num_workers) if read_noise and num_workers > 1 else None
+        self.warmup = WarmupEnd(self.settings.warmup_steps)
+        # the warm-up's gradient noise (the "auto" warm-up's rule reads it; otherwise nothing depends on it)
+        reads = (read_noise or self.warmup.auto) and num_workers > 1
+        self.noise: Optional[GradientNoise] = self.warmup.noise if reads else None
         self.clock: Optional[WindowClock] = None
         self.global_: Optional[FlatSpace] = None
         self.delta: Optional[FlatSpace] = None
@@ -93,12 +97,13 @@ class Simulator:
             loss.backward()
             losses.append(float(loss.detach()))
         t = self.step_index
-        warmup = self.settings.in_warmup(t)
+        warmup = self.warmup.covers(t)
         windows = not warmup and (not self.hierarchical or len(self.nodes) > 1)
         if windows and self.global_ is None:
             self._enter_delay_stage(t)
         if warmup:
-            self._average_gradients([list(range(self.num_workers))], self.noise)
+            norms = self._average_gradients([list(range(self.num_workers))], self.noise is not None)
+            self.warmup.observe(t, self.num_workers, norms)
         elif self.hierarchical:
             self._average_gradients(self.nodes)
         scale = self.local_lr_scale if windows else 1.0
@@ -124,10 +129,11 @@ class Simulator:
         if self.launched_at is not None:
             self._land(self.step_index - 1 - self.launched_at)
 
-    def _average_gradients(self, groups: list[list[int]], noise: Optional[GradientNoise] = None) -> None:
+    def _average_gradients(self, groups: list[list[int]], read_norms: bool = False) -> Optional[tuple[float, float]]:
         """The mean gradient of every trainable parameter over each group of workers (zeros
-        where a worker has none); ``noise`` (one group of every worker) reads its norms."""
-        assert noise is None or len(groups) == 1, "the noise is read over one group of every worker"
+        where a worker has none); with ``read_norms`` (one group of every worker) returns the
+        workers' mean of their own squared norms and the mean's squared norm."""
+        assert not read_norms or len(groups) == 1, "the noise is read over one group of every worker"
         grads = [[p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                  for params, _ in self.tensors]
         local_sq = mean_sq = 0.0
@@ -138,13 +144,12 @@ class Simulator:
                 for group in groups:
                     stacked = torch.stack([grads[i][j] for i in group])
                     mean = stacked.sum(0) / len(group)
-                    if noise is not None:
+                    if read_norms:
                         local_sq += float(stacked.double().square().sum()) / len(group)
                         mean_sq += float(mean.double().square().sum())
                     for i in group:
                         self.tensors[i][0][j].grad = mean.clone()
-        if noise is not None:
-            noise.update(local_sq, mean_sq)
+        return (local_sq, mean_sq) if read_norms else None
 
     def _enter_delay_stage(self, step: int) -> None:
         for moments in self.moments:

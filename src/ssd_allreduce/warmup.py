@@ -87,7 +87,10 @@ class GradientAverager:
     a bucket of its own and starts when ready. Names are ``{name}.grad.{bucket}``;
     ``gradient_predivide_factor`` splits the division as Horovod does. ``counts`` names the
     ``stats`` it adds to: "warmup" (``warmup_allreduces``...) or "node" (hierarchical SSD-SGD's
-    every-step average inside a node)."""
+    every-step average inside a node). With ``read_noise`` each step also leaves ``last_norms``
+    (``warmup_end.WarmupEnd.observe``'s): the ranks' mean of their own dense gradients' squared
+    norms, taken before they are sent, and the squared norm of the average, through one more
+    allreduce of two numbers."""
 
     def __init__(self, comm: Communicator, params: Sequence[Tensor], *, groups: Groups,
                  gradient_predivide_factor: float, compression: Any, sparse_as_dense: bool,
@@ -103,6 +106,8 @@ class GradientAverager:
         self.sparse_as_dense, self.stats = sparse_as_dense, stats
         self.name, self.counts = name, counts
         self.last_seconds, self.last_bytes = 0.0, 0   # the last step's buckets: first start to last arrival
+        self.read_noise = False
+        self.last_norms: Optional[tuple[float, float]] = None
         self._reset()
 
     def _reset(self) -> None:
@@ -112,6 +117,7 @@ class GradientAverager:
         self._flag: Optional[Tensor] = None
         self._started: Optional[float] = None   # when this step's first bucket started
         self._bytes = 0
+        self._own_sq: list[Tensor] = []   # read_noise: each bucket's squared norm before it is sent
 
     def grad_ready(self, p: Tensor) -> None:
         """``p``'s gradient is final for this step (from its post-accumulate hook): start every
@@ -141,6 +147,8 @@ class GradientAverager:
         if not dense:
             self._launched[i] = _Launched([], None, [], [])
             return
+        if self.read_noise:
+            self._own_sq.append(_squared_norm([p.grad for p in dense]))
         wire, contexts = compress(self.compression, [p.grad for p in dense])
         nbytes = payload_bytes(wire)
         self._count_bytes(nbytes)
@@ -161,6 +169,7 @@ class GradientAverager:
         (another rank may have one: dynamic graphs). Sparse gradients are gathered and stay sparse,
         as Horovod does, unless ``sparse_as_dense``. Returns how many ranks said they stepped
         ``without_gradients`` (a flag fused into the first allreduce), so every rank can stop."""
+        self.last_norms = None
         if self.comm.size == 1:   # a rank's gradients are their own average: no collective, as Horovod
             self._count("allreduces", 1)
             return int(without_gradients)
@@ -185,6 +194,8 @@ class GradientAverager:
                 flag = self._flag
                 if flag_alone is not None:
                     self.comm.synchronize(flag_alone)
+                if self.read_noise:
+                    self.last_norms = self._read_norms()
                 if self._started is not None:
                     self.last_seconds, self.last_bytes = time.perf_counter() - self._started, self._bytes
             finally:
@@ -194,6 +205,17 @@ class GradientAverager:
             self.stats.comm_wait_seconds += time.perf_counter() - t0
             self._count("allreduces", 1)
             return round(float(flag) * self.comm.size)
+
+    def _read_norms(self) -> tuple[float, float]:
+        """(the ranks' mean of their own squared norms, the average's squared norm), both out of
+        one allreduce, so every rank reads the same numbers."""
+        averaged = _squared_norm([p.grad for launched in self._launched.values() for p in launched.dense])
+        own = torch.stack([sq.to(averaged.device) for sq in self._own_sq]).sum() if self._own_sq else 0 * averaged
+        norms = torch.stack([own, averaged])
+        self.comm.synchronize(self.comm.allreduce_async_([norms], name=f"{self.name}.noise", op=ReduceOp.AVERAGE))
+        self._count_bytes(norms.nbytes)
+        own_sq, mean_sq = norms.tolist()
+        return own_sq, mean_sq
 
     def discard(self) -> None:
         """Forget the allreduces started from backward (their ranks changed: Horovod elastic)."""
@@ -234,3 +256,11 @@ class GradientAverager:
         self._count_bytes(grad.indices().nbytes + grad.values().nbytes)
         p.grad = torch.sparse_coo_tensor(indices, values / len(everyone), grad.shape,
                                          check_invariants=False).coalesce()   # valid: from coalesced ones
+
+
+def _squared_norm(grads: list[Tensor]) -> Tensor:
+    """The squared norm of ``grads`` together, in float32 on their device (zero for none)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    return torch.stack([n.to(grads[0].device) for n in norms]).square().sum()

@@ -64,10 +64,12 @@ def test_an_auto_window_and_int8_deltas_learn_the_digits(tmp_path):
 
 @pytest.mark.parametrize("mode", ["horovod", "ssd"])
 def test_adamw_learns_the_digits_wrapped_by_either(tmp_path, mode):
-    """SSD-SGD with its moments averaged (--average-moments): they travel in the windows."""
+    """SSD-SGD with its moments averaged (--average-moments): they travel in the windows; its
+    warm-up ends where the ranks' gradient noise reaches their number (--warmup-steps auto)."""
     run = tmp_path / mode
+    ssd = ["--average-moments", "--warmup-steps", "auto"] if mode == "ssd" else ["--warmup-steps", "20"]
     run_ranks(horovodrun(2, *TRAIN, "--mode", mode, "--optimizer", "adamw", "--lr", "0.002", "--epochs", "4",
-                         "--warmup-steps", "20", *(["--average-moments"] if mode == "ssd" else []), "--out", str(run)))
+                         *ssd, "--out", str(run)))
     assert summary(run)["test_accuracy"] >= 0.9, summary(run)
     state = final_states(run, 2)[0]["optimizer"]
     assert {"exp_avg", "exp_avg_sq"} <= set(next(iter(state["state"].values())))
@@ -77,6 +79,8 @@ def test_adamw_learns_the_digits_wrapped_by_either(tmp_path, mode):
         moments = sum(s[key].numel() for s in state["state"].values() for key in ("exp_avg", "exp_avg_sq"))
         assert moments == 2 * sum(p.numel() for name, p in model.items() if name in ssd["names"] and "running" not in name)
         assert sum(w.numel() for w in ssd["global_weights"]) == sum(model[n].numel() for n in ssd["names"]) + moments
+        end = ssd["warmup"]["end"]   # every step of the warm-up averaged the gradients, none after it
+        assert 10 <= end < summary(run)["steps"] and ssd["stats"]["warmup_allreduces"] == end, ssd["warmup"]
 
 
 GPT = ["-m", "ssd_allreduce.train", "--no-progress", "--data", "stdlib", "--model", "gpt", "--corpus-bytes", "300000",

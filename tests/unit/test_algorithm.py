@@ -45,7 +45,7 @@ def test_the_clock_launches_every_k_steps_after_the_warmup_and_lands_d_later():
     (dict(sync_every=0, delay=0, warmup_steps=0), "sync_every must be an integer >= 1, got 0"),
     (dict(sync_every=4, delay=5, warmup_steps=0), "delay must be an integer in [0, sync_every=4], got 5"),
     (dict(sync_every=4, delay=-1, warmup_steps=0), "got -1"),
-    (dict(sync_every=4, delay=2, warmup_steps=-3), "warmup_steps must be an integer >= 0, got -3"),
+    (dict(sync_every=4, delay=2, warmup_steps=-3), "warmup_steps must be an integer >= 0 or 'auto' (until the gradient noise reaches the ranks), got -3"),
     (dict(sync_every=2.5, delay=1, warmup_steps=0), "got 2.5"),
     (dict(outer_lr=0.0), "outer_lr must be a number > 0, got 0.0"),
     (dict(outer_momentum=1.0), "outer_momentum must be a number in [0, 1), got 1.0"),

@@ -725,3 +725,62 @@ def test_a_state_of_the_previous_format_loads_as_without_drift_correction_and_an
             build(comm, 2, 2, 0.5, 1)[1].load_state_dict(saved)
         return same
     assert run_threads(2, rank_fn) == [True, True]
+
+
+def _auto_warmup_run(comm, steps: int, save_at: Optional[int] = None, state: Optional[dict] = None):
+    """A rank with warmup_steps="auto" (2:1): its parameters after each step, its warm-up's end,
+    and its state saved after step ``save_at`` (or resumed from ``state`` after it)."""
+    model, opt = build(comm, 2, 1, 0.5, "auto")
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = save_at + 1
+    after, saved = [], None
+    for t in range(start, steps):
+        step(model, opt, comm.rank, t)
+        after.append(problem.model_tensors(model))
+        if t == save_at and state is None:
+            saved = pickle.loads(pickle.dumps({"model": model.state_dict(), "opt": opt.state_dict()}))
+    opt.finish()
+    return {"after_step": after, "end": opt.warmup_end, "saved": saved, "final": problem.model_tensors(model)}
+
+
+def test_an_auto_warm_up_ends_where_the_simulator_ends_it_then_follows_the_reference():
+    """Every rank ends the warm-up at the step the simulator (the same rule on exact means) ends
+    it, and the run is the reference's with that many synchronous steps."""
+    from ssd_allreduce.simulator import Simulator
+    ranks = run_threads(4, lambda comm: _auto_warmup_run(comm, 16))
+    sim = Simulator(problem.make_model(), problem.OPTIMIZERS["sgd"], 4, sync_every=2, delay=1,
+                    warmup_steps="auto", glu_beta=0.5)
+    for t in range(16):
+        sim.step([problem.batch(r, t) for r in range(4)], problem.loss_fn)
+    assert sim.warmup.end is not None and [r["end"] for r in ranks] == [sim.warmup.end] * 4
+    assert_matches_reference(ranks, (2, 1, 0.5, sim.warmup.end))
+
+
+def test_an_auto_warm_up_saved_before_its_end_resumes_bit_for_bit():
+    """Saved at step 5, before the noise's horizon: the resumed ranks carry its running means on."""
+    full = run_threads(2, lambda comm: _auto_warmup_run(comm, 14, save_at=5))
+    assert full[0]["saved"]["opt"]["ssd_sgd"]["warmup"]["steps"] == 6
+    resumed = run_threads(2, lambda comm: _auto_warmup_run(comm, 14, save_at=5, state=full[comm.rank]["saved"]))
+    for whole, part in zip(full, resumed):
+        assert part["end"] == whole["end"] is not None
+        assert all(torch.equal(a, b) for a, b in zip(whole["final"], part["final"]))
+
+
+def test_a_fresh_rank_takes_rank_0s_auto_warm_up_reading():
+    """Rank 0 resumes a checkpoint saved in the warm-up, rank 1 starts afresh (Horovod's resume,
+    or a rank that joined): both end the warm-up where an uninterrupted run does."""
+    full = run_threads(2, lambda comm: _auto_warmup_run(comm, 14, save_at=5))
+
+    def rank_fn(comm):
+        model, opt = build(comm, 2, 1, 0.5, "auto")
+        saved = full[0]["saved"]
+        model.load_state_dict(saved["model"])   # the weights as hvd.broadcast_parameters gives them
+        if comm.rank == 0:
+            opt.load_state_dict(saved["opt"])
+        for t in range(6, 14):
+            step(model, opt, comm.rank, t)
+        return opt.warmup_end
+    assert run_threads(2, rank_fn) == [full[0]["end"]] * 2

@@ -1,5 +1,5 @@
 """The gradient noise estimator against gradients whose signal and noise are known, the
-simulator's reading of it, and the quality study's warm-up ended by it."""
+simulator's reading of it, and the quality study's warm-up ended by it (``warmup_steps="auto"``)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ssd_allreduce.bench import quality
-from ssd_allreduce.bench.quality_run import RunSpec, noise_warmup, simulate
+from ssd_allreduce.bench.quality_run import RunSpec, _simulation, simulate
 from ssd_allreduce.bench.quality_tasks import regression
 from ssd_allreduce.noise import MIN_STEPS, GradientNoise, signal_and_noise
 from ssd_allreduce.simulator import Simulator
@@ -74,7 +74,9 @@ def test_the_simulator_reads_the_noise_of_its_synchronous_steps_and_nothing_else
 def test_an_auto_warm_up_is_the_fixed_one_that_ends_where_the_noise_reaches_the_ranks():
     spec = RunSpec("regression", 4, "adamw", "shuffle", 0, 40, 5, quality.parse_variant("2:1@auto"), evals=4)
     task = regression()
-    steps = noise_warmup(spec, task)
+    sim, step = _simulation(RunSpec("regression", 4, "adamw", "shuffle", 0, 40, 5, quality.parse_variant("sync")),
+                            task)
+    steps = next(t + 1 for t in range(spec.steps) if step(t) or sim.noise.saturated)   # synchronous run's crossing
     assert MIN_STEPS <= steps < spec.steps
     auto = simulate(spec, task)
     fixed = simulate(RunSpec("regression", 4, "adamw", "shuffle", 0, 40, 5, quality.parse_variant(f"2:1@{steps}"),
@@ -86,11 +88,12 @@ def test_an_auto_warm_up_is_the_fixed_one_that_ends_where_the_noise_reaches_the_
     assert [("noise" in m) for _, m in auto.curve[:-1]] == [step <= steps for step, _ in auto.curve[:-1]]
 
 
-def test_an_auto_warm_up_is_refused_where_the_ranks_data_differ_or_on_real_ranks():
+def test_an_auto_warm_up_is_refused_where_the_ranks_data_differ():
     parser = quality.build_parser()
-    for extra in (["--shards", "non-iid"], ["--real-ranks", "2"]):
-        with pytest.raises(SystemExit, match="shuffled shards only"):
-            quality.plan(parser.parse_args(["--variants", "sync", "5:1@auto", *extra]))
+    with pytest.raises(SystemExit, match="shuffled shards only"):
+        quality.plan(parser.parse_args(["--variants", "sync", "5:1@auto", "--shards", "non-iid"]))
+    runs = quality.plan(parser.parse_args(["--variants", "sync", "5:1@auto", "--real-ranks", "2", "--seeds", "1"]))
+    assert {r.warmup for r in runs if not r.variant.sync} == {"auto"}   # real ranks: the library's rule
 
 
 def test_a_plot_of_many_variants_keeps_the_windows_1_1_and_5_5_whatever_their_warm_up():

@@ -7,8 +7,8 @@ number of workers) and on real ranks (horovodrun, which must follow the simulato
 
 A variant is ``k:d[:beta[:local_lr_scale[:outer_lr/outer_momentum]]][@warmup][+dc][+am]``: beta
 and the scale are the library's defaults (``auto``) where left out, ``@warmup`` gives the variant
-its own synchronous steps first (``@auto``: until the ranks' gradient noise reaches their number,
-``noise``), ``+dc`` turns the drift correction on, ``+am`` the averaged moments;
+its own synchronous steps first (``@auto``: the library's ``warmup_steps="auto"``, until the ranks'
+gradient noise reaches their number), ``+dc`` turns the drift correction on, ``+am`` the averaged moments;
 ``sync`` is synchronous training. For each
 (task, workers, optimizer, shards) it reports the final validation loss, its gap to synchronous
 training in % (mean and range over the seeds), and the steps each variant took to reach the
@@ -74,10 +74,10 @@ def parse_variant(text: str) -> Variant:
 
 def plan(a: argparse.Namespace) -> list[RunSpec]:
     variants = [parse_variant(v) for v in a.variants]
-    if any(v.warmup_steps == AUTO for v in variants) and (a.real_ranks or "non-iid" in a.shards):
-        raise SystemExit("--variants ...@auto (the warm-up ended by the gradient noise) runs on the simulator with "
-                         "shuffled shards only (where the ranks' data differ, their spread reads as noise): leave "
-                         "out --real-ranks and non-iid, or give those variants a number of warm-up steps")
+    if any(v.warmup_steps == AUTO for v in variants) and "non-iid" in a.shards:
+        raise SystemExit("--variants ...@auto (the warm-up ended by the gradient noise) runs on shuffled shards "
+                         "only (where the ranks' data differ, their spread reads as noise): leave out non-iid, or "
+                         "give those variants a number of warm-up steps")
     if not any(v.sync for v in variants):
         variants.insert(0, parse_variant("sync"))
     return [RunSpec(task, n, opt, shards, seed, a.max_steps, a.warmup_steps, v, a.lr)
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
                     help="sync, or k:d[:glu_beta[:local_lr_scale[:outer_lr/outer_momentum]]][@warmup][+dc][+am] "
                          "(auto for the library's choice; @warmup: this variant's own --warmup-steps, @auto: until the "
-                         "ranks' gradient noise reaches their number, on the simulator; +dc: the drift correction; "
+                         "ranks' gradient noise reaches their number; +dc: the drift correction; "
                          "+am: the averaged moments)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each variant beside sync of the same seed")
     ap.add_argument("--max-steps", type=int, default=600, help="the budget of every run, in steps")

@@ -64,14 +64,12 @@ class RunSpec:
     evals: int = 20          # evaluations over the budget
 
     @property
-    def warmup(self) -> int:
-        """The synchronous steps first: all of them for ``sync``, the variant's own where it has a
-        number of them (an "auto" warm-up is ``noise_warmup``'s)."""
+    def warmup(self) -> Union[int, str]:
+        """The synchronous steps first: all of them for ``sync``, else the variant's own where it
+        has them ("auto": until the ranks' gradient noise reaches their number, ``warmup_end``)."""
         if self.variant.sync:
             return self.steps
-        if self.variant.warmup_steps == AUTO:
-            raise ValueError("a warm-up ended by the gradient noise has no fixed length: see noise_warmup")
-        return self.warmup_steps if self.variant.warmup_steps is None else int(self.variant.warmup_steps)
+        return self.warmup_steps if self.variant.warmup_steps is None else self.variant.warmup_steps
 
     @property
     def eval_every(self) -> int:
@@ -105,40 +103,28 @@ def simulate(spec: RunSpec, task: Optional[Task] = None) -> RunResult:
     also records the ranks' gradient noise over its signal (``noise``)."""
     torch.set_num_threads(1)
     task = task or TASKS[spec.task](spec.seed)
-    auto = spec.variant.warmup_steps == AUTO
-    warmup = noise_warmup(spec, task) if auto else spec.warmup
-    sim, step = _simulation(spec, task, warmup)
-    result = RunResult(spec, warmup=warmup if auto else None)
+    sim, step = _simulation(spec, task)
+    result = RunResult(spec)
     for t in range(spec.steps):
         step(t)
         if (t + 1) % spec.eval_every == 0 and t + 1 < spec.steps:
             metrics = task.evaluate(sim.global_model())
-            if sim.noise is not None and t < warmup:
+            if sim.noise is not None and sim.warmup.covers(t):
                 metrics["noise"] = sim.noise.ratio
             result.curve.append((t + 1, metrics))
+    if sim.warmup.auto:
+        result.warmup = spec.steps if sim.warmup.end is None else min(sim.warmup.end, spec.steps)
     sim.finish()
     result.final = task.evaluate(sim.global_model())
     result.curve.append((spec.steps, result.final))
     return result
 
 
-def noise_warmup(spec: RunSpec, task: Task) -> int:
-    """This run's warm-up ended by the gradient noise: its synchronous steps until the ranks'
-    gradient noise reaches their number (``noise.GradientNoise.saturated``), the whole budget if
-    it never does. Those steps are the run's own first steps (the synchronous run of the same seed
-    repeated that far), so this is where a rule read during the run would stop."""
-    sim, step = _simulation(spec, task, spec.steps)
-    for t in range(spec.steps):
-        step(t)
-        if sim.noise is not None and sim.noise.saturated:
-            return t + 1
-    return spec.steps
-
-
-def _simulation(spec: RunSpec, task: Task, warmup: int) -> tuple[Simulator, Callable[[int], None]]:
-    """A simulator of ``spec`` with ``warmup`` synchronous steps first, and its training step."""
+def _simulation(spec: RunSpec, task: Task) -> tuple[Simulator, Callable[[int], None]]:
+    """A simulator of ``spec``, reading the gradient noise of its synchronous steps, and its
+    training step."""
     sim = Simulator(task.make_model(spec.seed), lambda p: make_optimizer(spec, p), spec.workers,
-                    warmup_steps=warmup, read_noise=True, **spec.variant.options())
+                    warmup_steps=spec.warmup, read_noise=True, **spec.variant.options())
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule(spec.steps)) for o in sim.optimizers]
     shards = task.shards(spec.workers, spec.shards, spec.seed)
 
@@ -182,6 +168,8 @@ def train_rank(spec: RunSpec) -> RunResult:
             result.curve.append((t + 1, task.evaluate(_global_model(model, opt))))
     if not spec.variant.sync:
         opt.finish()
+        if spec.warmup == AUTO:
+            result.warmup = spec.steps if opt.warmup_end is None else min(opt.warmup_end, spec.steps)
     result.final = task.evaluate(_global_model(model, opt))
     result.curve.append((spec.steps, result.final))
     return result

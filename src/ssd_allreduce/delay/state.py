@@ -45,6 +45,7 @@ class Position:
     skipped_in_a_row: int = 0
     clock: Optional[tuple] = None
     moments: Optional[tuple] = None   # the (parameter index, state key) pairs of the moments that travel
+    warmup: Optional[tuple] = None    # an "auto" warm-up's reading (warmup_end.WarmupEnd.position)
 
     @property
     def fresh(self) -> bool:

@@ -33,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, runlog
+from ..settings import AUTO
 from .data import DataSplit, FolderBatches, ShardedBatches, cifar_augment, load_dataset
 from .launch import DistContext, check_slurm_step, init_distributed, shutdown
 from .models import MODEL_NAMES, build_language_model, build_model, count_parameters
@@ -326,7 +327,7 @@ class Trainer:
         step_time = time.perf_counter() - t0
         pos.train_seconds += step_time
         self.timing["run"].add(step_time, cost.wait_seconds)
-        if pos.global_step >= self.args.warmup_steps:   # the same boundary for every mode
+        if self._steady(pos.global_step):
             self.timing["steady"].add(step_time, cost.wait_seconds)
         pos.global_step += 1
         pos.step_in_epoch += 1
@@ -334,6 +335,14 @@ class Trainer:
                 "step_time": step_time, "compute_time": step_time - cost.wait_seconds,
                 "comm_wait": cost.wait_seconds, "bytes": cost.bytes, "loss": float(loss.detach()),
                 "lr": self.sched.get_last_lr()[0], "images_per_sec": ctx.size * len(y) / step_time}
+
+    def _steady(self, step: int) -> bool:
+        """``step`` counts in the steady-state figures: it is past ``--warmup-steps``, the same
+        boundary for every mode, or with ``auto`` past this mode's own warm-up."""
+        if self.args.warmup_steps == AUTO:
+            end = self.mode.warmup_end()
+            return end is not None and step >= end
+        return step >= self.args.warmup_steps
 
     def evaluate(self) -> tuple[float, float]:
         """(accuracy, mean loss) over the test set, each rank scoring its shard (per token for text)."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from ..compression import Compression
+from ..noise import MIN_STEPS as NOISE_MIN_STEPS
 from ..optimizer import DistributedOptimizer
 from ..tensors import model_tensors
 from .launch import DistContext
@@ -64,6 +65,12 @@ class Mode:
     def phase(self) -> str:
         """What the next step does, for fault reports: "warmup", "window" (one in flight) or "step"."""
         return "step"
+
+    def warmup_end(self) -> Optional[int]:
+        """Where ``--warmup-steps auto`` starts this mode's steady-state figures: a mode without a
+        warm-up after the shortest "auto" one (``noise.MIN_STEPS``), SSD-SGD where its own ended
+        (None while it goes on)."""
+        return NOISE_MIN_STEPS
 
     def after_membership_change(self) -> str:
         """What to say of this rank's state after a change of ranks (elastic)."""
@@ -151,8 +158,12 @@ class SSDMode(Mode):
     def before_evaluation(self) -> None:
         self.optimizer.finish()   # land the window in flight on every rank
 
+    def warmup_end(self) -> Optional[int]:
+        return self.optimizer.warmup_end
+
     def phase(self) -> str:
-        if self.optimizer.ssd_stats.steps < self.args.warmup_steps:
+        end = self.optimizer.warmup_end
+        if end is None or self.optimizer.ssd_stats.steps < end:
             return "warmup"
         return "window" if self.optimizer.window_in_flight else "step"
 

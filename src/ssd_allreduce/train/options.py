@@ -13,6 +13,9 @@ import re
 from typing import Callable, Union
 
 from ..cli import HelpFormatter, add_version
+from ..noise import MIN_STEPS as NOISE_MIN_STEPS
+from ..settings import AUTO as AUTO_WARMUP
+from ..warmup_end import MAX_AUTO_WARMUP_STEPS
 from ..settings import DEFAULT_GLU_BETA, DEFAULT_LOCAL_LR_SCALE, DEFAULT_WARMUP_STEPS, MIN_WARMUP_STEPS, SSDSettings
 from .data import DATASET_NAMES, SHARD_MODES
 from .modes import MODES
@@ -37,6 +40,9 @@ WARMUP_HELP = (f"steps of synchronous SGD (gradients averaged every step) before
                f"epoch's steps, at most {DEFAULT_WARMUP_STEPS} (the library's default, "
                f"DistributedOptimizer(warmup_steps={DEFAULT_WARMUP_STEPS}): the paper warmed up "
                f"{DEFAULT_WARMUP_STEPS} iterations, about one epoch)")
+TRAIN_WARMUP_HELP = (WARMUP_HELP + f"; {AUTO_WARMUP}: until the ranks' gradient noise reaches their number, at "
+                     f"most {MAX_AUTO_WARMUP_STEPS} steps (the steady-state figures start there, and after "
+                     f"{NOISE_MIN_STEPS} steps in modes without a warm-up)")
 SYNC_EVERY_HELP = ("k: local steps per window, each window's model delta averaged by one allreduce; auto: "
                    "the smallest k whose steps hide the allreduce and its own cost, landing after the fewest steps "
                    "that hide the allreduce, from times measured in the warm-up")
@@ -72,12 +78,17 @@ int_or_auto = _number_or("auto", int, "an integer")
 int_or_epoch = _number_or(WARMUP_EPOCH, int, "an integer")   # --warmup-steps
 
 
-def warmup_steps_for(value: Union[int, str], steps_per_epoch: int) -> int:
-    """``--warmup-steps`` in steps: an integer as given; ``epoch``: one epoch's steps, at most
-    ``DEFAULT_WARMUP_STEPS``."""
+def warmup_steps_value(value: str) -> Union[int, str]:
+    """``train --warmup-steps``: an integer, ``epoch`` or ``auto``."""
+    return value if value == AUTO_WARMUP else int_or_epoch(value)
+
+
+def warmup_steps_for(value: Union[int, str], steps_per_epoch: int) -> Union[int, str]:
+    """``--warmup-steps`` in steps: an integer (or ``auto``) as given; ``epoch``: one epoch's
+    steps, at most ``DEFAULT_WARMUP_STEPS``."""
     if value == WARMUP_EPOCH:
         return min(steps_per_epoch, DEFAULT_WARMUP_STEPS)
-    return int(value)
+    return value if value == AUTO_WARMUP else int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +181,8 @@ def _add_ssd(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--sync-every", type=int_or_auto, default=5, metavar="K|auto", help=SYNC_EVERY_HELP + " (auto: --mode ssd)")
     g.add_argument("--delay", type=int_or_auto, default=None, metavar="D|auto", help=DELAY_HELP)
     g.add_argument("--max-sync-every", type=int, default=16, help="the largest k that --sync-every auto may choose")
-    g.add_argument("--warmup-steps", type=int_or_epoch, default=WARMUP_EPOCH, metavar="N|epoch", help=WARMUP_HELP)
+    g.add_argument("--warmup-steps", type=warmup_steps_value, default=WARMUP_EPOCH, metavar="N|epoch|auto",
+                   help=TRAIN_WARMUP_HELP)
     g.add_argument("--glu-beta", type=float_or_auto, default=DEFAULT_GLU_BETA, metavar="BETA|auto", help=GLU_BETA_HELP)
     g.add_argument("--local-lr-scale", type=float_or_auto, default=DEFAULT_LOCAL_LR_SCALE, metavar="SCALE|auto",
                    help=LOCAL_LR_SCALE_HELP)
@@ -314,7 +326,7 @@ def check_args(args: argparse.Namespace, backend: str, size: int) -> None:
         if getattr(args, name) != "auto" and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("eval_every", "eval_samples", "max_steps", "warmup_steps"):
-        if getattr(args, name) != WARMUP_EPOCH and getattr(args, name) < 0:
+        if getattr(args, name) not in (WARMUP_EPOCH, AUTO_WARMUP) and getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.gpt_width % args.gpt_heads:
         raise SystemExit(f"--gpt-width ({args.gpt_width}) must be a multiple of --gpt-heads ({args.gpt_heads})")
