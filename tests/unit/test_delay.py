@@ -759,6 +759,14 @@ def test_an_auto_warm_up_ends_where_the_simulator_ends_it_then_follows_the_refer
     assert_matches_reference(ranks, (2, 1, 0.5, sim.warmup.end))
 
 
+def test_an_auto_warm_up_over_two_nodes_reads_every_rank_then_follows_the_hierarchical_reference():
+    ranks = train(4, (2, 1, 0.5, "auto"), steps=16, ranks_per_node=2, local_sync=True)
+    ends = {r["stats"]["warmup_allreduces"] for r in ranks}   # one per warm-up step, across all 4 ranks
+    flat = run_threads(4, lambda comm: _auto_warmup_run(comm, 16))
+    assert ends == {flat[0]["end"]}
+    assert_matches_reference(ranks, (2, 1, 0.5, flat[0]["end"]), ranks_per_node=2)
+
+
 def test_an_auto_warm_up_saved_before_its_end_resumes_bit_for_bit():
     """Saved at step 5, before the noise's horizon: the resumed ranks carry its running means on."""
     full = run_threads(2, lambda comm: _auto_warmup_run(comm, 14, save_at=5))
