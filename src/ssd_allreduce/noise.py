@@ -9,8 +9,8 @@ What r says about local steps: Adam divides a step by the square root of the run
 squared gradient, and that mean on one rank is (1 + r) / (1 + r/N) times the average's. Local
 steps at sqrt(N) times the learning rate (the library's scale for Adam's family) match
 synchronous ones where r >> N; while r is below N the ranks' gradients mostly agree and the scaled
-local steps are longer than synchronous AdamW's, by up to sqrt(N) where r << 1. The quality
-study's ``@auto`` warm-up ends where r reaches N: there the scaled local step is sqrt(2N/(N+1))
+local steps are longer than synchronous AdamW's, by up to sqrt(N) where r << 1. The library's
+``warmup_steps="auto"`` (``warmup_end``) ends where r reaches N: there the scaled local step is sqrt(2N/(N+1))
 times the synchronous one (1.26 at 4 ranks, under sqrt(2) at any number).
 """
 from __future__ import annotations

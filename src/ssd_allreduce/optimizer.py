@@ -109,8 +109,8 @@ def DistributedOptimizer(
       own cost, and d the fewest steps that hide the allreduce); "auto" re-checks its choice every
       20 windows;
     - ``warmup_steps``: steps of exact synchronous SGD first; "auto": until the ranks' gradient
-      noise reaches their number (``warmup_end``; one scalar allreduce more per warm-up step, at
-      most ``warmup_end.MAX_AUTO_WARMUP_STEPS``), read back as ``optimizer.warmup_end``;
+      noise reaches their number (``warmup_end``; one more gather of two numbers per warm-up
+      step, at most ``warmup_end.MAX_AUTO_WARMUP_STEPS``), read back as ``optimizer.warmup_end``;
     - ``glu_beta``: how a landing keeps this rank's own progress (1) versus the global estimate
       (0); ``compensation="overwrite"`` replaces the local weights by the global ones (ablation);
     - ``named_buffers``: floating-point buffers (BatchNorm statistics) averaged with the delta;
@@ -170,7 +170,8 @@ def DistributedOptimizer(
                                 compression=compression, sparse_as_dense=sparse_as_dense,
                                 stats=optimizer.ssd_stats, name=label, counts=counts)
     optimizer._ssd_averager = averager(comm, "warmup", name)
-    optimizer._ssd_averager.read_noise = optimizer._ssd_warmup.auto
+    # one node (hierarchical) runs no windows: nothing for the warm-up's end to decide
+    optimizer._ssd_averager.read_noise = optimizer._ssd_warmup.auto and optimizer._ssd_windows
     # hierarchical: inside the node every step after the warm-up (one node: everyone, no windows)
     optimizer._ssd_node_averager = None if hierarchy is None else averager(hierarchy.node, "node", f"{name}.node")
     optimizer.sparse_as_dense = sparse_as_dense

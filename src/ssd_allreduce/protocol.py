@@ -4,7 +4,7 @@ node after it, hierarchical), each bucket started from backward as Horovod does;
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 from torch import Tensor
 
@@ -13,7 +13,6 @@ from .warmup import GradientAverager
 
 if TYPE_CHECKING:
     from .delay import DelayStage
-    from .settings import SSDSettings
     from .topology import Hierarchy
     from .warmup_end import WarmupEnd
     from .comm import Communicator
@@ -25,7 +24,7 @@ class HorovodProtocol:
     _ssd_averager: GradientAverager
     _ssd_node_averager: Optional[GradientAverager]
     _ssd_engine: "DelayStage"
-    _ssd_settings: "SSDSettings"
+    _ssd_check_ranks: Callable[[], None]   # agreement.RankAgreement's
     _ssd_warmup: "WarmupEnd"
     _ssd_hierarchy: Optional["Hierarchy"]
     _ssd_comm: "Communicator"
@@ -77,6 +76,8 @@ class HorovodProtocol:
     def _ssd_synchronize(self, without_gradients: bool) -> None:
         """``synchronize()``; a rank that steps without gradients makes every rank raise (at once,
         or where the windows carry the news to the other nodes, when the window lands)."""
+        if self._ssd_comm.member and not self._ssd_checked:
+            self._ssd_check_ranks()   # first: a rank at the very start takes rank 0's position (step, warm-up)
         averager = self._ssd_averager_at(self._ssd_step) if self._ssd_comm.member else None
         if averager is not None:
             erred = averager.average_(without_gradients)

@@ -64,9 +64,7 @@ class Simulator:
                                if self.settings.local_lr_scale == "auto" else self.settings.local_lr_scale)
         self.step_index = 0
         self.warmup = WarmupEnd(self.settings.warmup_steps)
-        # the warm-up's gradient noise (the "auto" warm-up's rule reads it; otherwise nothing depends on it)
-        reads = (read_noise or self.warmup.auto) and num_workers > 1
-        self.noise: Optional[GradientNoise] = self.warmup.noise if reads else None
+        self._reads_noise = (read_noise or self.warmup.auto) and num_workers > 1
         self.clock: Optional[WindowClock] = None
         self.global_: Optional[FlatSpace] = None
         self.delta: Optional[FlatSpace] = None
@@ -77,6 +75,12 @@ class Simulator:
         self._own_delta: Optional[FlatSpace] = None
         self.launched_at: Optional[int] = None
         self.windows_landed = 0
+
+    @property
+    def noise(self) -> Optional[GradientNoise]:
+        """The warm-up's gradient noise where read (the "auto" warm-up's rule reads it; otherwise
+        nothing depends on it)."""
+        return self.warmup.noise if self._reads_noise else None
 
     @property
     def num_workers(self) -> int:

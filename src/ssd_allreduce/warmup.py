@@ -90,7 +90,7 @@ class GradientAverager:
     every-step average inside a node). With ``read_noise`` each step also leaves ``last_norms``
     (``warmup_end.WarmupEnd.observe``'s): the ranks' mean of their own dense gradients' squared
     norms, taken before they are sent, and the squared norm of the average, through one more
-    allreduce of two numbers."""
+    collective: an allgather of two numbers per rank."""
 
     def __init__(self, comm: Communicator, params: Sequence[Tensor], *, groups: Groups,
                  gradient_predivide_factor: float, compression: Any, sparse_as_dense: bool,
@@ -148,7 +148,7 @@ class GradientAverager:
             self._launched[i] = _Launched([], None, [], [])
             return
         if self.read_noise:
-            self._own_sq.append(_squared_norm([p.grad for p in dense]))
+            self._own_sq.append(_squared_norm([p.grad for p in dense], self.params[0].device))
         wire, contexts = compress(self.compression, [p.grad for p in dense])
         nbytes = payload_bytes(wire)
         self._count_bytes(nbytes)
@@ -194,10 +194,10 @@ class GradientAverager:
                 flag = self._flag
                 if flag_alone is not None:
                     self.comm.synchronize(flag_alone)
+                if self._started is not None:   # the gradients' own time, which the auto window reads
+                    self.last_seconds, self.last_bytes = time.perf_counter() - self._started, self._bytes
                 if self.read_noise:
                     self.last_norms = self._read_norms()
-                if self._started is not None:
-                    self.last_seconds, self.last_bytes = time.perf_counter() - self._started, self._bytes
             finally:
                 self._reset()
             for p in densified:
@@ -207,15 +207,17 @@ class GradientAverager:
             return round(float(flag) * self.comm.size)
 
     def _read_norms(self) -> tuple[float, float]:
-        """(the ranks' mean of their own squared norms, the average's squared norm), both out of
-        one allreduce, so every rank reads the same numbers."""
-        averaged = _squared_norm([p.grad for launched in self._launched.values() for p in launched.dense])
-        own = torch.stack([sq.to(averaged.device) for sq in self._own_sq]).sum() if self._own_sq else 0 * averaged
-        norms = torch.stack([own, averaged])
-        self.comm.synchronize(self.comm.allreduce_async_([norms], name=f"{self.name}.noise", op=ReduceOp.AVERAGE))
-        self._count_bytes(norms.nbytes)
-        own_sq, mean_sq = norms.tolist()
-        return own_sq, mean_sq
+        """(the ranks' mean of their own squared norms, rank 0's squared norm of the average),
+        from an allgather of both numbers: every rank sums the same bits in the same order, so all
+        decide alike whatever order their backend's allreduce sums in."""
+        device = self.params[0].device
+        averaged = _squared_norm([p.grad for launched in self._launched.values() for p in launched.dense], device)
+        own = torch.stack(self._own_sq).sum() if self._own_sq else torch.zeros((), device=device)
+        handle = self.comm.allgather_async(torch.stack([own, averaged]), name=f"{self.name}.noise")
+        self.comm.synchronize(handle)
+        everyone = self.comm.gathered(handle).reshape(-1, 2).tolist()
+        self._count_bytes(8)
+        return sum(mine for mine, _ in everyone) / len(everyone), everyone[0][1]
 
     def discard(self) -> None:
         """Forget the allreduces started from backward (their ranks changed: Horovod elastic)."""
@@ -258,9 +260,10 @@ class GradientAverager:
                                          check_invariants=False).coalesce()   # valid: from coalesced ones
 
 
-def _squared_norm(grads: list[Tensor]) -> Tensor:
-    """The squared norm of ``grads`` together, in float32 on their device (zero for none)."""
+def _squared_norm(grads: list[Tensor], device: torch.device) -> Tensor:
+    """The squared norm of ``grads`` together, in float32 on ``device`` (16-bit gradients are
+    widened first: their squares overflow)."""
     if not grads:
-        return torch.zeros((), dtype=torch.float32)
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-    return torch.stack([n.to(grads[0].device) for n in norms]).square().sum()
+        return torch.zeros((), device=device)
+    wide = [g if g.dtype in (torch.float32, torch.float64) else g.float() for g in grads]
+    return torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(wide)]).square().sum()

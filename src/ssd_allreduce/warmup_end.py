@@ -4,17 +4,18 @@ first step where the ranks' gradient noise reached their number (``noise.Gradien
 From there a rank's gradient is as much noise as the average is signal, and the delay stage's
 scaled local steps come within sqrt(2N/(N+1)) of synchronous ones (``noise`` says why); before
 it, the ranks' gradients mostly agree and local AdamW steps run up to sqrt(N) too long. The rule
-reads the ranks' own gradient norms and their average's, one scalar allreduce per warm-up step.
-Every rank decides from the same averaged numbers, so all end the warm-up at the same step.
+reads the ranks' own gradient norms and their average's, one gather of two numbers per warm-up
+step. Every rank decides from the same gathered numbers, so all end the warm-up at the same step.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Union
 
 from .noise import MIN_STEPS, GradientNoise
 from .settings import AUTO
 
-# An "auto" warm-up's longest: twice the paper's 500 steps. The crossing was measured at 85-581
+# An "auto" warm-up's longest: twice the paper's 500 steps. The crossing was measured at 83-581
 # steps on the GPT at 4 ranks (docs/BENCHMARKS.md, "The warm-up's end"); at more ranks, or with
 # larger batches per rank, the noise may take long to reach the ranks' number.
 MAX_AUTO_WARMUP_STEPS = 1000
@@ -36,23 +37,26 @@ class WarmupEnd:
     def observe(self, step: int, ranks: int, norms: Optional[tuple[float, float]]) -> None:
         """After synchronous step ``step`` over ``ranks``: ``norms`` are the ranks' mean of their
         own gradients' squared norms and the squared norm of their average (identical on every
-        rank: both come out of an allreduce), read into ``noise`` with any warm-up. One rank has
-        no noise to read: its "auto" warm-up is ``noise.MIN_STEPS`` long."""
-        read = norms is not None and ranks > 1
-        if read:
+        rank: every rank reads the same gathered numbers), read into ``noise`` with any warm-up.
+        A reading that is not finite (a GradScaler overflow) or all zero says nothing and is
+        passed over. One rank has no noise to read: its "auto" warm-up is ``noise.MIN_STEPS`` long."""
+        alone = norms is None or ranks < 2
+        if not alone and all(math.isfinite(x) for x in norms) and norms[0] > 0:
             self.noise.ranks = ranks   # Horovod elastic: the ranks of this step
             self.noise.update(*norms)
         if self.end is not None:
             return
-        saturated = self.noise.saturated if read else step + 1 >= MIN_STEPS
+        saturated = step + 1 >= MIN_STEPS if alone else self.noise.saturated
         if saturated or step + 1 >= MAX_AUTO_WARMUP_STEPS:
             self.end = step + 1
 
     def position(self) -> Optional[tuple]:
         """What ranks compare and a joining rank adopts: None where nothing was observed (a fixed
-        warm-up, or an "auto" one before its first step)."""
+        warm-up, or an "auto" one before its first step); once the end is decided, that alone."""
         if not self.auto or (self.end is None and not self.noise.steps):
             return None
+        if self.end is not None:
+            return self.end, 0, 0.0, 0.0
         return self.end, self.noise.steps, self.noise.signal, self.noise.noise
 
     def adopt(self, position: Optional[tuple]) -> None:

@@ -777,9 +777,11 @@ def test_an_auto_warm_up_saved_before_its_end_resumes_bit_for_bit():
         assert all(torch.equal(a, b) for a, b in zip(whole["final"], part["final"]))
 
 
-def test_a_fresh_rank_takes_rank_0s_auto_warm_up_reading():
+@pytest.mark.parametrize("explicit", [False, True], ids=["step", "synchronize-then-step"])
+def test_a_fresh_rank_takes_rank_0s_auto_warm_up_reading(explicit):
     """Rank 0 resumes a checkpoint saved in the warm-up, rank 1 starts afresh (Horovod's resume,
-    or a rank that joined): both end the warm-up where an uninterrupted run does."""
+    or a rank that joined): both end the warm-up where an uninterrupted run does, also where the
+    loop averages first (``synchronize()``, then ``step()`` under ``skip_synchronize()``)."""
     full = run_threads(2, lambda comm: _auto_warmup_run(comm, 14, save_at=5))
 
     def rank_fn(comm):
@@ -789,6 +791,14 @@ def test_a_fresh_rank_takes_rank_0s_auto_warm_up_reading():
         if comm.rank == 0:
             opt.load_state_dict(saved["opt"])
         for t in range(6, 14):
-            step(model, opt, comm.rank, t)
+            if not explicit:
+                step(model, opt, comm.rank, t)
+                continue
+            x, y = problem.batch(comm.rank, t)
+            opt.zero_grad()
+            problem.loss_fn(model(x), y).backward()
+            opt.synchronize()
+            with opt.skip_synchronize():
+                opt.step()
         return opt.warmup_end
     assert run_threads(2, rank_fn) == [full[0]["end"]] * 2

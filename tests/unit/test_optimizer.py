@@ -52,7 +52,8 @@ def test_returns_the_same_optimizer_still_an_instance_of_its_class():
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(sync_every=0), "sync_every must be an integer >= 1, got 0"),
     (dict(sync_every=3, delay=4), "delay must be an integer in [0, sync_every=3], got 4"),
-    (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0 or 'auto' (until the gradient noise reaches the ranks), got -1"),
+    (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0 or 'auto' (until the gradient noise reaches "
+                            "the ranks), got -1"),
     (dict(glu_beta=2.0), "glu_beta must be a number in [0, 1], got 2.0"),
     (dict(nonfinite="ignore"), "nonfinite must be one of ('raise', 'skip'), got 'ignore'"),
     (dict(backend="nccl"), "backend must be one of ('horovod', 'torch', 'mpi')"),

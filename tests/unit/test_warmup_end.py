@@ -2,10 +2,14 @@
 number, at most ``MAX_AUTO_WARMUP_STEPS``; what ranks compare and adopt."""
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 
 from ssd_allreduce.noise import MIN_STEPS
 from ssd_allreduce.settings import SSDSettings
+from ssd_allreduce.warmup import _squared_norm
 from ssd_allreduce.warmup_end import MAX_AUTO_WARMUP_STEPS, WarmupEnd
 
 QUIET = (4.0, 1.75)   # 4 ranks: signal 1, one rank's noise 3 (under 4)
@@ -53,6 +57,21 @@ def test_one_rank_has_no_noise_to_read_and_a_quiet_run_stops_at_the_cap():
     assert quiet.end == MAX_AUTO_WARMUP_STEPS
 
 
+def test_a_reading_that_is_not_finite_or_all_zero_is_passed_over():
+    end = WarmupEnd("auto")
+    for t in range(MIN_STEPS + 3):
+        end.observe(t, 4, (math.inf, math.inf) if t % 2 else QUIET)   # a GradScaler overflow every other step
+        end.observe(t, 4, (0.0, 0.0))                                  # no gradients at all
+    assert end.end is None and end.noise.ratio == pytest.approx(3.0)
+    assert all(math.isfinite(x) for x in end.position()[2:])
+
+
+def test_the_squared_norm_widens_16_bit_gradients_and_takes_float64():
+    grads = [torch.full((300,), 20.0, dtype=torch.float16), torch.ones(3, dtype=torch.float64), torch.ones(2)]
+    assert float(_squared_norm(grads, torch.device("cpu"))) == 300 * 400.0 + 3 + 2   # 20^2 * 300 overflows fp16
+    assert _squared_norm([], torch.device("cpu")).dtype == torch.float32
+
+
 def test_a_reading_moves_to_another_rank_and_through_a_checkpoint():
     end = WarmupEnd("auto")
     assert end.position() is None   # fresh: what a joining rank shows
@@ -66,6 +85,7 @@ def test_a_reading_moves_to_another_rank_and_through_a_checkpoint():
         for t in range(4, 20):
             w.observe(t, 4, NOISY)
     assert joined.end == resumed.end == end.end is not None
+    assert end.position() == (end.end, 0, 0.0, 0.0)   # decided: the end alone travels
     resumed.load_state_dict(None)   # a checkpoint without SSD-SGD's part: from the start
     assert resumed.position() is None and resumed.end is None
 

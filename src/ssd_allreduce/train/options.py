@@ -15,8 +15,8 @@ from typing import Callable, Union
 from ..cli import HelpFormatter, add_version
 from ..noise import MIN_STEPS as NOISE_MIN_STEPS
 from ..settings import AUTO as AUTO_WARMUP
-from ..warmup_end import MAX_AUTO_WARMUP_STEPS
 from ..settings import DEFAULT_GLU_BETA, DEFAULT_LOCAL_LR_SCALE, DEFAULT_WARMUP_STEPS, MIN_WARMUP_STEPS, SSDSettings
+from ..warmup_end import MAX_AUTO_WARMUP_STEPS
 from .data import DATASET_NAMES, SHARD_MODES
 from .modes import MODES
 
