@@ -74,10 +74,6 @@ def parse_variant(text: str) -> Variant:
 
 def plan(a: argparse.Namespace) -> list[RunSpec]:
     variants = [parse_variant(v) for v in a.variants]
-    if any(v.warmup_steps == AUTO for v in variants) and "non-iid" in a.shards:
-        raise SystemExit("--variants ...@auto (the warm-up ended by the gradient noise) runs on shuffled shards "
-                         "only (where the ranks' data differ, their spread reads as noise): leave out non-iid, or "
-                         "give those variants a number of warm-up steps")
     if not any(v.sync for v in variants):
         variants.insert(0, parse_variant("sync"))
     return [RunSpec(task, n, opt, shards, seed, a.max_steps, a.warmup_steps, v, a.lr)
