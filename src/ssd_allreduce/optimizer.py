@@ -111,7 +111,7 @@ def DistributedOptimizer(
     - ``warmup_steps``: steps of exact synchronous SGD first; "auto": until the ranks' gradient
       noise reaches their number (``warmup_end``; one more gather of two numbers per warm-up
       step, at most ``warmup_end.MAX_AUTO_WARMUP_STEPS``; where the ranks' data differ their
-      spread counts as noise and ends it sooner), read back as ``optimizer.warmup_end``;
+      spread counts as noise and can end it sooner), read back as ``optimizer.warmup_end``;
     - ``glu_beta``: how a landing keeps this rank's own progress (1) versus the global estimate
       (0); ``compensation="overwrite"`` replaces the local weights by the global ones (ablation);
     - ``named_buffers``: floating-point buffers (BatchNorm statistics) averaged with the delta;

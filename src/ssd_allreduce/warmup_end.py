@@ -16,7 +16,7 @@ from .noise import MIN_STEPS, GradientNoise
 from .settings import AUTO
 
 # An "auto" warm-up's longest: twice the paper's 500 steps. The crossing was measured at 83-581
-# steps on the GPT at 4 ranks (docs/BENCHMARKS.md, "The warm-up's end"); at more ranks, or with
+# steps on the GPT at 4 ranks (docs/BENCHMARKS.md, "Where the warm-up ends"); at more ranks, or with
 # larger batches per rank, the noise may take long to reach the ranks' number.
 MAX_AUTO_WARMUP_STEPS = 1000
 
