@@ -83,8 +83,8 @@ class HorovodProtocol:
             erred = averager.average_(without_gradients)
             if averager is self._ssd_averager:
                 self._ssd_warmup.observe(self._ssd_step, averager.comm.size, averager.last_norms)
-            if self._ssd_engine.tuner is not None and averager is self._ssd_averager:
-                self._ssd_engine.tuner.warmup_collective(averager.last_seconds, averager.last_bytes)
+                if self._ssd_engine.tuner is not None:
+                    self._ssd_engine.tuner.warmup_collective(averager.last_seconds, averager.last_bytes)
             self._ssd_erred = erred
             if erred and (averager is self._ssd_averager or not self._ssd_windows):
                 raise RuntimeError(missing_gradients(erred, averager.comm.size, self._ssd_step))

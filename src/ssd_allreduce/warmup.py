@@ -213,10 +213,11 @@ class GradientAverager:
         device = self.params[0].device
         averaged = _squared_norm([p.grad for launched in self._launched.values() for p in launched.dense], device)
         own = torch.stack(self._own_sq).sum() if self._own_sq else torch.zeros((), device=device)
-        handle = self.comm.allgather_async(torch.stack([own, averaged]), name=f"{self.name}.noise")
+        mine = torch.stack([own, averaged])
+        handle = self.comm.allgather_async(mine, name=f"{self.name}.noise")
         self.comm.synchronize(handle)
         everyone = self.comm.gathered(handle).reshape(-1, 2).tolist()
-        self._count_bytes(8)
+        self._count_bytes(mine.nbytes)
         return sum(mine for mine, _ in everyone) / len(everyone), everyone[0][1]
 
     def discard(self) -> None:

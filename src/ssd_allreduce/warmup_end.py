@@ -19,6 +19,7 @@ from .settings import AUTO
 # steps on the GPT at 4 ranks (docs/BENCHMARKS.md, "Where the warm-up ends"); at more ranks, or with
 # larger batches per rank, the noise may take long to reach the ranks' number.
 MAX_AUTO_WARMUP_STEPS = 1000
+_SAVED = ("end", "steps", "signal", "noise")   # position()'s fields, by name in a checkpoint
 
 
 class WarmupEnd:
@@ -72,7 +73,7 @@ class WarmupEnd:
         position = self.position()
         if position is None:
             return None
-        return dict(zip(("end", "steps", "signal", "noise"), position))
+        return dict(zip(_SAVED, position))
 
     def load_state_dict(self, state: Optional[dict[str, Any]]) -> None:
-        self.adopt(None if state is None else (state["end"], state["steps"], state["signal"], state["noise"]))
+        self.adopt(None if state is None else tuple(state[key] for key in _SAVED))

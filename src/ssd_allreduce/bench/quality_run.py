@@ -113,11 +113,16 @@ def simulate(spec: RunSpec, task: Optional[Task] = None) -> RunResult:
                 metrics["noise"] = sim.noise.ratio
             result.curve.append((t + 1, metrics))
     if sim.warmup.auto:
-        result.warmup = spec.steps if sim.warmup.end is None else min(sim.warmup.end, spec.steps)
+        result.warmup = _steps_warmed(sim.warmup.end, spec)
     sim.finish()
     result.final = task.evaluate(sim.global_model())
     result.curve.append((spec.steps, result.final))
     return result
+
+
+def _steps_warmed(end: Optional[int], spec: RunSpec) -> int:
+    """The steps an "auto" warm-up that ended at ``end`` (None: never) took of the run."""
+    return spec.steps if end is None else min(end, spec.steps)
 
 
 def _simulation(spec: RunSpec, task: Task) -> tuple[Simulator, Callable[[int], None]]:
@@ -169,7 +174,7 @@ def train_rank(spec: RunSpec) -> RunResult:
     if not spec.variant.sync:
         opt.finish()
         if spec.warmup == AUTO:
-            result.warmup = spec.steps if opt.warmup_end is None else min(opt.warmup_end, spec.steps)
+            result.warmup = _steps_warmed(opt.warmup_end, spec)
     result.final = task.evaluate(_global_model(model, opt))
     result.curve.append((spec.steps, result.final))
     return result
