@@ -50,8 +50,9 @@ declare -A SECTION=(
   [quality-gpt-ranks]="quality --tasks gpt --ranks 8 16 --optimizers adamw sgd --shards shuffle --seeds 2 --max-steps 300 --warmup-steps 30 --variants sync 5:1 5:5 --jobs 2 --out docs/results/quality-gpt-ranks.json"
   [quality-gpt-noniid-warmup]="quality --tasks gpt --ranks 4 --optimizers adamw sgd --shards non-iid --seeds 3 --max-steps 300 --warmup-steps 30 --variants sync 5:1 5:1@auto 5:1@90 --jobs 2 --out docs/results/quality-gpt-noniid-warmup.json"
   [quality-gpt-ranks-warmup]="quality --tasks gpt --ranks 8 16 --optimizers adamw sgd --shards shuffle --seeds 2 --max-steps 300 --warmup-steps 30 --variants sync 5:1@auto 5:5@auto --jobs 2 --out docs/results/quality-gpt-ranks-warmup.json"
+  [quality-gpt-long-ranks]="quality --tasks gpt --ranks 8 --optimizers adamw --shards shuffle --seeds 2 --max-steps 2000 --warmup-steps 100 --variants sync 5:1@auto 5:1@500 --jobs 2 --out docs/results/quality-gpt-long-ranks.json"
 )
-ORDER=(costmodel nodecost overhead ablation quality quality-drift quality-drift-beta quality-moments quality-moments-gpt quality-outer quality-gpt quality-gpt-ranks quality-gpt-long quality-gpt-long-delay quality-gpt-delay quality-gpt-adamw quality-gpt-warmup quality-gpt-long-warmup quality-gpt-ranks-warmup quality-gpt-noniid-warmup quality-digits sweep compression compression-resnet warmup auto straggler nodes gpt gpt-delay gpt-schedule faults)
+ORDER=(costmodel nodecost overhead ablation quality quality-drift quality-drift-beta quality-moments quality-moments-gpt quality-outer quality-gpt quality-gpt-ranks quality-gpt-long quality-gpt-long-delay quality-gpt-delay quality-gpt-adamw quality-gpt-warmup quality-gpt-long-warmup quality-gpt-ranks-warmup quality-gpt-long-ranks quality-gpt-noniid-warmup quality-digits sweep compression compression-resnet warmup auto straggler nodes gpt gpt-delay gpt-schedule faults)
 # docs/RELIABILITY.md's fault matrix: every fault on every backend, measured by its test
 FAULTS=(-m pytest -p no:cacheprovider -s tests/e2e/test_faults.py -k lost_rank)
 

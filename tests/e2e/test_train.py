@@ -52,10 +52,16 @@ def test_each_mode_learns_the_digits_under_horovodrun(tmp_path, mode, min_accura
 
 def test_an_auto_window_and_int8_deltas_learn_the_digits(tmp_path):
     """The window the ranks agreed on is in the summary and was used: 10 x 22 steps, 20 of warm-up;
-    it lands after the fewest steps that hide its allreduce (at most k)."""
+    it lands after the fewest steps that hide its allreduce (at most k). Without OMP_NUM_THREADS
+    the two ranks share this machine's CPUs."""
     run = tmp_path / "auto"
-    run_ranks(horovodrun(2, *TRAIN, "--mode", "ssd", "--sync-every", "auto", "--compression", "int8", "--epochs", "10",
-                         "--warmup-steps", "20", "--out", str(run)))
+    out = run_ranks(horovodrun(2, *TRAIN, "--mode", "ssd", "--sync-every", "auto", "--compression", "int8",
+                               "--epochs", "10", "--warmup-steps", "20", "--out", str(run)),
+                    env={"OMP_NUM_THREADS": None})
+    start = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    cpus = len(os.sched_getaffinity(0))   # the ranks', and each rank's torch threads if left alone
+    assert start["threads"] == max(1, cpus // 2), start
+    assert ("2 rank(s) on this node: " in out) == (cpus > start["threads"]), out
     s = summary(run)
     k = s["ssd_stats"]["sync_every"]
     assert 1 <= k <= 16 and 1 <= s["ssd_stats"]["delay"] <= k and s["test_accuracy"] >= 0.85, s
@@ -142,32 +148,42 @@ def _assert_same_final_weights(a: Path, b: Path) -> None:
 
 SSD_RUN = ["--mode", "ssd", "--epochs", "3", "--warmup-steps", "10", "--sync-every", "4", "--delay", "3",
            "--signal-check-every", "1"]
+# a fixed delay: "auto" would choose from each run's own timings, and the runs compared differ
 
 
-def test_preempted_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path):
-    full, cut = tmp_path / "full", tmp_path / "cut"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """SSD_RUN from start to end: what a preempted and resumed run must end with."""
+    full = tmp_path_factory.mktemp("uninterrupted")
     run_ranks(horovodrun(2, *TRAIN, *SSD_RUN, "--out", str(full)))
+    return full
+
+
+def test_preempted_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path, uninterrupted):
+    cut = tmp_path / "cut"
     out = run_ranks(horovodrun(2, *TRAIN, *SSD_RUN, "--out", str(cut), "--preempt-at-step", "31"))
     assert "checkpoint" in out and "written at step 31" in out      # mid-epoch 1, window in flight
     state = final_states(cut, 2)[0]
     assert _where(state) == (1, 9, 31) and state["position"]["train_seconds"] > 0
     assert state["optimizer"]["ssd_sgd"]["window"] is not None
     run_ranks(horovodrun(2, *TRAIN, *SSD_RUN, "--out", str(cut), "--resume"))
-    _assert_same_final_weights(full, cut)
+    _assert_same_final_weights(uninterrupted, cut)
 
 
-def test_a_real_sigusr1_checkpoints_and_resume_matches(tmp_path):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    # a fixed delay: "auto" would choose from each run's own timings, and the two runs compared differ
-    args = ["--mode", "ssd", "--epochs", "25", "--warmup-steps", "10", "--sync-every", "4", "--delay", "4",
-            "--signal-check-every", "1", "--checkpoint-every", "0"]
-    run_ranks(horovodrun(2, *TRAIN, *args, "--out", str(full)))
-    proc = subprocess.Popen(horovodrun(2, *TRAIN, *args, "--out", str(cut)), env=launcher_env(), cwd=REPO,
+def test_a_real_sigusr1_checkpoints_and_resume_matches(tmp_path, uninterrupted):
+    """SIGUSR1 to both ranks of a run under way, once its first epoch's records are written. Rank
+    1 sleeps 20 x its compute each step (the weights do not change: the window's delay is fixed),
+    so the signal lands long before the run's 66 steps end; without periodic checkpoints, the
+    preemption's is the one to resume from."""
+    cut = tmp_path / "cut"
+    args = [*SSD_RUN, "--checkpoint-every", "0", "--out", str(cut)]
+    slow = ["--slow-rank", "1", "--slow-fraction", "20"]
+    proc = subprocess.Popen(horovodrun(2, *TRAIN, *args, *slow), env=launcher_env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         metrics = cut / "metrics.jsonl"
         deadline = time.time() + 120
-        while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"step"') < 100):
+        while time.time() < deadline and (not metrics.exists() or '"kind": "epoch"' not in metrics.read_text()):
             time.sleep(0.1)
         ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
                  if p.name().startswith("python") and p.cmdline()[1:3] == ["-m", "ssd_allreduce.train"]]
@@ -181,9 +197,9 @@ def test_a_real_sigusr1_checkpoints_and_resume_matches(tmp_path):
             proc.wait()
     assert proc.returncode == 0 and "preemption signal" in out, out
     preempted = [json.loads(line) for line in metrics.read_text().splitlines() if '"preempted"' in line]
-    assert preempted and preempted[0]["step"] < 25 * 22
-    run_ranks(horovodrun(2, *TRAIN, *args, "--out", str(cut), "--resume"))
-    _assert_same_final_weights(full, cut)
+    assert preempted and preempted[0]["step"] < 3 * 22
+    run_ranks(horovodrun(2, *TRAIN, *args, "--resume"))
+    _assert_same_final_weights(uninterrupted, cut)
 
 
 def test_cifar10_directory_trains_resnet20(tmp_path):

@@ -17,7 +17,8 @@ BIN = Path(PYTHON).parent
 WORKERS = REPO / "tests" / "support" / "workers"
 
 
-def launcher_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+def launcher_env(extra: Optional[dict[str, Optional[str]]] = None) -> dict[str, str]:
+    """This environment for a launcher and its ranks, with ``extra``'s variables (None: unset)."""
     env = dict(os.environ)
     env.update({
         "PYTHONUNBUFFERED": "1",
@@ -32,7 +33,7 @@ def launcher_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     env.setdefault("HOROVOD_CYCLE_TIME", "5")
     env.update(extra or {})
-    return env
+    return {name: value for name, value in env.items() if value is not None}
 
 
 def run_bounded(cmd: Sequence[str], timeout: float, capture_output: bool = False,
@@ -79,7 +80,7 @@ def _text(part: Any) -> str:
     return part.decode(errors="replace") if isinstance(part, bytes) else (part or "")
 
 
-def run_ranks(cmd: Sequence[str], timeout: float = 240, env: Optional[dict[str, str]] = None,
+def run_ranks(cmd: Sequence[str], timeout: float = 240, env: Optional[dict[str, Optional[str]]] = None,
               cwd: Optional[Path] = None) -> str:
     """Run a multi-rank command; on failure or timeout, fail showing every rank's output."""
     proc = run_bounded(cmd, timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

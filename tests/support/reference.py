@@ -48,8 +48,9 @@ class ReferenceSSD:
     def __init__(self, make_model: Callable[[], nn.Module], make_optimizer: Callable, workers: int, *,
                  k: int, d: int, T: int, beta, ranks_per_node: Optional[int] = None, outer_lr: float = 1.0,
                  outer_mu: float = 0.0, nesterov: bool = True, lr_scale: float = 1.0, drift: bool = False,
-                 moments: bool = False) -> None:
+                 moments: bool = False, overwrite: bool = False) -> None:
         self.R = ranks_per_node
+        self.overwrite = overwrite   # a landing sets every rank to W (the ablation's baseline), not GLU
         self.moments = moments
         self.M: list[Tensor] = []
         self.sm: list[list[Tensor]] = []
@@ -98,7 +99,7 @@ class ReferenceSSD:
         self.W = [W + g for W, g in zip(self.W, G)]
         for r in range(len(self.models)):
             for i, (w, W, s, g) in enumerate(zip(self._w(r), self.W, self.s[r], G)):
-                if i < n_params:
+                if i < n_params and not self.overwrite:
                     w.copy_(W + beta * (w - s) + (1 - beta) * (elapsed / self.k) * g)
                 else:
                     w.copy_(W)

@@ -104,6 +104,15 @@ def test_ranks_follow_the_reference_step_by_step_with_w_bit_identical(size, conf
 
 
 @pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("config", [(2, 1, 0.5, 3), (3, 3, 0.5, 0)], ids=lambda c: "k{}d{}T{}".format(c[0], c[1], c[3]))
+def test_overwrite_landings_follow_the_reference_with_w_bit_identical(size, config):
+    """The GLU ablation's baseline: a landing sets every rank's weights to W."""
+    ranks = train(size, config, compensation="overwrite")
+    assert_matches_reference(ranks, config, overwrite=True)
+    assert_global_weights_identical(ranks)
+
+
+@pytest.mark.parametrize("size", [2, 4])
 @pytest.mark.parametrize("outer", [dict(outer_lr=0.7, outer_momentum=0.9), dict(outer_lr=1.3, outer_momentum=0.5,
                                                                                  outer_nesterov=False)],
                          ids=["nesterov", "heavy ball"])

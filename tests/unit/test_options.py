@@ -247,3 +247,46 @@ def test_the_gpt_comparison_runs_blocking_local_sgd_unless_left_out():
                                                 "--shards", "shuffle", "--ablation-config", "none", *flags])
         language.check_args(a)
         assert [run.name for run in language.plan(a)] == ["horovod", "ssd k=5 d=5 beta=auto", *local]
+
+
+def test_the_gpt_ablation_adds_each_compensation_on_real_ranks_once():
+    """The ablation's rows on real ranks (the e2e workload runs leave them out): overwrite and GLU at
+    three betas, with the first optimizer and the ablation's sharding; a row the comparison already
+    runs (GLU at the ablation's window and beta) is not run twice."""
+    a = language.build_parser().parse_args(["--optimizers", "adamw", "sgd", "--ssd-configs", "2:2",
+                                            "--glu-beta", "0.5", "--shards", "shuffle", "--no-local-sgd",
+                                            "--ablation-config", "2:2", "--ablation-shards", "shuffle"])
+    language.check_args(a)
+    runs = language.plan(a)
+    assert [(r.optimizer, r.name) for r in runs] == [
+        ("adamw", "horovod"), ("adamw", "ssd k=2 d=2 beta=0.5"), ("sgd", "horovod"), ("sgd", "ssd k=2 d=2 beta=0.5"),
+        ("adamw", "ssd k=2 d=2 overwrite"), ("adamw", "ssd k=2 d=2 beta=1"), ("adamw", "ssd k=2 d=2 beta=0.25")]
+    overwrite = runs[4].args()
+    assert overwrite[overwrite.index("--compensation") + 1] == "overwrite"
+    assert runs[5].args()[-4:] == ["--compensation", "glu", "--glu-beta", "1.0"]
+
+
+@pytest.mark.parametrize("flags, compensation, beta", [(["--compensation", "overwrite"], "overwrite", 0.5),
+                                                    (["--glu-beta", "0.25"], "glu", 0.25)])
+def test_the_drivers_compensation_flags_reach_the_optimizer(flags, compensation, beta):
+    """What the GPT ablation's rows pass (tests/unit/test_delay.py checks the landings themselves)."""
+    from fakes import LocalCommunicator
+    from ssd_allreduce.train.launch import DistContext
+    from ssd_allreduce.train.modes import make_mode
+
+    args = build_parser().parse_args(["--mode", "ssd", "--warmup-steps", "5", "--glu-beta", "0.5", *flags])
+    ctx = DistContext("horovod", 0, 1, 0, torch.device("cpu"), LocalCommunicator())
+    settings = make_mode(args, torch.nn.Linear(3, 2), ctx).optimizer._ssd_settings
+    assert (settings.compensation, settings.glu_beta) == (compensation, beta)
+
+
+def test_ranks_on_one_node_share_its_cpus_unless_told():
+    from ssd_allreduce.train.launch import threads_per_rank
+
+    assert threads_per_rank(2, env={}, usable=8) == 4                  # horovodrun: nobody bound
+    assert threads_per_rank(3, env={}, usable=2) == 1                  # more ranks than CPUs
+    assert threads_per_rank(4, env={"OMP_NUM_THREADS": "6"}, usable=16) is None
+    assert threads_per_rank(4, env={"OMP_NUM_THREADS": ""}, usable=16) == 4     # set but empty
+    srun = {"SLURM_STEP_NUM_TASKS": "8", "SLURM_CPUS_PER_TASK": "3"}
+    assert threads_per_rank(4, env=srun, usable=3) == 3                # srun's share of this task
+    assert threads_per_rank(4, env={**srun, "HOROVOD_RANK": "0"}, usable=16) == 4   # horovodrun in a step

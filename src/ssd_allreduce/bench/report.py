@@ -74,6 +74,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
                                                               "quality-gpt-delay", "quality-gpt-ranks",
                                                               "quality-gpt-adamw", "quality-gpt-warmup",
                                                               "quality-gpt-long-warmup", "quality-gpt-ranks-warmup",
+                                                              "quality-gpt-long-ranks",
                                                               "quality-gpt-noniid-warmup", "quality-digits")},
     **{name: _lazy("sections", "render_comparison") for name in ("compression", "compression-resnet", "straggler")},
     **{name: _lazy("sections", "render_detailed") for name in ("sweep", "nodes")},

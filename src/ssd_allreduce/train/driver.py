@@ -435,6 +435,7 @@ def run(args: argparse.Namespace, ctx: DistContext, watchdog: Watchdog) -> None:
     pos = trainer.position
     log = runlog.RunLog(trainer.out, ctx.is_root)
     log.write("start", mode=args.mode, backend=ctx.backend, ranks=ctx.size, device=str(ctx.device),
+              threads=torch.get_num_threads(),
               model=args.model, parameters=count_parameters(trainer.model), data=args.data, label=args.label,
               resumed_at=pos.global_step, args=vars(args))
     preempt = PreemptionFlag()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import faulthandler
 import importlib.util
 import os
+import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -78,6 +80,15 @@ def _slurm_master_addr() -> str:
         return nodes.split(",")[0]
 
 
+def _torch_ranks_on_this_host() -> int:
+    """How many of torch.distributed's ranks run on this host (plain srun sets no LOCAL_WORLD_SIZE)."""
+    import torch.distributed as dist
+
+    hosts: list[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    return hosts.count(socket.gethostname())
+
+
 def _init_torch_distributed(use_cuda: bool, timeout: float) -> tuple[int, int, int]:
     import torch.distributed as dist
 
@@ -120,17 +131,21 @@ def init_distributed(backend: str = "auto", device: str = "auto", fault_timeout:
         check_horovod_gpu_support(use_cuda, hvd.nccl_built())
         set_backend_timeouts(fault_timeout)
         hvd.init()
-        rank, size, local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
+        rank, size, local_rank, local_size = hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()
         if use_cuda:
             torch.cuda.set_device(cuda_index(local_rank))
     elif backend == "torch":
         rank, size, local_rank = _init_torch_distributed(use_cuda, fault_timeout)
+        local_size = _torch_ranks_on_this_host()
     else:
         if use_cuda:
             raise ValueError("the mpi backend reduces CPU tensors only: use --backend horovod or torch on GPUs")
         from mpi4py import MPI
         rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-        local_rank = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+        local_rank, local_size = node.Get_rank(), node.Get_size()
+        node.Free()
+    _share_cpus(local_size, rank)
     dev = torch.device("cuda", cuda_index(local_rank)) if use_cuda else torch.device("cpu")
     if not faulthandler.is_enabled():
         # Installed after the backend's own handler (MPI's, for SIGSEGV, SIGBUS, SIGFPE and SIGABRT),
@@ -140,6 +155,38 @@ def init_distributed(backend: str = "auto", device: str = "auto", fault_timeout:
         except (AttributeError, OSError, RuntimeError, ValueError):   # no usable stderr to write to
             pass
     return DistContext(backend, rank, size, local_rank, dev, make_communicator(backend))
+
+
+def _share_cpus(local_size: int, rank: int) -> None:
+    """Fewer torch threads where ``threads_per_rank`` says so (said once, by rank 0)."""
+    threads = threads_per_rank(local_size)
+    if threads is not None and threads < torch.get_num_threads():
+        torch.set_num_threads(threads)
+        if rank == 0:
+            print(f"ssd_allreduce: {local_size} rank(s) on this node: {threads} torch thread(s) each "
+                  "(OMP_NUM_THREADS sets another number)", file=sys.stderr, flush=True)
+
+
+def threads_per_rank(local_ranks: int, env: Optional[Mapping[str, str]] = None,
+                     usable: Optional[int] = None) -> Optional[int]:
+    """torch's threads for one of ``local_ranks`` ranks on a node. Each rank's torch would start a
+    thread per CPU it may run on, and where the launcher bound no rank to CPUs of its own
+    (horovodrun, mpirun --bind-to none) ranks spinning in each other's threads ran the digits
+    CNN's steps at 237 ms instead of 6 ms on 2 cores. So the CPUs are shared out, or Slurm's share
+    of a task that srun started is taken (``SLURM_CPUS_PER_TASK``). None where ``OMP_NUM_THREADS``
+    chooses, as torchrun and slurm/launch.sh set it."""
+    env = os.environ if env is None else env
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    if _started_by_srun(env) and env.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(env["SLURM_CPUS_PER_TASK"]))
+    usable = len(os.sched_getaffinity(0)) if usable is None else usable
+    return max(1, usable // max(1, local_ranks))
+
+
+def _started_by_srun(env: Mapping[str, str]) -> bool:
+    """srun itself started this process (no horovodrun, mpirun or torchrun in between)."""
+    return "SLURM_STEP_NUM_TASKS" in env and not any(v in env for v in NON_SLURM_LAUNCHER_VARS)
 
 
 def cuda_index(local_rank: int) -> int:
@@ -152,9 +199,9 @@ def check_slurm_step(size: int, backend: str, env: Optional[Mapping[str, str]] =
     task of the step must be a rank of this one job: otherwise the tasks did not find each other
     and each would train alone. Raised alike on every task."""
     env = os.environ if env is None else env
-    tasks = env.get("SLURM_STEP_NUM_TASKS")
-    if tasks is None or any(v in env for v in NON_SLURM_LAUNCHER_VARS) or int(tasks) == size:
+    if not _started_by_srun(env) or int(env["SLURM_STEP_NUM_TASKS"]) == size:
         return
+    tasks = env["SLURM_STEP_NUM_TASKS"]
     if backend == "horovod":
         how = ("This Horovod cannot take its ranks from srun alone: start the step with `srun --mpi=pmix` "
                "and a Horovod built with MPI, or launch with horovodrun, or pass --backend torch to srun")

@@ -1,8 +1,8 @@
 """Horovod's usual resume (its ImageNet example): rank 0 alone loads the checkpoint, then
 hvd.broadcast_parameters and hvd.broadcast_optimizer_state; compared with every rank loading it.
 
-    horovod_resume.py --out DIR --phase save                  # 8 steps, rank 0 saves DIR/ckpt.pt
-    horovod_resume.py --out DIR --phase broadcast|everyone    # resume, 6 more steps, save results
+    horovod_resume.py --out DIR   # 8 steps, rank 0 saves DIR/ckpt.pt; then each way of resuming on
+                                  # a fresh model and optimizer, 6 more steps, DIR/{way}_rank{r}.pt
 """
 import argparse
 import os
@@ -37,34 +37,40 @@ def train(model, opt, start, stop):
         opt.step()
 
 
+def resume(ckpt, way):
+    """A fresh model and optimizer resumed from ``ckpt`` in ``way``, trained to STEPS; its results."""
+    model, opt = build()
+    if way == "everyone" or hvd.rank() == 0:
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    if way == "broadcast":
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        hvd.broadcast_optimizer_state(opt, root_rank=0)
+    train(model, opt, SAVE_AT, STEPS)
+    opt.finish()
+    return {"final": problem.model_tensors(model), "W": [w.clone() for w in opt.global_weights],
+            "steps": opt.ssd_stats.steps}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--phase", choices=("save", "broadcast", "everyone"), required=True)
     args = ap.parse_args()
     hvd.init()
     torch.set_num_threads(1)
     model, opt = build()
     ckpt = os.path.join(args.out, "ckpt.pt")
-    if args.phase == "save":
-        train(model, opt, 0, SAVE_AT)
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
-        if hvd.rank() == 0:
-            torch.save(state, ckpt)
-        return
-    if args.phase == "everyone" or hvd.rank() == 0:
-        state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-    if args.phase == "broadcast":
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        hvd.broadcast_optimizer_state(opt, root_rank=0)
-    train(model, opt, SAVE_AT, STEPS)
+    train(model, opt, 0, SAVE_AT)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict()}   # a window in flight
+    if hvd.rank() == 0:
+        torch.save(state, ckpt)
     opt.finish()
-    torch.save({"final": problem.model_tensors(model), "W": [w.clone() for w in opt.global_weights],
-                "steps": opt.ssd_stats.steps},
-               os.path.join(args.out, f"{args.phase}_rank{hvd.rank()}.pt"))
-    print(f"rank {hvd.rank()} resumed by {args.phase}: {opt.ssd_stats.steps} steps", flush=True)
+    hvd.allreduce(torch.zeros(1), name="saved")   # the file is there before any rank reads it
+    for way in ("broadcast", "everyone"):
+        result = resume(ckpt, way)
+        torch.save(result, os.path.join(args.out, f"{way}_rank{hvd.rank()}.pt"))
+        print(f"rank {hvd.rank()} resumed by {way}: {result['steps']} steps", flush=True)
 
 
 if __name__ == "__main__":
