@@ -170,11 +170,13 @@ def _share_cpus(local_size: int, rank: int) -> None:
 def threads_per_rank(local_ranks: int, env: Optional[Mapping[str, str]] = None,
                      usable: Optional[int] = None) -> Optional[int]:
     """torch's threads for one of ``local_ranks`` ranks on a node. Each rank's torch would start a
-    thread per CPU it may run on, and where the launcher bound no rank to CPUs of its own
+    thread per core it may run on, and where the launcher bound no rank to CPUs of its own
     (horovodrun, mpirun --bind-to none) ranks spinning in each other's threads ran the digits
-    CNN's steps at 237 ms instead of 6 ms on 2 cores. So the CPUs are shared out, or Slurm's share
-    of a task that srun started is taken (``SLURM_CPUS_PER_TASK``). None where ``OMP_NUM_THREADS``
-    chooses, as torchrun and slurm/launch.sh set it."""
+    CNN's steps at 237 ms instead of 6 ms on 2 cores. So the CPUs this rank may run on are shared
+    out among the node's ranks (where a launcher bound each rank to CPUs of its own, its share is
+    divided again: fewer threads, never more), or Slurm's share of a task that srun started is
+    taken (``SLURM_CPUS_PER_TASK``). None where ``OMP_NUM_THREADS`` chooses, as torchrun and
+    slurm/launch.sh set it."""
     env = os.environ if env is None else env
     if env.get("OMP_NUM_THREADS"):
         return None
