@@ -218,7 +218,7 @@ class GradientAverager:
         self.comm.synchronize(handle)
         everyone = self.comm.gathered(handle).reshape(-1, 2).tolist()
         self._count_bytes(mine.nbytes)
-        return sum(mine for mine, _ in everyone) / len(everyone), everyone[0][1]
+        return sum(own_sq for own_sq, _ in everyone) / len(everyone), everyone[0][1]
 
     def discard(self) -> None:
         """Forget the allreduces started from backward (their ranks changed: Horovod elastic)."""
