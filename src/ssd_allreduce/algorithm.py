@@ -42,7 +42,8 @@ def local_lr_scale_for(optimizer: torch.optim.Optimizer, ranks: int) -> float:
     local steps is sqrt(ranks) shorter than the synchronous step (the square-root rule of Adam's
     batch size). SGD's step is linear in the gradient: its average is the synchronous step (over
     a 2,000-step GPT run at 4 ranks, SGD's local steps at 1.4 or 2 times the rate ended closer to
-    synchronous SGD: docs/BENCHMARKS.md, "quality-gpt-long-sgd-scale"; not measured further)."""
+    synchronous SGD: docs/BENCHMARKS.md, "quality-gpt-long-sgd-scale"
+    and "-warmup"; measured at 4 ranks only)."""
     return math.sqrt(ranks) if is_adaptive(optimizer) else 1.0
 
 

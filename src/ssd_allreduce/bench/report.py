@@ -74,6 +74,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
                                                               "quality-gpt-delay", "quality-gpt-ranks",
                                                               "quality-gpt-adamw", "quality-gpt-warmup",
                                                               "quality-gpt-long-warmup", "quality-gpt-long-sgd-scale",
+                                                              "quality-gpt-long-sgd-scale-warmup",
                                                               "quality-gpt-ranks-warmup",
                                                               "quality-gpt-long-ranks", "quality-gpt-long-ranks-sgd",
                                                               "quality-gpt-noniid-warmup", "quality-digits")},
