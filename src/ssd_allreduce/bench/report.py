@@ -77,6 +77,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
                                                               "quality-gpt-long-sgd-scale-warmup",
                                                               "quality-gpt-ranks-warmup",
                                                               "quality-gpt-long-ranks", "quality-gpt-long-ranks-sgd",
+                                                              "quality-gpt-long-ranks-sgd-scale",
                                                               "quality-gpt-noniid-warmup", "quality-digits")},
     **{name: _lazy("sections", "render_comparison") for name in ("compression", "compression-resnet", "straggler")},
     **{name: _lazy("sections", "render_detailed") for name in ("sweep", "nodes")},
