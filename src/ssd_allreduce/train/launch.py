@@ -81,9 +81,12 @@ def _slurm_master_addr() -> str:
 
 
 def _torch_ranks_on_this_host() -> int:
-    """How many of torch.distributed's ranks run on this host (plain srun sets no LOCAL_WORLD_SIZE)."""
+    """How many of torch.distributed's ranks run on this host: torchrun's ``LOCAL_WORLD_SIZE``
+    (set alike on every rank), else a gather of host names (plain srun sets none)."""
     import torch.distributed as dist
 
+    if os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
+        return int(os.environ["LOCAL_WORLD_SIZE"])
     hosts: list[Optional[str]] = [None] * dist.get_world_size()
     dist.all_gather_object(hosts, socket.gethostname())
     return hosts.count(socket.gethostname())
