@@ -71,7 +71,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
                                                               "quality-drift-beta", "quality-moments",
                                                               "quality-moments-gpt", "quality-outer",
                                                               "quality-gpt-long", "quality-gpt-long-delay",
-                                                              "quality-gpt-delay", "quality-gpt-ranks",
+                                                              "quality-gpt-delay", "quality-gpt-ranks", "quality-gpt-sgd-scale",
                                                               "quality-gpt-adamw", "quality-gpt-warmup",
                                                               "quality-gpt-long-warmup", "quality-gpt-long-sgd-scale",
                                                               "quality-gpt-long-sgd-scale-warmup",
