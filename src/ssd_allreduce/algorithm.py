@@ -44,8 +44,7 @@ def local_lr_scale_for(optimizer: torch.optim.Optimizer, ranks: int) -> float:
     a 2,000-step GPT run at 4 ranks, SGD's local steps at 1.4 or 2 times the rate ended closer to
     synchronous SGD: docs/BENCHMARKS.md, "quality-gpt-long-sgd-scale"
     and "-warmup"; at 8 ranks 1.4 helped less and 2 ended 15.6 % above synchronous SGD:
-    "quality-gpt-long-ranks-sgd-scale"; over 300 steps 1.4 ended below synchronous SGD at 4 to 16
-    ranks: "quality-gpt-sgd-scale")."""
+    "quality-gpt-long-ranks-sgd-scale"; over 300 steps: "quality-gpt-sgd-scale" and "-lr")."""
     return math.sqrt(ranks) if is_adaptive(optimizer) else 1.0
 
 
