@@ -118,7 +118,7 @@ def test_a_rank_joining_a_self_tuned_run_makes_the_same_collectives_and_takes_w(
     train = [a for a in TRAIN if a not in ("--sync-every", "4")]
     cmd = [str(BIN / "horovodrun"), "-np", "1", "--min-np", "1", "--max-np", "2", "--host-discovery-script",
            str(discover), "--gloo", "--network-interface", "lo", PYTHON, *train, "--mode", "ssd", "--sync-every", "auto",
-           "--max-steps", "450", "--slow-rank", "0", "--slow-fraction", "3", "--out", str(run)]
+           "--max-steps", "350", "--slow-rank", "0", "--slow-fraction", "3", "--out", str(run)]
     with open(log, "w") as sink:
         proc = subprocess.Popen(cmd, env=launcher_env(), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -139,7 +139,7 @@ def test_a_rank_joining_a_self_tuned_run_makes_the_same_collectives_and_takes_w(
     assert sorted(r for r, *_ in after) == ["0", "1"] and all(at == "True" for *_, at, _ in after), output
     assert len({w for *_, w in after}) == 1, after
     summary = [r for r in records(run) if r["kind"] == "summary"][-1]
-    assert summary["ranks"] == 2 and summary["steps"] == 450, summary
+    assert summary["ranks"] == 2 and summary["steps"] == 350, summary
 
 
 def test_a_crashed_rank_is_dropped_and_training_goes_on_from_the_last_commit(tmp_path):
