@@ -40,11 +40,9 @@ def local_lr_scale_for(optimizer: torch.optim.Optimizer, ranks: int) -> float:
     gradient's own noise: a rank's gradient on its batch is ``ranks`` times noisier than the
     average synchronous training steps on, so where noise dominates, the average of the ranks'
     local steps is sqrt(ranks) shorter than the synchronous step (the square-root rule of Adam's
-    batch size). SGD's step is linear in the gradient: its average is the synchronous step (over
-    a 2,000-step GPT run at 4 ranks, SGD's local steps at 1.4 or 2 times the rate ended closer to
-    synchronous SGD: docs/BENCHMARKS.md, "quality-gpt-long-sgd-scale"
-    and "-warmup"; at 8 ranks 1.4 helped less and 2 ended 15.6 % above synchronous SGD:
-    "quality-gpt-long-ranks-sgd-scale"; over 300 steps: "quality-gpt-sgd-scale" and "-lr")."""
+    batch size). SGD's step is linear in the gradient: its average is the synchronous step
+    (larger local rates for SGD are measured in docs/BENCHMARKS.md's ``quality-gpt-*sgd*``
+    sections)."""
     return math.sqrt(ranks) if is_adaptive(optimizer) else 1.0
 
 

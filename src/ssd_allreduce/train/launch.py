@@ -20,6 +20,7 @@ import torch
 
 from ..comm import BACKENDS, Communicator, ReduceOp, make_communicator
 from ..gpu_binding import choose_gpu
+from ..topology import launcher_layout
 from .watchdog import set_backend_timeouts, torch_timeout
 
 TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "GROUP_RANK")
@@ -81,12 +82,13 @@ def _slurm_master_addr() -> str:
 
 
 def _torch_ranks_on_this_host() -> int:
-    """How many of torch.distributed's ranks run on this host: torchrun's ``LOCAL_WORLD_SIZE``
-    (set alike on every rank), else a gather of host names (plain srun sets none)."""
+    """How many of torch.distributed's ranks run on this host: torchrun's count (set alike on
+    every rank), else a gather of host names (plain srun sets none)."""
     import torch.distributed as dist
 
-    if os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
-        return int(os.environ["LOCAL_WORLD_SIZE"])
+    layout = launcher_layout()
+    if layout is not None and layout[2] == "torchrun":
+        return layout[1]
     hosts: list[Optional[str]] = [None] * dist.get_world_size()
     dist.all_gather_object(hosts, socket.gethostname())
     return hosts.count(socket.gethostname())
