@@ -10,12 +10,12 @@ from ssd_allreduce.bench import quality
 from ssd_allreduce.bench.quality_run import RunSpec, Variant, schedule, simulate
 
 
-def run(variant: str, seed: int, losses: list[float], steps: int = 100) -> dict:
+def run(variant: str, seed: int, losses: list[float], steps: int = 100, lr: float = 0.0) -> dict:
     """A finished run as the study records it: a loss every ``steps / len(losses)`` steps."""
     every = steps // len(losses)
     curve = [[every * (i + 1), {"val_loss": loss}] for i, loss in enumerate(losses)]
     spec = {"task": "regression", "workers": 4, "optimizer": "sgd", "shards": "shuffle", "seed": seed,
-            "steps": steps, "variant": {"label": variant}}
+            "steps": steps, "variant": {"label": variant}, "lr": lr}
     return {"spec": spec, "curve": curve, "final": curve[-1][1], "seconds_per_step": [], "where": "simulator"}
 
 
@@ -45,6 +45,22 @@ def test_a_run_whose_loss_is_not_finite_or_ten_times_synchronous_is_counted_as_d
     table = quality.render(list(rows.values()))
     assert "| 5:5 | diverged (2 of 3 seeds) |" in table
     assert "| 2:2 | +300.6 % (+0.0..+896.7); -/-/- |" in table
+
+
+def test_each_peak_rate_is_a_table_against_synchronous_training_at_that_rate():
+    results = [run("sync", 0, [0.5, 0.2], lr=0.1), run("5:1", 0, [0.5, 0.22], lr=0.1),
+               run("sync", 0, [0.5, 0.4], lr=0.2), run("5:1", 0, [0.5, 0.3], lr=0.2)]
+    rows = quality.summarise(results)
+    gaps = {(r["lr"], r["variant"]): round(r["gap_pct"], 6) for r in rows}
+    assert gaps == {(0.1, "sync"): 0, (0.1, "5:1"): 10.0, (0.2, "sync"): 0, (0.2, "5:1"): -25.0}
+    table = quality.render(rows)
+    assert table.index("**regression, sgd, shuffle shards, peak lr 0.1, simulator**") \
+        < table.index("| 5:1 | +10.0 % (+10.0..+10.0); 50/50/- |") \
+        < table.index("**regression, sgd, shuffle shards, peak lr 0.2, simulator**") \
+        < table.index("| 5:1 | -25.0 % (-25.0..-25.0); 50/50/100 |")
+    # a record older than the rate renders as it did: the task's own rate, not named
+    older = [{k: v for k, v in r.items() if k != "lr"} for r in quality.summarise(results[:2])]
+    assert "**regression, sgd, shuffle shards, simulator**" in quality.render(older)
 
 
 def test_a_run_without_its_synchronous_seed_is_left_out():

@@ -76,9 +76,9 @@ def plan(a: argparse.Namespace) -> list[RunSpec]:
     variants = [parse_variant(v) for v in a.variants]
     if not any(v.sync for v in variants):
         variants.insert(0, parse_variant("sync"))
-    return [RunSpec(task, n, opt, shards, seed, a.max_steps, a.warmup_steps, v, a.lr)
+    return [RunSpec(task, n, opt, shards, seed, a.max_steps, a.warmup_steps, v, lr)
             for task in a.tasks for n in a.ranks for opt in a.optimizers for shards in a.shards
-            for seed in range(a.seeds) for v in variants]
+            for lr in a.lr for seed in range(a.seeds) for v in variants]
 
 
 def run_on_ranks(spec: RunSpec, timeout: float) -> RunResult:
@@ -104,17 +104,18 @@ def steps_to(curve: list, target: float) -> Optional[int]:
 
 
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (task, workers, optimizer, shards, where, variant): the gap of the final loss to
-    synchronous training of the same seed, the steps to its losses at 50/80/100 % of the budget, a
-    classifier's accuracy against synchronous training's, and the median steps of an "auto" warm-up."""
+    """One row per (task, workers, optimizer, shards, peak learning rate, where, variant): the gap of
+    the final loss to synchronous training of the same seed and rate, the steps to its losses at
+    50/80/100 % of the budget, a classifier's accuracy against synchronous training's, and the median
+    steps of an "auto" warm-up."""
     runs: dict[tuple, dict[int, dict]] = {}
     for r in results:
         s = r["spec"]
-        key = (s["task"], s["workers"], s["optimizer"], s["shards"], r["where"], s["variant"]["label"])
+        key = (s["task"], s["workers"], s["optimizer"], s["shards"], s["lr"], r["where"], s["variant"]["label"])
         runs.setdefault(key, {})[s["seed"]] = r
     rows = []
     for key, by_seed in runs.items():
-        sync = runs.get(key[:5] + ("sync",), {})
+        sync = runs.get(key[:6] + ("sync",), {})
         gaps, reached, diverged = [], {f: [] for f in FRACTIONS}, 0
         for seed, r in by_seed.items():
             if seed not in sync:
@@ -129,7 +130,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 reached[f].append(None if target is None else steps_to(r["curve"], target))
         if not gaps:
             continue
-        row = dict(zip(("task", "workers", "optimizer", "shards", "where", "variant"), key))
+        row = dict(zip(("task", "workers", "optimizer", "shards", "lr", "where", "variant"), key))
         row.update(gap_pct=statistics.mean(gaps), gap_min=min(gaps), gap_max=max(gaps), seeds=len(gaps),
                    diverged=diverged,
                    val_loss=statistics.mean(r["final"]["val_loss"] for r in by_seed.values()))
@@ -173,20 +174,31 @@ def _cell(r: dict[str, Any]) -> str:
     return cell
 
 
+def _table(row: dict[str, Any]) -> tuple:
+    """Which table a row or run is in (records older than the peak rate ran at the task's own)."""
+    return row["task"], row["optimizer"], row["shards"], row.get("lr", 0.0)
+
+
+def _peak_lr(lr: float) -> str:
+    """A title's words for a run's peak learning rate (0, and records older than the rate: the task's own)."""
+    return f", peak lr {lr:g}" if lr else ""
+
+
 def render(rows: list[dict[str, Any]]) -> str:
-    """The markdown tables: one per (task, optimizer, shards, where), variants down, workers across."""
+    """The markdown tables: one per (task, optimizer, shards, peak learning rate, where), variants down,
+    workers across."""
     out = []
-    groups = sorted({(r["task"], r["optimizer"], r["shards"], r["where"]) for r in rows},
-                    key=lambda g: (g[0], g[1] != "sgd", g[2] != "shuffle", g[3]))   # SGD, shuffled first
-    for task, opt, shards, where in groups:
-        mine = [r for r in rows if (r["task"], r["optimizer"], r["shards"], r["where"]) == (task, opt, shards, where)]
+    groups = sorted({(*_table(r), r["where"]) for r in rows},
+                    key=lambda g: (g[0], g[1] != "sgd", g[2] != "shuffle", g[3], g[4]))   # SGD, shuffled first
+    for task, opt, shards, lr, where in groups:
+        mine = [r for r in rows if (*_table(r), r["where"]) == (task, opt, shards, lr, where)]
         workers = sorted({r["workers"] for r in mine})
         variants = list(dict.fromkeys(r["variant"] for r in mine))
         accuracy = ("; the final validation accuracy's difference to synchronous training's, in points"
                     if any("val_accuracy" in r for r in mine) else "")
-        out.append(f"**{task}, {opt}, {shards} shards, {where}** — gap of the final validation loss to synchronous "
-                   f"training (mean, range over seeds); steps to the synchronous run's loss at 50/80/100 % of "
-                   f"its budget{accuracy}\n")
+        out.append(f"**{task}, {opt}, {shards} shards{_peak_lr(lr)}, {where}** — gap of the final validation loss "
+                   f"to synchronous training (mean, range over seeds); steps to the synchronous run's loss at "
+                   f"50/80/100 % of its budget{accuracy}\n")
         out.append("| variant | " + " | ".join(f"{n} ranks" for n in workers) + " |")
         out.append("|---|" + "---|" * len(workers))
         for v in variants:
@@ -215,18 +227,18 @@ def plotted(label: str, variants: int) -> bool:
 
 def plot_record(record: dict[str, Any], path: Path) -> None:
     """Validation loss against steps (mean over seeds) of the ``plotted`` variants, a panel per
-    (task, optimizer, shards) at the most ranks the simulator ran."""
+    (task, optimizer, shards, peak learning rate) at the most ranks the simulator ran."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sim = [r for r in record["runs"] if r["where"] == "simulator"]
-    panels = sorted({(r["task"], r["optimizer"], r["shards"]) for r in sim})
+    panels = sorted({_table(r) for r in sim})
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (task, opt, shards) in zip(axes[0], panels):
-        mine = [r for r in sim if (r["task"], r["optimizer"], r["shards"]) == (task, opt, shards)]
+    for ax, (task, opt, shards, lr) in zip(axes[0], panels):
+        mine = [r for r in sim if _table(r) == (task, opt, shards, lr)]
         ranks = max(r["workers"] for r in mine)
         labels = list(dict.fromkeys(r["variant"] for r in mine))
         for label in [v for v in labels if plotted(v, len(labels))]:
@@ -235,7 +247,8 @@ def plot_record(record: dict[str, Any], path: Path) -> None:
                 steps = [step for step, _ in curves[0]]
                 mean = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]
                 ax.plot(steps, mean, label=label)
-        ax.set(title=f"{task}, {opt}, {shards}, {ranks} ranks", xlabel="step", ylabel="validation loss", yscale="log")
+        ax.set(title=f"{task}, {opt}, {shards}{_peak_lr(lr)}, {ranks} ranks", xlabel="step", ylabel="validation loss",
+               yscale="log")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -249,7 +262,7 @@ def dump_record(record: dict[str, Any]) -> str:
     return f'{head[:-2]},\n "runs": [\n{runs}\n ]\n}}\n'
 
 
-RUN_KEYS = ("task", "workers", "optimizer", "shards", "seed")
+RUN_KEYS = ("task", "workers", "optimizer", "shards", "lr", "seed")
 
 
 def compact(result: dict[str, Any]) -> dict[str, Any]:
@@ -300,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each variant beside sync of the same seed")
     ap.add_argument("--max-steps", type=int, default=600, help="the budget of every run, in steps")
     ap.add_argument("--warmup-steps", type=int, default=50, help="SSD-SGD's synchronous steps first")
-    ap.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0: the task's own, see quality_run.py)")
+    ap.add_argument("--lr", type=float, nargs="+", default=[0.0],
+                    help="peak learning rates, each a table of its own against synchronous training at that rate "
+                         "(0: the task's own, see quality_run.py)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="simulator runs in parallel")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds a run on real ranks may take")
     ap.add_argument("--out", default="results/quality.json", help="the results file (JSON)")
