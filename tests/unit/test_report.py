@@ -39,6 +39,18 @@ def test_report_rewrites_a_stale_section_and_check_says_so(tmp_path, capsys):
     assert report.main(["--docs", str(tmp_path), "--check"]) == 0
 
 
+def test_every_quality_record_is_written_by_the_study_and_a_record_without_a_section_is_an_error(tmp_path):
+    (tmp_path / "results").mkdir()
+    record = json.loads((report.DOCS / "results" / "quality.json").read_text())
+    (tmp_path / "results" / "quality-new-study.json").write_text(json.dumps(record))
+    doc = tmp_path / "PAGE.md"
+    doc.write_text("<!-- results:quality-new-study -->\n<!-- /results:quality-new-study -->\n")
+    assert report.main(["--docs", str(tmp_path)]) == 0 and record["command"] in doc.read_text()
+    (tmp_path / "results" / "unknown.json").write_text("{}")
+    with pytest.raises(ValueError, match="unknown.json: no section of this name"):
+        report.written(tmp_path)
+
+
 def _comparison(auto_repeats: list[float]) -> dict:
     """A comparison's results at one network: Horovod, two fixed windows, auto, no-comm."""
     def row(name, mode, ips, k=None, repeats=None, d=None):

@@ -67,26 +67,19 @@ def render_faults(record: dict[str, Any]) -> str:
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
-    **{name: _lazy("quality", "render_record") for name in ("quality", "quality-gpt", "quality-drift",
-                                                              "quality-drift-beta", "quality-moments",
-                                                              "quality-moments-gpt", "quality-outer",
-                                                              "quality-gpt-long", "quality-gpt-long-delay",
-                                                              "quality-gpt-delay", "quality-gpt-ranks",
-                                                              "quality-gpt-sgd-scale", "quality-gpt-sgd-lr",
-                                                              "quality-gpt-adamw", "quality-gpt-warmup",
-                                                              "quality-gpt-long-warmup", "quality-gpt-long-sgd-scale",
-                                                              "quality-gpt-long-sgd-scale-warmup",
-                                                              "quality-gpt-ranks-warmup",
-                                                              "quality-gpt-long-ranks", "quality-gpt-long-ranks-sgd",
-                                                              "quality-gpt-long-ranks-sgd-scale",
-                                                              "quality-gpt-noniid-warmup", "quality-digits")},
     **{name: _lazy("sections", "render_comparison") for name in ("compression", "compression-resnet", "straggler")},
     **{name: _lazy("sections", "render_detailed") for name in ("sweep", "nodes")},
     "auto": _lazy("sections", "render_auto_window"), "warmup": _lazy("sections", "render_warmup"),
     **{name: _lazy(name, "render_record") for name in ("costmodel", "nodecost", "ablation", "overhead")},
     "overhead-cuda": _lazy("overhead", "render_record"), "gpu-synthetic": _lazy("synthetic_rounds", "render_record"),
     **{name: _lazy("language", "render") for name in ("gpt", "gpt-delay", "gpt-schedule")}, "faults": render_faults}
-"""Each section with committed results: its name (``docs/results/NAME.json``) and what writes its markdown."""
+"""Each section with committed results but the quality study's: its name (``docs/results/NAME.json``)
+and what writes its markdown."""
+
+
+def renderer(name: str) -> Optional[Callable[[dict[str, Any]], str]]:
+    """What writes the markdown of ``docs/results/NAME.json``: the quality study's for every ``quality*``."""
+    return _lazy("quality", "render_record") if name.startswith("quality") else RENDERERS.get(name)
 
 
 def provenance(command: str) -> dict[str, str]:
@@ -128,10 +121,10 @@ def replace_section(text: str, name: str, body: str) -> str:
 def written(docs: Path) -> dict[Path, str]:
     """Every document with a results section, as ``report`` writes it."""
     out: dict[Path, str] = {}
-    for name, render in RENDERERS.items():
-        results = docs / "results" / f"{name}.json"
-        if not results.exists():
-            continue
+    for results in sorted((docs / "results").glob("*.json")):
+        name, render = results.stem, renderer(results.stem)
+        if render is None:
+            raise ValueError(f"{results}: no section of this name renders its results (bench/report.py RENDERERS)")
         body = render(json.loads(results.read_text()))
         placed = False
         for doc in sorted(docs.glob("*.md")):
