@@ -17,6 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread in the test process, as in every rank the tests start (OMP_NUM_THREADS=1):
+# its tensors are small, and beside another test's ranks a second thread mostly spins for a core
+torch.set_num_threads(1)
 
 HERE = Path(__file__).resolve().parent
 TIERS = ("unit", "cli", "ranks", "e2e", "slurm", "gpu")
