@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# One intra-op thread in the test process, as in every rank the tests start (OMP_NUM_THREADS=1):
+# One intra-op thread in the test process, as in the ranks the tests start (OMP_NUM_THREADS=1):
 # its tensors are small, and beside another test's ranks a second thread mostly spins for a core
 torch.set_num_threads(1)
 

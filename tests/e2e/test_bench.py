@@ -7,6 +7,7 @@ import re
 import subprocess
 
 import pytest
+import torch
 
 from launchers import PYTHON, REPO, horovodrun, launcher_env, run_bounded, run_ranks
 from ssd_allreduce.bench import ablation, overhead, report
@@ -169,6 +170,11 @@ def test_gpt_workload_compares_modes_on_validation_loss_and_runs_the_simulators_
     steps = [json.loads(line) for line in run.read_text().splitlines() if '"kind": "step"' in line]
     assert steps[9]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 10 / 20)))
     assert steps[-1]["step"] == 20 and steps[-1]["lr"] == pytest.approx(0, abs=1e-12)
+    # Horovod's mode wraps AdamW as it is: its final checkpoint holds AdamW's moments
+    checkpoints = out / "runs" / "none" / "adamw-by-package-horovod" / "checkpoints"
+    state = torch.load(checkpoints / (checkpoints / "latest").read_text().strip() / "rank-0.pt", weights_only=False)
+    assert {"exp_avg", "exp_avg_sq"} <= set(next(iter(state["optimizer"]["state"].values())))
+    assert "ssd_sgd" not in state["optimizer"]
     assert {r["variant"] for r in results["simulator"]} == {"synchronous (k=1)", "overwrite", "glu beta=1",
                                                             "glu beta=0.5", "glu beta=0.25"}
     assert results["networks"] == ["unshaped loopback"] and {r["network"] for r in rows.values()} == {"unshaped loopback"}

@@ -80,6 +80,15 @@ def test_variants(text, expected):
     assert quality.parse_variant(text) == expected
 
 
+def test_the_plan_runs_every_variant_and_seed_at_each_peak_rate_once():
+    a = quality.build_parser().parse_args(["--tasks", "gpt", "--optimizers", "sgd", "--seeds", "2",
+                                           "--lr", "0.2", "0.4", "0.2", "--variants", "5:1"])
+    runs = [(s.lr, s.variant.label, s.seed) for s in quality.plan(a)]
+    assert runs == [(lr, v, seed) for lr in (0.2, 0.4) for seed in (0, 1) for v in ("sync", "5:1")]
+    with pytest.raises(SystemExit, match="--lr must be >= 0, got -0.1"):
+        quality.main(["--lr", "-0.1"])
+
+
 @pytest.mark.parametrize("text", ["5", "a:b", "5:5:beta", "5:5:0.5:1:2", "5:5@x", "5:5@1@2", "5:5@-1"])
 def test_a_malformed_variant_says_the_syntax(text):
     with pytest.raises(SystemExit, match="k:d\\[:beta"):

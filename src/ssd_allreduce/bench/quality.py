@@ -10,7 +10,7 @@ and the scale are the library's defaults (``auto``) where left out, ``@warmup`` 
 its own synchronous steps first (``@auto``: the library's ``warmup_steps="auto"``, until the ranks'
 gradient noise reaches their number), ``+dc`` turns the drift correction on, ``+am`` the averaged moments;
 ``sync`` is synchronous training. For each
-(task, workers, optimizer, shards) it reports the final validation loss, its gap to synchronous
+(task, workers, optimizer, shards, peak learning rate) it reports the final validation loss, its gap to synchronous
 training in % (mean and range over the seeds), and the steps each variant took to reach the
 synchronous run's loss at 50, 80 and 100 % of its budget; for a classifier the final accuracy
 against synchronous training's, in points, and for an ``@auto`` warm-up the steps it took.
@@ -78,7 +78,7 @@ def plan(a: argparse.Namespace) -> list[RunSpec]:
         variants.insert(0, parse_variant("sync"))
     return [RunSpec(task, n, opt, shards, seed, a.max_steps, a.warmup_steps, v, lr)
             for task in a.tasks for n in a.ranks for opt in a.optimizers for shards in a.shards
-            for lr in a.lr for seed in range(a.seeds) for v in variants]
+            for lr in dict.fromkeys(a.lr) for seed in range(a.seeds) for v in variants]
 
 
 def run_on_ranks(spec: RunSpec, timeout: float) -> RunResult:
@@ -115,7 +115,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         runs.setdefault(key, {})[s["seed"]] = r
     rows = []
     for key, by_seed in runs.items():
-        sync = runs.get(key[:6] + ("sync",), {})
+        sync = runs.get(key[:-1] + ("sync",), {})
         gaps, reached, diverged = [], {f: [] for f in FRACTIONS}, 0
         for seed, r in by_seed.items():
             if seed not in sync:
@@ -174,7 +174,7 @@ def _cell(r: dict[str, Any]) -> str:
     return cell
 
 
-def _table(row: dict[str, Any]) -> tuple:
+def _table(row: dict[str, Any]) -> tuple[str, str, str, float]:
     """Which table a row or run is in (records older than the peak rate ran at the task's own)."""
     return row["task"], row["optimizer"], row["shards"], row.get("lr", 0.0)
 
@@ -326,7 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
     check_at_least(a, 1, "ranks", "real_ranks", "seeds", "max_steps", "jobs")
-    check_at_least(a, 0, "warmup_steps")
+    check_at_least(a, 0, "warmup_steps", "lr")
     specs = plan(a)
     started = time.time()
     real = [replace(s, workers=n) for n in a.real_ranks for s in specs if s.workers == a.ranks[0]]
