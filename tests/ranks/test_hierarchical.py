@@ -29,7 +29,6 @@ def run_nodes(tmp_path, backend: str, ranks_per_node: int, local_sync: str, *ext
 
 
 def assert_matches_hierarchical_simulator(ranks: list[dict], spec: str, ranks_per_node) -> None:
-    torch.set_num_threads(1)
     k, d, beta, warmup = spec.split(",")
     sim = Simulator(problem.make_model(), problem.make_sgd, len(ranks), sync_every=int(k), delay=int(d),
                     warmup_steps=int(warmup), glu_beta=float(beta), ranks_per_node=ranks_per_node)

@@ -34,7 +34,6 @@ def simulator_for(spec: str, workers: int, big: int = 0) -> Simulator:
 def assert_matches_simulator(ranks: list[dict], spec: str, steps: int = STEPS, rtol: float = 1e-5,
                              atol: float = 1e-6, big: int = 0) -> None:
     """Every step, and the result of ``finish()`` after the last one, as the oracle computes them."""
-    torch.set_num_threads(1)
     sim = simulator_for(spec, len(ranks), big)
     for step in range(steps):
         sim.step([problem.batch(r, step) for r in range(len(ranks))], problem.loss_fn)

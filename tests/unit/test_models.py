@@ -3,22 +3,12 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from typing import Iterator
 
 import pytest
 import torch
 from torch import nn
 
 from ssd_allreduce.train.models import MODEL_NAMES, build_language_model, build_model, count_parameters
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny inputs: one intra-op thread avoids spin-wait slowdowns on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _torchvision_importable() -> bool:
