@@ -3,7 +3,7 @@
 # arguments go to pytest, e.g. scripts/test.sh -k optimizer -x
 #
 #   scripts/test.sh            # everything: the tiers but slurm on 2 pytest-xdist workers, then the
-#                              # slurm tier and the timed tests alone: about 13 minutes on 2 cores
+#                              # slurm tier and the timed tests alone: about 12 minutes on 2 cores
 #                              # once set up
 #   SSD_TEST_WORKERS=0 scripts/test.sh   # all serially: about 21 minutes (unit 0.5, cli 1, ranks 3.5,
 #                              # e2e 13, slurm with the two emulated nodes 3)
