@@ -126,7 +126,9 @@ def DistributedOptimizer(
       several ranks on each. A rank's node is ``$SSD_NODE``, else its host name;
     - ``outer_lr``, ``outer_momentum``, ``outer_nesterov``: an outer optimizer on each window's
       average (DiLoCo's: ``m = mu m + D``, the global step ``lr (D + mu m)``, Nesterov, or ``lr m``);
-      1 and 0 (the default): none;
+      1 and 0 (the default): none; 0.7 and 0.5 with ``sync_every=5, delay=1`` ended lower than
+      without it over every run of 600 and 2,000 steps measured, not over 300 (docs/BENCHMARKS.md,
+      "Quality": it costs early in the delay stage and gains later);
     - ``local_lr_scale``: the local steps' learning rate after the warm-up, relative to the one
       the optimizer (or its scheduler) sets; "auto": sqrt(ranks) for Adam's family, 1 for SGD
       (``algorithm.local_lr_scale_for`` says why);

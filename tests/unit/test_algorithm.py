@@ -276,15 +276,28 @@ def test_a_drift_correction_over_windows_wider_than_measured_warns_saying_so():
         SSDSettings(sync_every=10, drift_correction=True, average_moments=True)   # measured to help AdamW there
 
 
-def test_an_outer_step_larger_than_measured_safe_with_a_delay_warns_saying_what_to_lower():
+def test_an_outer_step_larger_than_measured_safe_at_its_delay_warns_saying_what_to_lower():
     with pytest.warns(UserWarning, match=r"outer_lr=0.7 with outer_momentum=0.9 takes 7x each window's average.*"
-                                         r"Lower outer_lr or outer_momentum, or use delay=0"):
+                                         r"sync_every=5 and delay='auto' it was measured safe up to 1x.*"
+                                         r"Lower outer_lr or outer_momentum, or use delay=1 with sync_every >= 5 "
+                                         r"\(up to 1.4x\) or delay=0"):
         SSDSettings(sync_every=5, outer_lr=0.7, outer_momentum=0.9)
-    with pytest.warns(UserWarning, match="1.4x each window's average"):
-        SSDSettings(sync_every=5, delay=1, outer_lr=0.7, outer_momentum=0.5)
+    with pytest.warns(UserWarning, match="1.4x each window's average in steady state; with sync_every=5 and delay=2"):
+        SSDSettings(sync_every=5, delay=2, outer_lr=0.7, outer_momentum=0.5)
+    with pytest.warns(UserWarning, match="with sync_every=5 and delay='auto' it was measured safe up to 1x"):
+        SSDSettings(sync_every=5, outer_lr=0.7, outer_momentum=0.5)   # "auto" may choose d = 5
+    with pytest.warns(UserWarning, match="with sync_every=2 and delay=1 it was measured safe up to 1x"):
+        SSDSettings(sync_every=2, delay=1, outer_lr=0.7, outer_momentum=0.5)   # higher on shuffled shards
+    with pytest.warns(UserWarning, match="with sync_every='auto' and delay='auto' it was measured safe up to 1x"):
+        SSDSettings(sync_every="auto", warmup_steps=10, outer_lr=0.7, outer_momentum=0.5)
+    with pytest.warns(UserWarning, match="1.6x each window's average in steady state; with sync_every=5 and delay=1 "
+                                         "it was measured safe up to 1.4x"):
+        SSDSettings(sync_every=5, delay=1, outer_lr=0.8, outer_momentum=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SSDSettings(sync_every=5, outer_lr=0.5, outer_momentum=0.5)
+        SSDSettings(sync_every=5, delay=1, outer_lr=0.7, outer_momentum=0.5)   # lower over every 600/2,000-step run measured
+        SSDSettings(sync_every=10, delay=1, outer_lr=0.7, outer_momentum=0.5)
         SSDSettings(sync_every=5, delay=0, outer_lr=0.7, outer_momentum=0.9)   # DiLoCo's own, blocking
 
 

@@ -188,7 +188,9 @@ def _add_ssd(ap: argparse.ArgumentParser) -> None:
                    help=LOCAL_LR_SCALE_HELP)
     g.add_argument("--outer-lr", type=float, default=1.0,
                    help="an outer optimizer on each window's average delta (DiLoCo's): its learning rate (1 with "
-                        "--outer-momentum 0: none)")
+                        "--outer-momentum 0: none; 0.7 with --outer-momentum 0.5, --sync-every 5 and --delay 1 ended "
+                        "lower than without it over every run of 600 and 2,000 steps measured; it costs early, so "
+                        "not over 300)")
     g.add_argument("--outer-momentum", type=float, default=0.0, help="the outer optimizer's Nesterov momentum")
     g.add_argument("--drift-correction", action="store_true",
                    help="each local step also moves by the last window's average step less this rank's own "
