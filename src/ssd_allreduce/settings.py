@@ -148,10 +148,9 @@ class SSDSettings:
                           f"{self.sync_every!r} and delay={self.delay!r} it was measured safe up to {largest:g}x: "
                           "1.4x ended up to 34 % above synchronous training at delay=5 and DiLoCo's 0.7 and 0.9 "
                           "diverged, while 0.7 and 0.5 (1.4x) with sync_every=5 and delay=1 ended lower than "
-                          "without it over every 600- and 2,000-step run measured (not over 300 steps). Lower outer_lr or "
-                          "outer_momentum, or use delay=1 "
-                          f"with sync_every >= {OUTER_STEP_MIN_WINDOW} (up to {OUTER_STEP_MAX_DELAY_1:g}x) or "
-                          "delay=0", stacklevel=4)
+                          "without it over every 600- and 2,000-step run measured (not over 300 steps). Lower "
+                          f"outer_lr or outer_momentum, or use delay=1 with sync_every >= {OUTER_STEP_MIN_WINDOW} "
+                          f"(up to {OUTER_STEP_MAX_DELAY_1:g}x) or delay=0", stacklevel=4)
         if self.drift_correction and widest > DRIFT_CORRECTION_MAX_WINDOW and not self.average_moments:
             warnings.warn(f"drift_correction with windows of up to {widest} steps: with SGD it was measured to help "
                           f"up to {DRIFT_CORRECTION_MAX_WINDOW} (sync_every, or max_sync_every with 'auto'); at 5 and "

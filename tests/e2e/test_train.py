@@ -19,13 +19,9 @@ import torch
 
 from launchers import PYTHON, REPO, horovodrun, launcher_env, mpirun, run_bounded, run_ranks, torchrun
 from ssd_allreduce.train.data import write_cifar10_fixture
+from ssd_allreduce.train.runlog import latest_summary as summary
 
 TRAIN = ["-m", "ssd_allreduce.train", "--no-progress", "--data", "digits", "--model", "cnn"]
-
-
-def summary(run: Path) -> dict:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if r["kind"] == "summary"][-1]
 
 
 def final_states(run: Path, ranks: int) -> list[dict]:
@@ -356,6 +352,6 @@ def test_training_driver_on_emulated_nodes(tmp_path):
              f"--mode ssd --epochs 3 --warmup-steps 10 --out {out}")
     log = run_ranks(horovodrun(4)[:-1] + ["bash", "-c", train], timeout=270)
     assert log.count("hierarchical SSD-SGD on 2 node(s) x 2 rank(s)") == 1   # said once, by rank 0
-    summary = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    assert summary["local_sync_nodes"] == "2 node(s) x 2 rank(s)", summary
-    assert summary["test_accuracy"] >= 0.9 and summary["ssd_stats"]["node_allreduces"] > 0
+    s = summary(out)
+    assert s["local_sync_nodes"] == "2 node(s) x 2 rank(s)", s
+    assert s["test_accuracy"] >= 0.9 and s["ssd_stats"]["node_allreduces"] > 0
